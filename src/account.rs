@@ -1,0 +1,89 @@
+//! Accounts: opening one and reading one back.
+//!
+//! Balances only ever move inside the worker's transactions (see
+//! [`crate::transfer::apply`]); here an account is created with its opening
+//! balance and optional daily limit.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::Serialize;
+use sqlx::PgExecutor;
+
+use crate::db;
+use crate::error::{Error, Result};
+
+/// An account's id, as chosen by whoever opens it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct AccountId(pub i64);
+
+impl fmt::Display for AccountId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl FromStr for AccountId {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        s.trim()
+            .parse::<i64>()
+            .map(AccountId)
+            .map_err(|_| format!("account id must be an integer, got {s:?}"))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct Account {
+    pub id: i64,
+    pub balance: i64,
+    pub daily_limit: Option<i64>,
+}
+
+/// Opens an account. An id that is taken is [`Error::NotApplied`] (exit 3);
+/// a negative balance or a non-positive limit is [`Error::Invalid`] (exit 2).
+pub async fn open<'e>(
+    db: impl PgExecutor<'e>,
+    id: AccountId,
+    balance: i64,
+    daily_limit: Option<i64>,
+) -> Result<Account> {
+    if balance < 0 {
+        return Err(Error::invalid(format!(
+            "balance must be >= 0, got {balance}"
+        )));
+    }
+    if let Some(limit) = daily_limit {
+        if limit <= 0 {
+            return Err(Error::invalid(format!(
+                "daily limit must be > 0, got {limit}"
+            )));
+        }
+    }
+    sqlx::query_as::<_, Account>(
+        "INSERT INTO accounts (id, balance, daily_limit) VALUES ($1, $2, $3)
+         RETURNING id, balance, daily_limit",
+    )
+    .bind(id.0)
+    .bind(balance)
+    .bind(daily_limit)
+    .fetch_one(db)
+    .await
+    .map_err(|e| match db::violated_constraint(&e) {
+        Some("accounts_pkey") => Error::not_applied(format!("account {id} already exists")),
+        _ => e.into(),
+    })
+}
+
+/// Reads an account; an unknown id is [`Error::NotFound`] (exit 2).
+pub async fn show<'e>(db: impl PgExecutor<'e>, id: AccountId) -> Result<Account> {
+    sqlx::query_as::<_, Account>("SELECT id, balance, daily_limit FROM accounts WHERE id = $1")
+        .bind(id.0)
+        .fetch_optional(db)
+        .await?
+        .ok_or(Error::NotFound {
+            what: "account",
+            id: id.0,
+        })
+}

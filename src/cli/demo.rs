@@ -1,0 +1,214 @@
+//! `demo`: the whole flow on the local services, printed for a newcomer.
+//!
+//! It migrates, opens three fresh accounts, enqueues transfers (one without
+//! funds, one duplicate key), runs the worker in this process until the
+//! transfers are applied and their events published to a queue of its own,
+//! receives the events back from SQS and prints them, then the balances.
+
+use std::time::Duration;
+
+use clap::Args;
+use sqlx::PgPool;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::account::{self, AccountId};
+use crate::error::{Error, Result};
+use crate::outbox::sqs::{Publisher, SqsConfig};
+use crate::outbox::EventBody;
+use crate::transfer::enqueue::{enqueue, NewTransfer};
+use crate::transfer::{Amount, IdempotencyKey};
+use crate::worker::{self, WorkerConfig};
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Give up waiting for the worker or SQS after this many seconds.
+    #[arg(long, default_value_t = 60)]
+    timeout_s: u64,
+}
+
+pub async fn run(database_url: &Option<String>, args: DemoArgs) -> Result<()> {
+    let pool = super::connect(database_url, 10).await?;
+    crate::db::migrate(&pool).await?;
+    let deadline = Instant::now() + Duration::from_secs(args.timeout_s);
+
+    // A queue of its own, so earlier runs' messages do not mix in.
+    let queue_name = format!("transfer-worker-demo-{}.fifo", std::process::id());
+    let probe = Publisher::from_env(&sqs_config(String::new())).await;
+    let queue_url = probe
+        .client()
+        .create_queue()
+        .queue_name(&queue_name)
+        .attributes(aws_sdk_sqs::types::QueueAttributeName::FifoQueue, "true")
+        .send()
+        .await
+        .map_err(|e| {
+            Error::Sqs(format!(
+                "cannot create the demo queue: {}",
+                aws_sdk_sqs::error::DisplayErrorContext(&e)
+            ))
+        })?
+        .queue_url
+        .unwrap_or_default();
+    println!("== queue {queue_url}");
+
+    let base: i64 = sqlx::query_scalar("SELECT COALESCE(max(id), 0) + 1 FROM accounts")
+        .fetch_one(&pool)
+        .await?;
+    let (alice, bob, carol) = (AccountId(base), AccountId(base + 1), AccountId(base + 2));
+    println!("== accounts");
+    for (id, name, balance) in [
+        (alice, "alice", 1_000),
+        (bob, "bob", 500),
+        (carol, "carol", 0),
+    ] {
+        account::open(&pool, id, balance, None).await?;
+        println!("   opened {name:<5} (account {id}) with {balance}");
+    }
+
+    println!("== enqueue");
+    let tag = std::process::id();
+    let requests = [
+        (
+            "alice pays bob 300",
+            alice,
+            bob,
+            300,
+            format!("demo-{tag}-1"),
+        ),
+        (
+            "bob pays carol 200",
+            bob,
+            carol,
+            200,
+            format!("demo-{tag}-2"),
+        ),
+        (
+            "carol pays alice 5000 (she has nowhere near that)",
+            carol,
+            alice,
+            5_000,
+            format!("demo-{tag}-3"),
+        ),
+        (
+            "alice pays bob 300 again, same key (a retried request)",
+            alice,
+            bob,
+            300,
+            format!("demo-{tag}-1"),
+        ),
+    ];
+    let mut ids = Vec::new();
+    for (what, from, to, amount, key) in requests {
+        let t = NewTransfer::new(
+            from,
+            to,
+            Amount::new(amount).map_err(Error::invalid)?,
+            Some(IdempotencyKey::new(key).map_err(Error::invalid)?),
+        )?;
+        let e = enqueue(&pool, &t).await?;
+        println!(
+            "   {what:<58} -> transfer {} {} (created: {})",
+            e.transfer_id, e.status, e.created
+        );
+        if e.created {
+            ids.push(e.transfer_id.0);
+        }
+    }
+
+    println!("== worker running");
+    let shutdown = CancellationToken::new();
+    let publisher = Publisher::from_env(&sqs_config(queue_url.clone())).await;
+    let config = WorkerConfig {
+        poll_interval: Duration::from_millis(100),
+        ..WorkerConfig::default()
+    };
+    let worker = tokio::spawn(worker::run(
+        pool.clone(),
+        publisher,
+        config,
+        shutdown.clone(),
+    ));
+    wait_until_published(&pool, &ids, deadline).await?;
+    shutdown.cancel();
+    worker
+        .await
+        .map_err(|e| Error::Sqs(format!("worker task failed: {e}")))??;
+
+    println!("== events received from SQS");
+    let mut received = Vec::new();
+    while received.len() < ids.len() && Instant::now() < deadline {
+        let out = probe
+            .client()
+            .receive_message()
+            .queue_url(&queue_url)
+            .max_number_of_messages(10)
+            .wait_time_seconds(1)
+            .message_attribute_names("All")
+            .send()
+            .await
+            .map_err(|e| Error::Sqs(format!("{}", aws_sdk_sqs::error::DisplayErrorContext(&e))))?;
+        for m in out.messages() {
+            let body: EventBody = serde_json::from_str(m.body().unwrap_or_default())
+                .map_err(|e| Error::Sqs(format!("unexpected message body: {e}")))?;
+            println!(
+                "   {:<20} transfer {:<6} {}",
+                body.event_type, body.transfer_id, body.data
+            );
+            received.push(body);
+        }
+    }
+    let _ = probe
+        .client()
+        .delete_queue()
+        .queue_url(&queue_url)
+        .send()
+        .await;
+
+    println!("== balances");
+    for (id, name) in [(alice, "alice"), (bob, "bob"), (carol, "carol")] {
+        println!("   {name:<5} {}", account::show(&pool, id).await?.balance);
+    }
+    println!(
+        "== {} transfers applied, {} events received",
+        ids.len(),
+        received.len()
+    );
+    if received.len() < ids.len() {
+        return Err(Error::Sqs(format!(
+            "expected {} events from SQS, received {}",
+            ids.len(),
+            received.len()
+        )));
+    }
+    Ok(())
+}
+
+fn sqs_config(queue_url: String) -> SqsConfig {
+    SqsConfig {
+        queue_url,
+        call_timeout: Duration::from_secs(10),
+        concurrency: 4,
+    }
+}
+
+async fn wait_until_published(pool: &PgPool, ids: &[i64], deadline: Instant) -> Result<()> {
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT (SELECT count(*) FROM transfers WHERE id = ANY($1) AND status = 'PENDING')
+                  + (SELECT count(*) FROM outbox WHERE transfer_id = ANY($1) AND state <> 'published')",
+        )
+        .bind(ids)
+        .fetch_one(pool)
+        .await?;
+        if waiting == 0 {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::Sqs(
+                "timed out waiting for the worker to apply and publish".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,81 @@
+//! `enqueue --from A --to B --amount N [--key K]` and `enqueue --file F`.
+
+use std::io::Read;
+use std::path::PathBuf;
+
+use clap::Args;
+use sqlx::PgPool;
+
+use crate::account::AccountId;
+use crate::cli::print_json;
+use crate::error::{Error, Result};
+use crate::transfer::enqueue::{self, NewTransfer};
+use crate::transfer::{Amount, IdempotencyKey};
+
+/// Prints `{"transfer_id":..,"status":..,"created":true|false}` per transfer.
+/// The same --key with the same parameters returns the existing transfer
+/// (created: false); with other parameters it exits 3 and writes nothing.
+#[derive(Debug, Args)]
+pub struct EnqueueArgs {
+    /// Source account.
+    #[arg(long, required_unless_present = "file", conflicts_with = "file")]
+    from: Option<AccountId>,
+    /// Destination account (not the source).
+    #[arg(long, required_unless_present = "file", conflicts_with = "file")]
+    to: Option<AccountId>,
+    /// Amount in minor units (> 0).
+    #[arg(
+        long,
+        required_unless_present = "file",
+        conflicts_with = "file",
+        allow_negative_numbers = true
+    )]
+    amount: Option<Amount>,
+    /// Idempotency key (1-255 characters); a random one if omitted.
+    #[arg(long, conflicts_with = "file")]
+    key: Option<IdempotencyKey>,
+    /// Enqueue every line of this JSON-lines file (`-` = stdin), all or
+    /// nothing: {"from":..,"to":..,"amount":..,"key":..} ("key" optional).
+    #[arg(long)]
+    file: Option<PathBuf>,
+}
+
+pub async fn run(pool: &PgPool, args: EnqueueArgs) -> Result<()> {
+    if let Some(path) = &args.file {
+        return run_bulk(pool, path).await;
+    }
+    let (Some(from), Some(to), Some(amount)) = (args.from, args.to, args.amount) else {
+        return Err(Error::invalid(
+            "enqueue needs --from, --to and --amount, or --file",
+        ));
+    };
+    let transfer = NewTransfer::new(from, to, amount, args.key)?;
+    print_json(&enqueue::enqueue(pool, &transfer).await?);
+    Ok(())
+}
+
+async fn run_bulk(pool: &PgPool, path: &PathBuf) -> Result<()> {
+    let mut input = String::new();
+    if path.as_os_str() == "-" {
+        std::io::stdin()
+            .read_to_string(&mut input)
+            .map_err(|e| Error::invalid(format!("cannot read stdin: {e}")))?;
+    } else {
+        input = std::fs::read_to_string(path)
+            .map_err(|e| Error::invalid(format!("cannot read {}: {e}", path.display())))?;
+    }
+    let lines = enqueue::parse_bulk(&input)?;
+    let mut tx = pool.begin().await?;
+    let results = enqueue::enqueue_bulk(&mut tx, &lines).await?;
+    tx.commit().await?;
+    let created = results.iter().filter(|r| r.created).count();
+    for r in &results {
+        print_json(r);
+    }
+    eprintln!(
+        "enqueued {} transfers ({created} new, {} already there)",
+        results.len(),
+        results.len() - created
+    );
+    Ok(())
+}

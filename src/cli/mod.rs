@@ -1,0 +1,86 @@
+//! The command line: definitions (whose doc comments are the `--help` text)
+//! and dispatch, one file per command. This is the edge where the library's
+//! typed errors become messages and exit codes (0 done, 1 failure, 2 bad
+//! input, 3 not applied).
+
+mod account;
+mod demo;
+mod enqueue;
+mod run;
+mod status;
+
+use clap::{Parser, Subcommand};
+use sqlx::PgPool;
+
+use crate::error::{Error, ExitCode, Result};
+
+/// Moves money between PostgreSQL accounts and publishes every state change to
+/// SQS through a transactional outbox.
+#[derive(Debug, Parser)]
+#[command(name = "transfer-worker", version, propagate_version = true)]
+pub struct Cli {
+    /// PostgreSQL connection string.
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Apply the embedded migrations (safe to run twice, and from several replicas at once).
+    Migrate,
+    /// Claim and apply transfers, relay the outbox to SQS, until SIGINT/SIGTERM.
+    Run(run::RunArgs),
+    /// Open or show an account.
+    #[command(subcommand)]
+    Account(account::AccountCommand),
+    /// Enqueue one transfer, or many from JSON lines (--file).
+    Enqueue(enqueue::EnqueueArgs),
+    /// Counts per state of transfers, refunds and outbox events.
+    Status(status::StatusArgs),
+    /// An end-to-end run on the local services that shows the whole flow.
+    Demo(demo::DemoArgs),
+}
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Migrate => {
+            let pool = connect(&cli.database_url, 2).await?;
+            crate::db::migrate(&pool).await?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::Run(args) => run::run(&cli.database_url, args).await,
+        Command::Account(cmd) => account::run(&connect(&cli.database_url, 2).await?, cmd).await,
+        Command::Enqueue(args) => enqueue::run(&connect(&cli.database_url, 2).await?, args).await,
+        Command::Status(args) => status::run(&connect(&cli.database_url, 2).await?, args).await,
+        Command::Demo(args) => demo::run(&cli.database_url, args).await,
+    }
+}
+
+/// Opens a pool, with a clear error when DATABASE_URL is missing.
+pub(crate) async fn connect(database_url: &Option<String>, max_connections: u32) -> Result<PgPool> {
+    let url = database_url
+        .as_deref()
+        .filter(|u| !u.is_empty())
+        .ok_or_else(|| {
+            Error::invalid("DATABASE_URL is not set (set it, or pass --database-url)")
+        })?;
+    crate::db::connect(url, max_connections).await
+}
+
+/// Prints a value as one line of JSON on stdout.
+pub(crate) fn print_json(value: &impl serde::Serialize) {
+    println!(
+        "{}",
+        serde_json::to_string(value).expect("CLI output always serializes")
+    );
+}
+
+/// The process's exit code for an error.
+pub fn exit_code(err: &Error) -> ExitCode {
+    err.exit_code()
+}

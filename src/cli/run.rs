@@ -1,0 +1,144 @@
+//! `run`: the worker process. Every knob is a flag with an env-var twin.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::error::{Error, Result};
+use crate::outbox::relay::RelayConfig;
+use crate::outbox::sqs::{Publisher, SqsConfig};
+use crate::retry::RetryPolicy;
+use crate::transfer::apply::ApplyConfig;
+use crate::worker::{self, WorkerConfig};
+
+/// Claims and applies transfers, relays the outbox to SQS, until SIGINT or
+/// SIGTERM; then finishes in-flight work and exits 0.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// The events queue; a URL ending in `.fifo` is a FIFO queue.
+    #[arg(long, env = "SQS_QUEUE_URL")]
+    pub queue_url: Option<String>,
+    /// Apply tasks in this process.
+    #[arg(long, env = "TRANSFER_WORKER_WORKERS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub workers: u32,
+    /// Transfers claimed per transaction.
+    #[arg(long, env = "TRANSFER_WORKER_BATCH_SIZE", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub batch_size: u32,
+    /// Longest idle sleep before looking for work again (NOTIFY wakes sooner), in ms.
+    #[arg(long, env = "TRANSFER_WORKER_POLL_INTERVAL_MS", default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..))]
+    pub poll_interval_ms: u64,
+    /// Unexpected errors before a transfer FAILS with reason processing_error.
+    #[arg(long, env = "TRANSFER_WORKER_MAX_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub max_attempts: u32,
+    /// Relay tasks in this process.
+    #[arg(long, env = "TRANSFER_WORKER_RELAYS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub relays: u32,
+    /// Outbox events claimed per relay pass.
+    #[arg(long, env = "TRANSFER_WORKER_RELAY_BATCH_SIZE", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub relay_batch_size: u32,
+    /// SendMessageBatch calls in flight per relay pass.
+    #[arg(long, env = "TRANSFER_WORKER_RELAY_CONCURRENCY", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub relay_concurrency: u32,
+    /// Rejections by SQS (sender faults) before an event is dead. Outages never count.
+    #[arg(long, env = "TRANSFER_WORKER_RELAY_MAX_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub relay_max_attempts: u32,
+    /// First retry delay (transfer errors, rejected events, outages), in ms.
+    #[arg(long, env = "TRANSFER_WORKER_BACKOFF_INITIAL_MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    pub backoff_initial_ms: u64,
+    /// Longest retry delay, in ms.
+    #[arg(long, env = "TRANSFER_WORKER_BACKOFF_MAX_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub backoff_max_ms: u64,
+    /// Bound on one SQS call, in ms.
+    #[arg(long, env = "TRANSFER_WORKER_SQS_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub sqs_timeout_ms: u64,
+    /// How long shutdown waits for in-flight work, in ms.
+    #[arg(
+        long,
+        env = "TRANSFER_WORKER_SHUTDOWN_TIMEOUT_MS",
+        default_value_t = 30_000
+    )]
+    pub shutdown_timeout_ms: u64,
+    /// Address of the admin HTTP server (/livez, /readyz, /healthz, /metrics).
+    #[arg(
+        long,
+        env = "TRANSFER_WORKER_ADMIN_ADDR",
+        default_value = "127.0.0.1:9187"
+    )]
+    pub admin_addr: SocketAddr,
+}
+
+impl RunArgs {
+    /// The library's configuration for these flags.
+    pub fn worker_config(&self) -> Result<WorkerConfig> {
+        if self.backoff_initial_ms > self.backoff_max_ms {
+            return Err(Error::invalid(format!(
+                "--backoff-initial-ms ({}) must not exceed --backoff-max-ms ({})",
+                self.backoff_initial_ms, self.backoff_max_ms
+            )));
+        }
+        let retry = RetryPolicy {
+            initial: Duration::from_millis(self.backoff_initial_ms),
+            max: Duration::from_millis(self.backoff_max_ms),
+            multiplier: 2.0,
+        };
+        let poll_interval = Duration::from_millis(self.poll_interval_ms);
+        Ok(WorkerConfig {
+            workers: self.workers as usize,
+            relays: self.relays as usize,
+            apply: ApplyConfig {
+                batch_size: self.batch_size.into(),
+                max_attempts: self.max_attempts as i32,
+                retry,
+            },
+            relay: RelayConfig {
+                batch_size: self.relay_batch_size.into(),
+                max_attempts: self.relay_max_attempts as i32,
+                rejection_retry: retry,
+                outage_retry: retry,
+                poll_interval,
+            },
+            poll_interval,
+            db_retry: retry,
+            shutdown_timeout: Duration::from_millis(self.shutdown_timeout_ms),
+        })
+    }
+
+    pub fn sqs_config(&self) -> Result<SqsConfig> {
+        let queue_url = self
+            .queue_url
+            .clone()
+            .filter(|u| !u.is_empty())
+            .ok_or_else(|| {
+                Error::invalid("SQS_QUEUE_URL is not set (set it, or pass --queue-url)")
+            })?;
+        if !queue_url.starts_with("http://") && !queue_url.starts_with("https://") {
+            return Err(Error::invalid(format!(
+                "SQS_QUEUE_URL must be an http(s) URL, got {queue_url:?}"
+            )));
+        }
+        Ok(SqsConfig {
+            queue_url,
+            call_timeout: Duration::from_millis(self.sqs_timeout_ms),
+            concurrency: self.relay_concurrency as usize,
+        })
+    }
+}
+
+pub async fn run(database_url: &Option<String>, args: RunArgs) -> Result<()> {
+    let config = args.worker_config()?;
+    let sqs = args.sqs_config()?;
+    let connections = (config.workers + config.relays + 4) as u32;
+    let pool = super::connect(database_url, connections).await?;
+    let publisher = Publisher::from_env(&sqs).await;
+    let shutdown = crate::shutdown::on_signals();
+    let admin = tokio::spawn(crate::admin::serve(
+        args.admin_addr,
+        pool.clone(),
+        shutdown.clone(),
+    ));
+    worker::run(pool.clone(), publisher, config, shutdown).await?;
+    admin.abort();
+    pool.close().await;
+    Ok(())
+}

@@ -1,0 +1,24 @@
+//! `status [--json]`.
+
+use clap::Args;
+use sqlx::PgPool;
+
+use crate::cli::print_json;
+use crate::error::Result;
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Print one JSON object: {"transfers":{..},"refunds":{..},"outbox":{..},"oldest_unpublished_age_s":x}.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn run(pool: &PgPool, args: StatusArgs) -> Result<()> {
+    let status = crate::status::read(pool).await?;
+    if args.json {
+        print_json(&status);
+    } else {
+        println!("{status}");
+    }
+    Ok(())
+}

@@ -1,0 +1,68 @@
+//! The library's one error type, and the boundary that maps it to exit codes.
+//!
+//! Every failure a caller can act on has its own variant: bad input (exit 2),
+//! a valid request that did not apply (exit 3, naming the current state, with
+//! nothing written), and everything else (exit 1). Constraint violations are
+//! turned into these domain errors where the query runs (see [`crate::db`]).
+
+use std::fmt;
+
+/// Result alias used across the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request itself is wrong: a malformed value, an out-of-range amount,
+    /// an unknown account or transfer. Exit code 2.
+    #[error("{0}")]
+    Invalid(String),
+
+    /// The named thing does not exist. Exit code 2.
+    #[error("{what} {id} does not exist")]
+    NotFound { what: &'static str, id: i64 },
+
+    /// A valid request that did not apply: a guarded update matched no row, an
+    /// idempotency key reused with other parameters, an id already taken.
+    /// Nothing was written. Exit code 3.
+    #[error("{0}")]
+    NotApplied(String),
+
+    /// PostgreSQL failed in a way that is not the request's fault.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+
+    /// Applying the embedded migrations failed.
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+
+    /// SQS failed in a way that is not the event's fault (an outage).
+    #[error("SQS error: {0}")]
+    Sqs(String),
+}
+
+/// How the process ends, per the contract's exit codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitCode {
+    Done = 0,
+    Failure = 1,
+    BadInput = 2,
+    NotApplied = 3,
+}
+
+impl Error {
+    pub fn invalid(msg: impl fmt::Display) -> Self {
+        Error::Invalid(msg.to_string())
+    }
+
+    pub fn not_applied(msg: impl fmt::Display) -> Self {
+        Error::NotApplied(msg.to_string())
+    }
+
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            Error::Invalid(_) | Error::NotFound { .. } => ExitCode::BadInput,
+            Error::NotApplied(_) => ExitCode::NotApplied,
+            Error::Database(_) | Error::Migrate(_) | Error::Sqs(_) => ExitCode::Failure,
+        }
+    }
+}

@@ -1,0 +1,30 @@
+//! transfer-worker: moves money between PostgreSQL accounts and tells the rest
+//! of the company through SQS, via a transactional outbox.
+//!
+//! Where things are:
+//! - [`transfer`]: the transfer and refund state machines; [`transfer::enqueue`]
+//!   (producers) and [`transfer::apply`] (the worker's claim and apply);
+//! - [`account`]: opening and reading accounts;
+//! - [`outbox`]: events, the [`outbox::relay`] that publishes them, and
+//!   [`outbox::sqs`], the SQS client side;
+//! - [`worker`]: the `run` process; [`service`] the loop every background task
+//!   shares; [`wake`] LISTEN/NOTIFY; [`shutdown`] signals; [`retry`] backoff;
+//! - [`db`]: pool, migrations, error classification; [`error`]: the error type
+//!   and exit codes; [`status`]: the `status` command's counts;
+//! - [`cli`]: the command line, one file per command.
+
+pub mod account;
+pub mod admin;
+pub mod cli;
+pub mod db;
+pub mod error;
+pub mod outbox;
+pub mod retry;
+pub mod service;
+pub mod shutdown;
+pub mod status;
+pub mod transfer;
+pub mod wake;
+pub mod worker;
+
+pub use error::{Error, ExitCode, Result};

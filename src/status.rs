@@ -1,0 +1,108 @@
+//! `status`: what the worker has done and what is waiting, from the database.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use sqlx::PgPool;
+
+use crate::error::Result;
+use crate::transfer::{RefundStatus, TransferStatus};
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Status {
+    /// Transfers per `status`, every state listed.
+    pub transfers: BTreeMap<String, i64>,
+    /// Refunds per `refund_status` (REQUESTED, COMPLETED, FAILED; NONE is no refund).
+    pub refunds: BTreeMap<String, i64>,
+    pub outbox: OutboxCounts,
+    /// Age in seconds of the oldest event not yet published (dead and held
+    /// included); 0 when everything is published.
+    pub oldest_unpublished_age_s: f64,
+}
+
+/// The outbox's events, each counted once: `pending` (waiting for the relay),
+/// `held` (pending, but behind a dead event of the same transfer), `dead` and
+/// `published`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct OutboxCounts {
+    pub pending: i64,
+    pub published: i64,
+    pub dead: i64,
+    pub held: i64,
+}
+
+pub async fn read(pool: &PgPool) -> Result<Status> {
+    let mut transfers: BTreeMap<String, i64> = TransferStatus::ALL
+        .iter()
+        .map(|s| (s.to_string(), 0))
+        .collect();
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as("SELECT status, count(*) FROM transfers GROUP BY status")
+            .fetch_all(pool)
+            .await?;
+    transfers.extend(rows);
+
+    let mut refunds: BTreeMap<String, i64> = RefundStatus::ALL
+        .iter()
+        .filter(|s| **s != RefundStatus::None)
+        .map(|s| (s.to_string(), 0))
+        .collect();
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT refund_status, count(*) FROM transfers WHERE refund_status <> 'NONE' GROUP BY refund_status",
+    )
+    .fetch_all(pool)
+    .await?;
+    refunds.extend(rows);
+
+    let outbox: OutboxCounts = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE state = 'pending' AND NOT held) AS pending,
+                count(*) FILTER (WHERE state = 'published') AS published,
+                count(*) FILTER (WHERE state = 'dead') AS dead,
+                count(*) FILTER (WHERE state = 'pending' AND held) AS held
+           FROM (SELECT o.state,
+                        o.state = 'pending' AND EXISTS (
+                            SELECT 1 FROM outbox d
+                             WHERE d.transfer_id = o.transfer_id AND d.state = 'dead' AND d.id < o.id) AS held
+                   FROM outbox o) x",
+    )
+    .fetch_one(pool)
+    .await?;
+
+    let oldest: f64 = sqlx::query_scalar(
+        "SELECT COALESCE(EXTRACT(EPOCH FROM now() - min(occurred_at))::float8, 0)
+           FROM outbox WHERE state <> 'published'",
+    )
+    .fetch_one(pool)
+    .await?;
+
+    Ok(Status {
+        transfers,
+        refunds,
+        outbox,
+        oldest_unpublished_age_s: oldest.max(0.0),
+    })
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let line = |m: &BTreeMap<String, i64>| {
+            m.iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        writeln!(f, "transfers: {}", line(&self.transfers))?;
+        writeln!(f, "refunds:   {}", line(&self.refunds))?;
+        let o = &self.outbox;
+        writeln!(
+            f,
+            "outbox:    pending {}, published {}, dead {}, held {}",
+            o.pending, o.published, o.dead, o.held
+        )?;
+        write!(
+            f,
+            "oldest unpublished event: {:.1} s",
+            self.oldest_unpublished_age_s
+        )
+    }
+}

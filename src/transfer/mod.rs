@@ -1,0 +1,212 @@
+//! Transfers: their typed values and their two state machines.
+//!
+//! ```text
+//!  status:         enqueue ──> PENDING ──(worker: funds moved)──────> SUCCEEDED
+//!                                 │ └────(worker: no funds / limit / ──> FAILED
+//!                                 │        max attempts of errors)
+//!                                 └──────(cancel)─────────────────────> CANCELLED
+//!
+//!  refund_status:  NONE ──(refund request, only if SUCCEEDED)──> REQUESTED
+//!                  REQUESTED ──(worker: money moved back)──> COMPLETED
+//!                  REQUESTED ──(worker: recipient lacks funds)──> FAILED
+//! ```
+//!
+//! Every arrow is one guarded `UPDATE ... WHERE id = .. AND <from-state>` whose
+//! rows-affected is checked, in the same transaction as the outbox event it
+//! causes; the modules below each own their arrows:
+//! [`enqueue`] creates rows, [`apply`] moves PENDING transfers on.
+
+pub mod apply;
+pub mod enqueue;
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// A transfer's id, assigned by the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct TransferId(pub i64);
+
+impl fmt::Display for TransferId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl FromStr for TransferId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        s.trim()
+            .parse::<i64>()
+            .map(TransferId)
+            .map_err(|_| format!("transfer id must be an integer, got {s:?}"))
+    }
+}
+
+/// An amount of money in minor units; always > 0 (checked when parsed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct Amount(i64);
+
+impl Amount {
+    pub fn new(value: i64) -> Result<Self, String> {
+        if value > 0 {
+            Ok(Amount(value))
+        } else {
+            Err(format!("amount must be > 0, got {value}"))
+        }
+    }
+
+    pub fn get(self) -> i64 {
+        self.0
+    }
+}
+
+impl fmt::Display for Amount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl FromStr for Amount {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let v = s
+            .trim()
+            .parse::<i64>()
+            .map_err(|_| format!("amount must be a whole number of minor units, got {s:?}"))?;
+        Amount::new(v)
+    }
+}
+
+/// The producer's idempotency key: 1 to 255 characters. The same key with the
+/// same parameters finds the transfer it created; with other parameters it is
+/// refused.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct IdempotencyKey(String);
+
+impl IdempotencyKey {
+    pub const MAX_CHARS: usize = 255;
+
+    pub fn new(key: impl Into<String>) -> Result<Self, String> {
+        let key = key.into();
+        let chars = key.chars().count();
+        if chars == 0 {
+            return Err("idempotency key must not be empty".into());
+        }
+        if chars > Self::MAX_CHARS {
+            return Err(format!(
+                "idempotency key must be at most {} characters, got {chars}",
+                Self::MAX_CHARS
+            ));
+        }
+        if key.chars().any(char::is_control) {
+            return Err("idempotency key must not contain control characters".into());
+        }
+        Ok(IdempotencyKey(key))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for IdempotencyKey {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        IdempotencyKey::new(s)
+    }
+}
+
+impl fmt::Display for IdempotencyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// `transfers.status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum TransferStatus {
+    /// Enqueued (CLI, library or SQL INSERT); left by the worker's apply or by cancel.
+    Pending,
+    /// Terminal. Set by the worker when the money moved; a refund may follow.
+    Succeeded,
+    /// Terminal. Set by the worker: insufficient funds, daily limit exceeded,
+    /// or repeated unexpected errors (reason `processing_error`).
+    Failed,
+    /// Terminal. Set by `cancel` while the transfer was still PENDING.
+    Cancelled,
+}
+
+impl TransferStatus {
+    pub const ALL: [TransferStatus; 4] = [
+        TransferStatus::Pending,
+        TransferStatus::Succeeded,
+        TransferStatus::Failed,
+        TransferStatus::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransferStatus::Pending => "PENDING",
+            TransferStatus::Succeeded => "SUCCEEDED",
+            TransferStatus::Failed => "FAILED",
+            TransferStatus::Cancelled => "CANCELLED",
+        }
+    }
+}
+
+impl fmt::Display for TransferStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `transfers.refund_status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum RefundStatus {
+    /// No refund asked for. Left by a refund request (only on a SUCCEEDED transfer).
+    None,
+    /// Asked for; the worker claims it and moves the money back.
+    Requested,
+    /// Terminal. The worker moved the refund amount back to the sender.
+    Completed,
+    /// Terminal. The recipient no longer had the money.
+    Failed,
+}
+
+impl RefundStatus {
+    pub const ALL: [RefundStatus; 4] = [
+        RefundStatus::None,
+        RefundStatus::Requested,
+        RefundStatus::Completed,
+        RefundStatus::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefundStatus::None => "NONE",
+            RefundStatus::Requested => "REQUESTED",
+            RefundStatus::Completed => "COMPLETED",
+            RefundStatus::Failed => "FAILED",
+        }
+    }
+}
+
+impl fmt::Display for RefundStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a transfer FAILED (`transfers.failure_reason`, the event's `reason`).
+pub mod reason {
+    pub const INSUFFICIENT_FUNDS: &str = "insufficient_funds";
+    pub const DAILY_LIMIT_EXCEEDED: &str = "daily_limit_exceeded";
+    pub const PROCESSING_ERROR: &str = "processing_error";
+}

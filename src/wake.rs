@@ -1,0 +1,78 @@
+//! Wake-ups: LISTEN/NOTIFY, with polling as the fallback.
+//!
+//! Statement-level triggers (see the migration) NOTIFY `transfer_worker_work`
+//! with the table name when transfers or outbox rows are inserted; one
+//! listener connection per process turns that into a [`Notify`] for the apply
+//! tasks or the relay. Why both: NOTIFY makes a new transfer start within
+//! milliseconds instead of a poll interval, and costs one notification per
+//! statement, not per row; polling covers what NOTIFY cannot promise (a
+//! notification sent while the listener was reconnecting is lost, and rows
+//! whose retry time passes notify nobody).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::PgListener;
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// The channel the migration's triggers notify.
+pub const CHANNEL: &str = "transfer_worker_work";
+
+/// Who to wake for which table.
+#[derive(Clone, Default)]
+pub struct Wakers {
+    /// New transfers or refund requests: the apply tasks.
+    pub work: Arc<Notify>,
+    /// New outbox events: the relay.
+    pub outbox: Arc<Notify>,
+}
+
+impl Wakers {
+    fn wake_all(&self) {
+        self.work.notify_waiters();
+        self.outbox.notify_waiters();
+    }
+
+    /// Listens until `shutdown`; reconnects (waking everyone, since
+    /// notifications may have been missed) when the connection drops.
+    pub async fn listen(self, pool: PgPool, shutdown: CancellationToken) {
+        loop {
+            let mut listener = match PgListener::connect_with(&pool).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, "LISTEN connection failed; polling until it is back");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            if let Err(e) = listener.listen(CHANNEL).await {
+                tracing::warn!(error = %e, "LISTEN failed; polling until it is back");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+            self.wake_all();
+            loop {
+                let next = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    n = listener.try_recv() => n,
+                };
+                match next {
+                    Ok(Some(n)) if n.payload() == "outbox" => self.outbox.notify_waiters(),
+                    Ok(Some(_)) => self.work.notify_waiters(),
+                    // The connection dropped; try_recv reconnects on the next call.
+                    Ok(None) => self.wake_all(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "LISTEN connection lost");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
