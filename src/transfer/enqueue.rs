@@ -228,7 +228,7 @@ pub async fn enqueue_bulk(
     // inserted once: one INSERT may not touch the same row twice.
     let mut first_index: HashMap<&str, usize> = HashMap::new();
     let unique: Vec<usize> = (0..lines.len())
-        .filter(|&i| first_index.insert(keys[i].as_str(), i).is_none())
+        .filter(|&i| *first_index.entry(keys[i].as_str()).or_insert(i) == i)
         .collect();
     let mut results: HashMap<String, Enqueued> = HashMap::with_capacity(unique.len());
     for chunk in unique.chunks(BULK_CHUNK) {

@@ -1,0 +1,305 @@
+//! The test harness: every test gets its own freshly migrated database and,
+//! when it needs SQS, its own randomly named queue on the LocalStack that
+//! `scripts/test.sh` started. Waits poll an observable condition with a
+//! deadline; nothing sleeps blindly.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use aws_sdk_sqs::types::QueueAttributeName;
+use rand::Rng;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+use tokio::time::Instant;
+
+use transfer_worker::outbox::sqs::{Publisher, SqsConfig};
+use transfer_worker::outbox::EventBody;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_transfer-worker");
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run the tests with scripts/test.sh"))
+}
+
+fn random_suffix() -> String {
+    format!("{:016x}", rand::thread_rng().gen::<u64>())
+}
+
+/// A database of its own, created from `DATABASE_URL`'s server and migrated.
+pub struct TestDb {
+    pub pool: PgPool,
+    pub url: String,
+}
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        let db = Self::unmigrated().await;
+        transfer_worker::db::migrate(&db.pool).await.expect("migrate");
+        db
+    }
+
+    /// An empty database, not migrated.
+    pub async fn unmigrated() -> TestDb {
+        let base = env("DATABASE_URL");
+        let name = format!("tw_test_{}", random_suffix());
+        let admin = PgPoolOptions::new().max_connections(1).connect(&base).await.expect("connect to DATABASE_URL");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&admin)
+            .await
+            .expect("create test database");
+        admin.close().await;
+        let (prefix, _) = base.rsplit_once('/').expect("DATABASE_URL has a database name");
+        let url = format!("{prefix}/{name}");
+        let pool = PgPoolOptions::new().max_connections(20).connect(&url).await.expect("connect to test database");
+        TestDb { pool, url }
+    }
+
+    /// Runs the binary with this database and the test environment; waits.
+    pub fn cli(&self, args: &[&str]) -> CliOutput {
+        self.cli_with_stdin(args, "")
+    }
+
+    pub fn cli_with_stdin(&self, args: &[&str], stdin: &str) -> CliOutput {
+        use std::io::Write;
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env("DATABASE_URL", &self.url)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn transfer-worker");
+        child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+        CliOutput::from(child.wait_with_output().expect("wait for transfer-worker"))
+    }
+
+    /// Starts `transfer-worker run` as a separate process on this database.
+    pub fn spawn_worker(&self, queue_url: &str, extra: &[&str]) -> Child {
+        Command::new(BIN)
+            .arg("run")
+            .args(["--admin-addr", "127.0.0.1:0", "--poll-interval-ms", "100", "--backoff-max-ms", "1000"])
+            .args(extra)
+            .env("DATABASE_URL", &self.url)
+            .env("SQS_QUEUE_URL", queue_url)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn transfer-worker run")
+    }
+
+    pub async fn open_account(&self, id: i64, balance: i64) {
+        sqlx::query("INSERT INTO accounts (id, balance) VALUES ($1, $2)")
+            .bind(id)
+            .bind(balance)
+            .execute(&self.pool)
+            .await
+            .unwrap();
+    }
+
+    pub async fn scalar(&self, sql: &'static str) -> i64 {
+        sqlx::query_scalar::<_, i64>(sql).fetch_one(&self.pool).await.unwrap()
+    }
+
+    pub async fn total_balance(&self) -> i64 {
+        self.scalar("SELECT COALESCE(sum(balance), 0)::bigint FROM accounts").await
+    }
+
+    /// Every transfer and every refund is out of PENDING/REQUESTED and every event published.
+    pub async fn settled(&self) -> bool {
+        self.scalar(
+            "SELECT (SELECT count(*) FROM transfers WHERE status = 'PENDING' OR refund_status = 'REQUESTED')
+                  + (SELECT count(*) FROM outbox WHERE state <> 'published')",
+        )
+        .await
+            == 0
+    }
+
+    /// The invariants that must hold at any committed moment:
+    /// money conserved, no negative balance, each balance equal to its opening
+    /// balance plus what SUCCEEDED transfers moved, and exactly one event per
+    /// finished transfer and none for a PENDING one.
+    pub async fn assert_invariants(&self, opening_total: i64, opening: &HashMap<i64, i64>) {
+        assert_eq!(self.total_balance().await, opening_total, "money is conserved");
+        assert_eq!(self.scalar("SELECT count(*) FROM accounts WHERE balance < 0").await, 0);
+        let rows: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT a.id, a.balance
+                    - COALESCE((SELECT sum(amount) FROM transfers WHERE to_account = a.id AND status = 'SUCCEEDED'), 0)::bigint
+                    + COALESCE((SELECT sum(amount) FROM transfers WHERE from_account = a.id AND status = 'SUCCEEDED'), 0)::bigint
+               FROM accounts a",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .unwrap();
+        for (id, implied_opening) in rows {
+            assert_eq!(Some(&implied_opening), opening.get(&id), "account {id}: balance = opening + applied transfers");
+        }
+        let bad: i64 = self
+            .scalar(
+                "SELECT count(*) FROM transfers t
+                  WHERE (SELECT count(*) FROM outbox o WHERE o.transfer_id = t.id AND o.event_type LIKE 'transfer.%')
+                        <> CASE WHEN t.status = 'PENDING' THEN 0 ELSE 1 END",
+            )
+            .await;
+        assert_eq!(bad, 0, "exactly one transfer event per finished transfer, none for a pending one");
+    }
+}
+
+/// What a CLI run printed and how it exited.
+#[derive(Debug)]
+pub struct CliOutput {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl From<Output> for CliOutput {
+    fn from(o: Output) -> Self {
+        CliOutput {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+impl CliOutput {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(self.stdout.trim()).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:?}"))
+    }
+}
+
+/// A queue of its own on LocalStack.
+pub struct TestQueue {
+    pub url: String,
+    pub client: aws_sdk_sqs::Client,
+}
+
+impl TestQueue {
+    pub async fn new(fifo: bool) -> TestQueue {
+        Self::with_attributes(fifo, &[]).await
+    }
+
+    pub async fn with_attributes(fifo: bool, attributes: &[(QueueAttributeName, &str)]) -> TestQueue {
+        let publisher = Publisher::from_env(&sqs_config("http://unused")).await;
+        let client = publisher.client().clone();
+        let name = format!("tw-test-{}{}", random_suffix(), if fifo { ".fifo" } else { "" });
+        let mut req = client.create_queue().queue_name(name);
+        if fifo {
+            req = req.attributes(QueueAttributeName::FifoQueue, "true");
+        }
+        for (k, v) in attributes {
+            req = req.attributes(k.clone(), *v);
+        }
+        let url = req.send().await.expect("create test queue").queue_url.unwrap();
+        TestQueue { url, client }
+    }
+
+    pub async fn publisher(&self) -> Publisher {
+        Publisher::new(self.client.clone(), &sqs_config(&self.url))
+    }
+
+    /// Receives (and deletes) messages until `expected` arrived or nothing
+    /// more came for `quiet`; returns them in arrival order.
+    pub async fn receive(&self, expected: usize, quiet: Duration) -> Vec<EventBody> {
+        let mut out = Vec::new();
+        let mut last = Instant::now();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline && (out.len() < expected || last.elapsed() < quiet) {
+            let resp = self
+                .client
+                .receive_message()
+                .queue_url(&self.url)
+                .max_number_of_messages(10)
+                .wait_time_seconds(if out.len() < expected { 1 } else { 0 })
+                .message_attribute_names("All")
+                .send()
+                .await
+                .expect("receive");
+            let messages = resp.messages();
+            if messages.is_empty() {
+                if out.len() >= expected {
+                    break;
+                }
+                if last.elapsed() > quiet.max(Duration::from_secs(20)) {
+                    break;
+                }
+                continue;
+            }
+            last = Instant::now();
+            let mut entries = Vec::new();
+            for (i, m) in messages.iter().enumerate() {
+                let body: EventBody = serde_json::from_str(m.body().unwrap()).expect("event body");
+                let attr = m.message_attributes().and_then(|a| a.get("event_type")).and_then(|v| v.string_value());
+                assert_eq!(attr, Some(body.event_type.as_str()), "event_type attribute matches the body");
+                out.push(body);
+                entries.push(
+                    aws_sdk_sqs::types::DeleteMessageBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .receipt_handle(m.receipt_handle().unwrap())
+                        .build()
+                        .unwrap(),
+                );
+            }
+            self.client
+                .delete_message_batch()
+                .queue_url(&self.url)
+                .set_entries(Some(entries))
+                .send()
+                .await
+                .expect("delete");
+        }
+        out
+    }
+}
+
+pub fn sqs_config(url: &str) -> SqsConfig {
+    SqsConfig { queue_url: url.to_owned(), call_timeout: Duration::from_secs(5), concurrency: 4 }
+}
+
+/// Polls `condition` every 50 ms until it holds; panics with `what` after `timeout`.
+pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !condition().await {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Sends a signal to a child process.
+pub fn signal(child: &Child, sig: &str) {
+    let status = Command::new("kill").args([&format!("-{sig}"), &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+}
+
+/// Waits for a child to exit, with a deadline.
+pub async fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("process did not exit within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Kills the child when dropped, so a failing test leaves no worker behind.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

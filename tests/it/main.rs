@@ -1,0 +1,9 @@
+//! Integration tests: one binary, real PostgreSQL and real LocalStack (started
+//! by `scripts/test.sh`), a fresh database and queue per test.
+
+mod apply;
+mod cli;
+mod enqueue;
+mod helpers;
+mod processes;
+mod relay;

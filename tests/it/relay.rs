@@ -1,0 +1,247 @@
+//! The relay against real LocalStack queues: exactly once on FIFO, at least
+//! once on standard queues, per-transfer order, outages, rejections.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_sdk_sqs::types::QueueAttributeName;
+use tokio::sync::Notify;
+use transfer_worker::outbox::relay::{Relay, RelayConfig};
+use transfer_worker::outbox::sqs::Publisher;
+use transfer_worker::retry::RetryPolicy;
+
+use crate::helpers::{sqs_config, wait_for, TestDb, TestQueue};
+
+const TYPES: [&str; 3] = ["transfer.succeeded", "refund.requested", "refund.completed"];
+
+/// Creates `transfers` SUCCEEDED transfers, then `per_transfer` events for
+/// each, interleaved across transfers (as real traffic is). Returns each
+/// transfer's event ids in the order they were written.
+async fn seed_events(db: &TestDb, transfers: i64, per_transfer: usize, key: impl Fn(i64) -> String) -> HashMap<i64, Vec<String>> {
+    db.open_account(1, 0).await;
+    db.open_account(2, 0).await;
+    for t in 1..=transfers {
+        sqlx::query(
+            "INSERT INTO transfers (id, idempotency_key, from_account, to_account, amount, status)
+             VALUES ($1, $2, 1, 2, 10, 'SUCCEEDED')",
+        )
+        .bind(t)
+        .bind(key(t))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+    let mut written: HashMap<i64, Vec<String>> = HashMap::new();
+    for round in 0..per_transfer {
+        for t in 1..=transfers {
+            let event_id = add_event(db, t, TYPES[round % TYPES.len()]).await;
+            written.entry(t).or_default().push(event_id);
+        }
+    }
+    written
+}
+
+async fn add_event(db: &TestDb, transfer_id: i64, event_type: &str) -> String {
+    sqlx::query_scalar(
+        "INSERT INTO outbox (transfer_id, event_type, data)
+         SELECT id, $2, transfer_event_data(t, $2) FROM transfers t WHERE id = $1
+         RETURNING event_id::text",
+    )
+    .bind(transfer_id)
+    .bind(event_type)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap()
+}
+
+fn relay(db: &TestDb, publisher: Publisher, batch_size: i64, max_attempts: i32) -> Relay {
+    let fast = RetryPolicy { initial: Duration::from_millis(10), max: Duration::from_millis(50), multiplier: 2.0 };
+    let config = RelayConfig {
+        batch_size,
+        max_attempts,
+        rejection_retry: fast,
+        outage_retry: fast,
+        poll_interval: Duration::from_millis(50),
+    };
+    Relay::new(db.pool.clone(), publisher, config, Arc::new(Notify::new()))
+}
+
+/// A publisher whose endpoint is a closed port: SQS "unreachable".
+async fn unreachable(queue: &TestQueue) -> Publisher {
+    let conf = queue.client.config().to_builder().endpoint_url("http://127.0.0.1:9").build();
+    Publisher::new(aws_sdk_sqs::Client::from_conf(conf), &sqs_config(&queue.url))
+}
+
+async fn pending(db: &TestDb) -> i64 {
+    db.scalar("SELECT count(*) FROM outbox WHERE state <> 'published'").await
+}
+
+#[tokio::test]
+async fn two_relays_publish_each_event_exactly_once_on_a_fifo_queue_in_per_transfer_order() {
+    let db = TestDb::new().await;
+    let queue = TestQueue::new(true).await;
+    let written = seed_events(&db, 40, 3, |t| format!("k-{t}")).await;
+    let mut relays = Vec::new();
+    for _ in 0..2 {
+        let r = relay(&db, queue.publisher().await, 15, 5);
+        let pool = db.pool.clone();
+        relays.push(tokio::spawn(async move {
+            let mut published = 0;
+            loop {
+                let c = r.run_once().await.unwrap();
+                published += c.published;
+                let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE state <> 'published'")
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+                if left == 0 {
+                    return published;
+                }
+            }
+        }));
+    }
+    let mut total = 0;
+    for r in relays {
+        total += tokio::time::timeout(Duration::from_secs(60), r).await.expect("relays finish").unwrap();
+    }
+    assert_eq!(total, 120, "each event marked published once");
+
+    let received = queue.receive(120, Duration::from_secs(2)).await;
+    let ids: HashSet<&str> = received.iter().map(|e| e.event_id.as_str()).collect();
+    assert_eq!(received.len(), 120, "exactly once on a FIFO queue");
+    assert_eq!(ids.len(), 120);
+    let mut per_transfer: HashMap<i64, Vec<String>> = HashMap::new();
+    for e in &received {
+        per_transfer.entry(e.transfer_id).or_default().push(e.event_id.clone());
+    }
+    assert_eq!(per_transfer, written, "per-transfer order is the order written");
+    let first = &received[0];
+    assert_eq!(first.data["from_account"], 1);
+    assert_eq!(first.data["idempotency_key"], format!("k-{}", first.transfer_id));
+    assert!(first.occurred_at.ends_with('Z'));
+}
+
+#[tokio::test]
+async fn the_relay_delivers_every_event_at_least_once_on_a_standard_queue() {
+    let db = TestDb::new().await;
+    let queue = TestQueue::new(false).await;
+    let written = seed_events(&db, 25, 2, |t| format!("k-{t}")).await;
+    let r = relay(&db, queue.publisher().await, 100, 5);
+    wait_for("all events published", Duration::from_secs(30), || async {
+        r.run_once().await.unwrap();
+        pending(&db).await == 0
+    })
+    .await;
+    let received = queue.receive(50, Duration::from_secs(1)).await;
+    let got: HashSet<String> = received.iter().map(|e| e.event_id.clone()).collect();
+    let want: HashSet<String> = written.values().flatten().cloned().collect();
+    assert_eq!(got, want);
+}
+
+#[tokio::test]
+async fn an_unreachable_sqs_leaves_events_pending_uncounted_and_they_all_go_out_once_it_is_back() {
+    let db = TestDb::new().await;
+    let queue = TestQueue::new(true).await;
+    let written = seed_events(&db, 12, 1, |t| format!("k-{t}")).await;
+
+    let down = relay(&db, unreachable(&queue).await, 100, 2);
+    for _ in 0..5 {
+        let c = down.run_once().await.unwrap();
+        assert_eq!((c.claimed, c.unavailable, c.published, c.rejected, c.dead), (12, 12, 0, 0, 0));
+    }
+    assert_eq!(db.scalar("SELECT count(*) FROM outbox WHERE state = 'pending' AND attempts = 0").await, 12, "an outage never counts, however long");
+    assert!(db.scalar("SELECT count(*) FROM outbox WHERE last_error IS NOT NULL").await > 0, "the cause is visible");
+
+    let up = relay(&db, queue.publisher().await, 100, 2);
+    let c = up.run_once().await.unwrap();
+    assert_eq!(c.published, 12);
+    let received = queue.receive(12, Duration::from_secs(1)).await;
+    let got: HashSet<String> = received.iter().map(|e| e.event_id.clone()).collect();
+    assert_eq!(got, written.values().flatten().cloned().collect());
+    assert_eq!(received.len(), 12);
+}
+
+#[tokio::test]
+async fn a_missing_queue_is_an_outage_not_a_rejection() {
+    let db = TestDb::new().await;
+    let queue = TestQueue::new(false).await;
+    seed_events(&db, 3, 1, |t| format!("k-{t}")).await;
+    let missing_url = format!("{}-does-not-exist", queue.url);
+    let publisher = Publisher::new(queue.client.clone(), &sqs_config(&missing_url));
+    let r = relay(&db, publisher, 100, 1);
+    for _ in 0..3 {
+        let c = r.run_once().await.unwrap();
+        assert_eq!((c.unavailable, c.dead), (3, 0));
+    }
+    assert_eq!(db.scalar("SELECT count(*) FROM outbox WHERE state = 'pending' AND attempts = 0").await, 3);
+}
+
+#[tokio::test]
+async fn a_rejected_entry_is_retried_alone_then_dead_and_holds_only_its_own_transfer() {
+    let db = TestDb::new().await;
+    // SQS rejects (per entry, SenderFault) messages over the queue's maximum
+    // size; transfer 1's key makes its events larger than 1 KiB.
+    let queue = TestQueue::with_attributes(false, &[(QueueAttributeName::MaximumMessageSize, "1024")]).await;
+    let huge_key: String = std::iter::repeat('\u{1D11E}').take(255).collect();
+    seed_events(&db, 6, 1, |t| if t == 1 { huge_key.clone() } else { format!("k-{t}") }).await;
+    let later_of_1 = add_event(&db, 1, "refund.requested").await;
+    let r = relay(&db, queue.publisher().await, 100, 2);
+
+    let c = r.run_once().await.unwrap();
+    assert_eq!((c.claimed, c.published, c.rejected, c.dead), (6, 5, 1, 0), "the others are published");
+    let (attempts, state, error): (i32, String, String) =
+        sqlx::query_as("SELECT attempts, state, last_error FROM outbox WHERE transfer_id = 1 ORDER BY id LIMIT 1")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!((attempts, state.as_str()), (1, "pending"));
+    assert!(error.contains("InvalidParameterValue"), "{error}");
+
+    wait_for("the rejected event to die", Duration::from_secs(10), || async {
+        let c = r.run_once().await.unwrap();
+        assert!(c.claimed <= 1, "retried alone, and its later event is never claimed ahead of it");
+        db.scalar("SELECT count(*) FROM outbox WHERE state = 'dead'").await == 1
+    })
+    .await;
+    assert_eq!(db.scalar("SELECT attempts::bigint FROM outbox WHERE state = 'dead'").await, 2);
+
+    // Other transfers' new events still flow; transfer 1's later event is held.
+    add_event(&db, 2, "refund.requested").await;
+    let c = r.run_once().await.unwrap();
+    assert_eq!((c.claimed, c.published), (1, 1));
+    let status = db.cli(&["status", "--json"]).json();
+    assert_eq!(status["outbox"]["dead"], 1);
+    assert_eq!(status["outbox"]["held"], 1);
+    assert_eq!(status["outbox"]["pending"], 0);
+    assert_eq!(status["outbox"]["published"], 6);
+    assert!(status["oldest_unpublished_age_s"].as_f64().unwrap() >= 0.0);
+
+    let received = queue.receive(6, Duration::from_secs(1)).await;
+    assert_eq!(received.len(), 6);
+    assert!(received.iter().all(|e| e.transfer_id != 1), "nothing of transfer 1 went out");
+    assert!(!received.iter().any(|e| e.event_id == later_of_1));
+}
+
+#[tokio::test]
+async fn events_go_out_again_after_a_crash_between_send_and_commit_and_fifo_drops_the_copy() {
+    let db = TestDb::new().await;
+    let fifo = TestQueue::new(true).await;
+    let standard = TestQueue::new(false).await;
+    seed_events(&db, 5, 1, |t| format!("k-{t}")).await;
+    for queue in [&fifo, &standard] {
+        sqlx::query("UPDATE outbox SET state = 'pending', published_at = NULL").execute(&db.pool).await.unwrap();
+        let r = relay(&db, queue.publisher().await, 100, 5);
+        assert_eq!(r.run_once().await.unwrap().published, 5);
+        // What the database looks like when the process died after SQS
+        // accepted the batch but before the relay's commit.
+        sqlx::query("UPDATE outbox SET state = 'pending', published_at = NULL").execute(&db.pool).await.unwrap();
+        assert_eq!(r.run_once().await.unwrap().published, 5, "sent again: at least once");
+    }
+    let from_fifo = fifo.receive(5, Duration::from_secs(2)).await;
+    assert_eq!(from_fifo.len(), 5, "FIFO deduplicates by event_id");
+    let from_standard = standard.receive(10, Duration::from_secs(2)).await;
+    assert_eq!(from_standard.len(), 10, "a standard queue gets the copy");
+    let distinct: HashSet<&str> = from_standard.iter().map(|e| e.event_id.as_str()).collect();
+    assert_eq!(distinct.len(), 5, "consumers deduplicate by event_id");
+}
