@@ -66,7 +66,13 @@ async fn run_bulk(pool: &PgPool, path: &PathBuf) -> Result<()> {
     }
     let lines = enqueue::parse_bulk(&input)?;
     let mut tx = pool.begin().await?;
-    let results = enqueue::enqueue_bulk(&mut tx, &lines).await?;
+    let results = match enqueue::enqueue_bulk(&mut tx, &lines).await {
+        Ok(r) => r,
+        Err(e) => {
+            tx.rollback().await?;
+            return Err(e);
+        }
+    };
     tx.commit().await?;
     let created = results.iter().filter(|r| r.created).count();
     for r in &results {

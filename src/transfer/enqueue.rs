@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 
 use rand::Rng;
 use serde::{Deserialize, Serialize};
-use sqlx::{PgConnection, PgExecutor};
+use sqlx::{Acquire, PgConnection, Postgres};
 
 use crate::account::AccountId;
 use crate::db;
@@ -89,26 +89,179 @@ struct EnqueuedRow {
     created: bool,
 }
 
-/// Enqueues one transfer with any executor: a pool, a connection, or the
-/// producer's own open transaction (then workers see it only after commit).
-pub async fn enqueue<'e>(db: impl PgExecutor<'e>, transfer: &NewTransfer) -> Result<Enqueued> {
-    let key = transfer.key_or_generated();
-    let rows = sqlx::query_as::<_, EnqueuedRow>(ENQUEUE_SQL)
-        .bind(vec![key.clone()])
-        .bind(vec![transfer.from.0])
-        .bind(vec![transfer.to.0])
-        .bind(vec![transfer.amount.get()])
-        .fetch_all(db)
-        .await
-        .map_err(|e| constraint_error(e, transfer))?;
-    match rows.into_iter().next() {
-        Some(row) => Ok(Enqueued {
-            transfer_id: TransferId(row.id),
-            status: row.status,
-            created: row.created,
-        }),
-        None => Err(key_reused(&key)),
+/// Enqueues one transfer, with a pool, a connection, or the producer's own
+/// open transaction (`&mut *tx` or `&mut tx`: then workers see the transfer
+/// only after the producer commits, and a rollback leaves nothing).
+///
+/// It takes [`Acquire`] rather than a bare executor because a source account
+/// with a daily limit needs two statements (serialize, then check and insert);
+/// inside a producer's transaction it runs in a savepoint.
+pub async fn enqueue<'a, A>(db: A, transfer: &NewTransfer) -> Result<Enqueued>
+where
+    A: Acquire<'a, Database = Postgres>,
+{
+    let mut tx = db.begin().await?;
+    let item = Item {
+        line: None,
+        transfer,
+        key: transfer.key_or_generated(),
+    };
+    // Roll back explicitly on error: a refused key holds a row lock (ON
+    // CONFLICT DO UPDATE locks the row even when its WHERE is false) that must
+    // go now, not whenever the dropped transaction's connection is next used.
+    match insert(&mut tx, std::slice::from_ref(&item)).await {
+        Ok(mut out) => {
+            tx.commit().await?;
+            Ok(out.remove(0))
+        }
+        Err(e) => {
+            tx.rollback().await?;
+            Err(constraint_error(e, transfer))
+        }
     }
+}
+
+/// One transfer to insert, with its key decided and, in a file, its line.
+struct Item<'t> {
+    line: Option<usize>,
+    transfer: &'t NewTransfer,
+    key: String,
+}
+
+impl Item<'_> {
+    /// "line N: " in a file, nothing for a single enqueue.
+    fn at(&self) -> String {
+        self.line.map(|n| format!("line {n}: ")).unwrap_or_default()
+    }
+}
+
+/// How many rows one INSERT carries.
+const INSERT_CHUNK: usize = 1000;
+
+/// Checks daily limits, then inserts (idempotently) every item, whose keys
+/// must be distinct. Any item that cannot be accepted fails the whole call.
+async fn insert(conn: &mut PgConnection, items: &[Item<'_>]) -> Result<Vec<Enqueued>> {
+    check_daily_limits(conn, items).await?;
+    let mut out = Vec::with_capacity(items.len());
+    for chunk in items.chunks(INSERT_CHUNK) {
+        let rows = sqlx::query_as::<_, EnqueuedRow>(ENQUEUE_SQL)
+            .bind(chunk.iter().map(|i| i.key.clone()).collect::<Vec<_>>())
+            .bind(chunk.iter().map(|i| i.transfer.from.0).collect::<Vec<_>>())
+            .bind(chunk.iter().map(|i| i.transfer.to.0).collect::<Vec<_>>())
+            .bind(
+                chunk
+                    .iter()
+                    .map(|i| i.transfer.amount.get())
+                    .collect::<Vec<_>>(),
+            )
+            .fetch_all(&mut *conn)
+            .await?;
+        let mut by_key: HashMap<String, Enqueued> = rows
+            .into_iter()
+            .map(|r| {
+                (
+                    r.idempotency_key,
+                    Enqueued {
+                        transfer_id: TransferId(r.id),
+                        status: r.status,
+                        created: r.created,
+                    },
+                )
+            })
+            .collect();
+        for item in chunk {
+            match by_key.remove(&item.key) {
+                Some(e) => out.push(e),
+                None => {
+                    return Err(Error::not_applied(format!(
+                        "{}{}",
+                        item.at(),
+                        key_reused(&item.key)
+                    )))
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Refuses (exit 3) any item that would take its source account's transfers
+/// accepted on this UTC day above the account's `daily_limit`.
+///
+/// Accepted means PENDING or SUCCEEDED. Concurrent enqueues from one limited
+/// account are serialized by a transaction-scoped advisory lock on a hashed
+/// string key (`transfer-worker:daily-limit:<account>`), taken in account
+/// order, so two producers cannot both fit under the limit with the same
+/// headroom. The lock, unlike a row lock on the account, never blocks a
+/// worker moving that account's money. Accounts without a limit take no lock.
+async fn check_daily_limits(conn: &mut PgConnection, items: &[Item<'_>]) -> Result<()> {
+    let mut from: Vec<i64> = items.iter().map(|i| i.transfer.from.0).collect();
+    from.sort_unstable();
+    from.dedup();
+    let limits: HashMap<i64, i64> = sqlx::query_as::<_, (i64, i64)>(
+        "SELECT id, daily_limit FROM accounts WHERE id = ANY($1) AND daily_limit IS NOT NULL",
+    )
+    .bind(&from)
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .collect();
+    if limits.is_empty() {
+        return Ok(());
+    }
+    let mut limited: Vec<i64> = limits.keys().copied().collect();
+    limited.sort_unstable();
+    // In ascending account order (the subquery's ORDER BY), so two bulk
+    // enqueues cannot deadlock on each other's locks.
+    sqlx::query(
+        "SELECT count(pg_advisory_xact_lock(hashtextextended('transfer-worker:daily-limit:' || id, 0)))
+           FROM (SELECT id FROM unnest($1::bigint[]) AS id ORDER BY id) ordered",
+    )
+    .bind(&limited)
+    .execute(&mut *conn)
+    .await?;
+    // Read after the locks: a fresh snapshot sees every accepted transfer.
+    let mut used: HashMap<i64, i64> = sqlx::query_as::<_, (i64, i64)>(
+        "SELECT from_account, sum(amount)::bigint FROM transfers
+          WHERE from_account = ANY($1) AND status IN ('PENDING', 'SUCCEEDED')
+            AND created_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+          GROUP BY from_account",
+    )
+    .bind(&limited)
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .collect();
+    // A key that already exists is a repeat, not a new acceptance.
+    let keys: Vec<&str> = items.iter().map(|i| i.key.as_str()).collect();
+    let existing: HashSet<String> = sqlx::query_scalar::<_, String>(
+        "SELECT idempotency_key FROM transfers WHERE idempotency_key = ANY($1)",
+    )
+    .bind(&keys)
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .collect();
+    for item in items {
+        let account = item.transfer.from.0;
+        let Some(&limit) = limits.get(&account) else {
+            continue;
+        };
+        if existing.contains(&item.key) {
+            continue;
+        }
+        let before = used.get(&account).copied().unwrap_or(0);
+        let after = before.saturating_add(item.transfer.amount.get());
+        if after > limit {
+            return Err(Error::not_applied(format!(
+                "{}daily limit of account {account} exceeded: {before} already accepted today (UTC) + {} > {limit}; nothing enqueued",
+                item.at(),
+                item.transfer.amount
+            )));
+        }
+        used.insert(account, after);
+    }
+    Ok(())
 }
 
 fn key_reused(key: &str) -> Error {
@@ -117,8 +270,11 @@ fn key_reused(key: &str) -> Error {
     ))
 }
 
-fn constraint_error(e: sqlx::Error, transfer: &NewTransfer) -> Error {
-    match db::violated_constraint(&e) {
+fn constraint_error(e: Error, transfer: &NewTransfer) -> Error {
+    let Error::Database(db_err) = &e else {
+        return e;
+    };
+    match db::violated_constraint(db_err) {
         Some("transfers_from_account_fkey") => Error::NotFound {
             what: "account",
             id: transfer.from.0,
@@ -131,7 +287,7 @@ fn constraint_error(e: sqlx::Error, transfer: &NewTransfer) -> Error {
             "from and to must be different accounts, both are {}",
             transfer.from
         )),
-        _ => e.into(),
+        _ => e,
     }
 }
 
@@ -187,9 +343,6 @@ pub fn parse_bulk(input: &str) -> Result<Vec<(usize, NewTransfer)>> {
     Ok(out)
 }
 
-/// How many rows one bulk INSERT carries.
-const BULK_CHUNK: usize = 1000;
-
 /// Enqueues every line, all or nothing, inside the caller's transaction
 /// (`conn` is typically `&mut *tx`): an unknown account or a reused key on any
 /// line is an error naming that line, and the caller rolls back. Returns one
@@ -223,52 +376,32 @@ pub async fn enqueue_bulk(
         }
     }
 
-    let keys: Vec<String> = lines.iter().map(|(_, t)| t.key_or_generated()).collect();
     // A key repeated in the file (same parameters, checked by parse_bulk) is
-    // inserted once: one INSERT may not touch the same row twice.
+    // inserted once, and its repeats report created: false.
+    let keys: Vec<String> = lines.iter().map(|(_, t)| t.key_or_generated()).collect();
     let mut first_index: HashMap<&str, usize> = HashMap::new();
-    let unique: Vec<usize> = (0..lines.len())
-        .filter(|&i| *first_index.entry(keys[i].as_str()).or_insert(i) == i)
-        .collect();
-    let mut results: HashMap<String, Enqueued> = HashMap::with_capacity(unique.len());
-    for chunk in unique.chunks(BULK_CHUNK) {
-        let rows = sqlx::query_as::<_, EnqueuedRow>(ENQUEUE_SQL)
-            .bind(chunk.iter().map(|&i| keys[i].clone()).collect::<Vec<_>>())
-            .bind(chunk.iter().map(|&i| lines[i].1.from.0).collect::<Vec<_>>())
-            .bind(chunk.iter().map(|&i| lines[i].1.to.0).collect::<Vec<_>>())
-            .bind(
-                chunk
-                    .iter()
-                    .map(|&i| lines[i].1.amount.get())
-                    .collect::<Vec<_>>(),
-            )
-            .fetch_all(&mut *conn)
-            .await?;
-        for row in rows {
-            let e = Enqueued {
-                transfer_id: TransferId(row.id),
-                status: row.status,
-                created: row.created,
-            };
-            results.insert(row.idempotency_key, e);
-        }
-        if let Some(&missing) = chunk.iter().find(|&&i| !results.contains_key(&keys[i])) {
-            let (line_no, _) = &lines[missing];
-            return Err(Error::not_applied(format!(
-                "line {line_no}: {}",
-                key_reused(&keys[missing])
-            )));
+    let mut items = Vec::with_capacity(lines.len());
+    for (i, (line, transfer)) in lines.iter().enumerate() {
+        if *first_index.entry(keys[i].as_str()).or_insert(i) == i {
+            items.push(Item {
+                line: Some(*line),
+                transfer,
+                key: keys[i].clone(),
+            });
         }
     }
+    let inserted = insert(conn, &items).await?;
+    let by_key: HashMap<&str, &Enqueued> = items
+        .iter()
+        .map(|i| i.key.as_str())
+        .zip(&inserted)
+        .collect();
     Ok(keys
         .iter()
         .enumerate()
         .map(|(i, k)| {
-            let mut e = results[k].clone();
-            // A repeat of a key earlier in the same file did not create anything.
-            if first_index[k.as_str()] != i {
-                e.created = false;
-            }
+            let mut e = by_key[k.as_str()].clone();
+            e.created &= first_index[k.as_str()] == i;
             e
         })
         .collect())

@@ -20,7 +20,8 @@ use transfer_worker::outbox::EventBody;
 pub const BIN: &str = env!("CARGO_BIN_EXE_transfer-worker");
 
 fn env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run the tests with scripts/test.sh"))
+    std::env::var(name)
+        .unwrap_or_else(|_| panic!("{name} is not set: run the tests with scripts/test.sh"))
 }
 
 fn random_suffix() -> String {
@@ -36,7 +37,9 @@ pub struct TestDb {
 impl TestDb {
     pub async fn new() -> TestDb {
         let db = Self::unmigrated().await;
-        transfer_worker::db::migrate(&db.pool).await.expect("migrate");
+        transfer_worker::db::migrate(&db.pool)
+            .await
+            .expect("migrate");
         db
     }
 
@@ -44,26 +47,37 @@ impl TestDb {
     pub async fn unmigrated() -> TestDb {
         let base = env("DATABASE_URL");
         let name = format!("tw_test_{}", random_suffix());
-        let admin = PgPoolOptions::new().max_connections(1).connect(&base).await.expect("connect to DATABASE_URL");
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&base)
+            .await
+            .expect("connect to DATABASE_URL");
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
             .execute(&admin)
             .await
             .expect("create test database");
         admin.close().await;
-        let (prefix, _) = base.rsplit_once('/').expect("DATABASE_URL has a database name");
+        let (prefix, _) = base
+            .rsplit_once('/')
+            .expect("DATABASE_URL has a database name");
         let url = format!("{prefix}/{name}");
-        let pool = PgPoolOptions::new().max_connections(20).connect(&url).await.expect("connect to test database");
+        let pool = PgPoolOptions::new()
+            .max_connections(20)
+            .connect(&url)
+            .await
+            .expect("connect to test database");
         TestDb { pool, url }
     }
 
     /// Runs the binary with this database and the test environment; waits.
-    pub fn cli(&self, args: &[&str]) -> CliOutput {
-        self.cli_with_stdin(args, "")
+    pub async fn cli(&self, args: &[&str]) -> CliOutput {
+        self.cli_with_stdin(args, "").await
     }
 
-    pub fn cli_with_stdin(&self, args: &[&str], stdin: &str) -> CliOutput {
-        use std::io::Write;
-        let mut child = Command::new(BIN)
+    /// (Async, so the test's runtime keeps serving its pool while the CLI runs.)
+    pub async fn cli_with_stdin(&self, args: &[&str], stdin: &str) -> CliOutput {
+        use tokio::io::AsyncWriteExt;
+        let mut child = tokio::process::Command::new(BIN)
             .args(args)
             .env("DATABASE_URL", &self.url)
             .env("RUST_LOG", "warn")
@@ -72,15 +86,29 @@ impl TestDb {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn transfer-worker");
-        child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
-        CliOutput::from(child.wait_with_output().expect("wait for transfer-worker"))
+        let mut input = child.stdin.take().unwrap();
+        input.write_all(stdin.as_bytes()).await.unwrap();
+        drop(input);
+        CliOutput::from(
+            child
+                .wait_with_output()
+                .await
+                .expect("wait for transfer-worker"),
+        )
     }
 
     /// Starts `transfer-worker run` as a separate process on this database.
     pub fn spawn_worker(&self, queue_url: &str, extra: &[&str]) -> Child {
         Command::new(BIN)
             .arg("run")
-            .args(["--admin-addr", "127.0.0.1:0", "--poll-interval-ms", "100", "--backoff-max-ms", "1000"])
+            .args([
+                "--admin-addr",
+                "127.0.0.1:0",
+                "--poll-interval-ms",
+                "100",
+                "--backoff-max-ms",
+                "1000",
+            ])
             .args(extra)
             .env("DATABASE_URL", &self.url)
             .env("SQS_QUEUE_URL", queue_url)
@@ -101,11 +129,15 @@ impl TestDb {
     }
 
     pub async fn scalar(&self, sql: &'static str) -> i64 {
-        sqlx::query_scalar::<_, i64>(sql).fetch_one(&self.pool).await.unwrap()
+        sqlx::query_scalar::<_, i64>(sql)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
     }
 
     pub async fn total_balance(&self) -> i64 {
-        self.scalar("SELECT COALESCE(sum(balance), 0)::bigint FROM accounts").await
+        self.scalar("SELECT COALESCE(sum(balance), 0)::bigint FROM accounts")
+            .await
     }
 
     /// Every transfer and every refund is out of PENDING/REQUESTED and every event published.
@@ -123,8 +155,16 @@ impl TestDb {
     /// balance plus what SUCCEEDED transfers moved, and exactly one event per
     /// finished transfer and none for a PENDING one.
     pub async fn assert_invariants(&self, opening_total: i64, opening: &HashMap<i64, i64>) {
-        assert_eq!(self.total_balance().await, opening_total, "money is conserved");
-        assert_eq!(self.scalar("SELECT count(*) FROM accounts WHERE balance < 0").await, 0);
+        assert_eq!(
+            self.total_balance().await,
+            opening_total,
+            "money is conserved"
+        );
+        assert_eq!(
+            self.scalar("SELECT count(*) FROM accounts WHERE balance < 0")
+                .await,
+            0
+        );
         let rows: Vec<(i64, i64)> = sqlx::query_as(
             "SELECT a.id, a.balance
                     - COALESCE((SELECT sum(amount) FROM transfers WHERE to_account = a.id AND status = 'SUCCEEDED'), 0)::bigint
@@ -135,7 +175,11 @@ impl TestDb {
         .await
         .unwrap();
         for (id, implied_opening) in rows {
-            assert_eq!(Some(&implied_opening), opening.get(&id), "account {id}: balance = opening + applied transfers");
+            assert_eq!(
+                Some(&implied_opening),
+                opening.get(&id),
+                "account {id}: balance = opening + applied transfers"
+            );
         }
         let bad: i64 = self
             .scalar(
@@ -144,7 +188,10 @@ impl TestDb {
                         <> CASE WHEN t.status = 'PENDING' THEN 0 ELSE 1 END",
             )
             .await;
-        assert_eq!(bad, 0, "exactly one transfer event per finished transfer, none for a pending one");
+        assert_eq!(
+            bad, 0,
+            "exactly one transfer event per finished transfer, none for a pending one"
+        );
     }
 }
 
@@ -168,7 +215,8 @@ impl From<Output> for CliOutput {
 
 impl CliOutput {
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(self.stdout.trim()).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:?}"))
+        serde_json::from_str(self.stdout.trim())
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:?}"))
     }
 }
 
@@ -183,10 +231,17 @@ impl TestQueue {
         Self::with_attributes(fifo, &[]).await
     }
 
-    pub async fn with_attributes(fifo: bool, attributes: &[(QueueAttributeName, &str)]) -> TestQueue {
+    pub async fn with_attributes(
+        fifo: bool,
+        attributes: &[(QueueAttributeName, &str)],
+    ) -> TestQueue {
         let publisher = Publisher::from_env(&sqs_config("http://unused")).await;
         let client = publisher.client().clone();
-        let name = format!("tw-test-{}{}", random_suffix(), if fifo { ".fifo" } else { "" });
+        let name = format!(
+            "tw-test-{}{}",
+            random_suffix(),
+            if fifo { ".fifo" } else { "" }
+        );
         let mut req = client.create_queue().queue_name(name);
         if fifo {
             req = req.attributes(QueueAttributeName::FifoQueue, "true");
@@ -194,7 +249,12 @@ impl TestQueue {
         for (k, v) in attributes {
             req = req.attributes(k.clone(), *v);
         }
-        let url = req.send().await.expect("create test queue").queue_url.unwrap();
+        let url = req
+            .send()
+            .await
+            .expect("create test queue")
+            .queue_url
+            .unwrap();
         TestQueue { url, client }
     }
 
@@ -233,8 +293,15 @@ impl TestQueue {
             let mut entries = Vec::new();
             for (i, m) in messages.iter().enumerate() {
                 let body: EventBody = serde_json::from_str(m.body().unwrap()).expect("event body");
-                let attr = m.message_attributes().and_then(|a| a.get("event_type")).and_then(|v| v.string_value());
-                assert_eq!(attr, Some(body.event_type.as_str()), "event_type attribute matches the body");
+                let attr = m
+                    .message_attributes()
+                    .and_then(|a| a.get("event_type"))
+                    .and_then(|v| v.string_value());
+                assert_eq!(
+                    attr,
+                    Some(body.event_type.as_str()),
+                    "event_type attribute matches the body"
+                );
                 out.push(body);
                 entries.push(
                     aws_sdk_sqs::types::DeleteMessageBatchRequestEntry::builder()
@@ -257,7 +324,11 @@ impl TestQueue {
 }
 
 pub fn sqs_config(url: &str) -> SqsConfig {
-    SqsConfig { queue_url: url.to_owned(), call_timeout: Duration::from_secs(5), concurrency: 4 }
+    SqsConfig {
+        queue_url: url.to_owned(),
+        call_timeout: Duration::from_secs(5),
+        concurrency: 4,
+    }
 }
 
 /// Polls `condition` every 50 ms until it holds; panics with `what` after `timeout`.
@@ -268,14 +339,20 @@ where
 {
     let deadline = Instant::now() + timeout;
     while !condition().await {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 /// Sends a signal to a child process.
 pub fn signal(child: &Child, sig: &str) {
-    let status = Command::new("kill").args([&format!("-{sig}"), &child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args([&format!("-{sig}"), &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
 }
 

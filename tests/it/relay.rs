@@ -18,7 +18,12 @@ const TYPES: [&str; 3] = ["transfer.succeeded", "refund.requested", "refund.comp
 /// Creates `transfers` SUCCEEDED transfers, then `per_transfer` events for
 /// each, interleaved across transfers (as real traffic is). Returns each
 /// transfer's event ids in the order they were written.
-async fn seed_events(db: &TestDb, transfers: i64, per_transfer: usize, key: impl Fn(i64) -> String) -> HashMap<i64, Vec<String>> {
+async fn seed_events(
+    db: &TestDb,
+    transfers: i64,
+    per_transfer: usize,
+    key: impl Fn(i64) -> String,
+) -> HashMap<i64, Vec<String>> {
     db.open_account(1, 0).await;
     db.open_account(2, 0).await;
     for t in 1..=transfers {
@@ -56,7 +61,11 @@ async fn add_event(db: &TestDb, transfer_id: i64, event_type: &str) -> String {
 }
 
 fn relay(db: &TestDb, publisher: Publisher, batch_size: i64, max_attempts: i32) -> Relay {
-    let fast = RetryPolicy { initial: Duration::from_millis(10), max: Duration::from_millis(50), multiplier: 2.0 };
+    let fast = RetryPolicy {
+        initial: Duration::from_millis(10),
+        max: Duration::from_millis(50),
+        multiplier: 2.0,
+    };
     let config = RelayConfig {
         batch_size,
         max_attempts,
@@ -69,12 +78,21 @@ fn relay(db: &TestDb, publisher: Publisher, batch_size: i64, max_attempts: i32) 
 
 /// A publisher whose endpoint is a closed port: SQS "unreachable".
 async fn unreachable(queue: &TestQueue) -> Publisher {
-    let conf = queue.client.config().to_builder().endpoint_url("http://127.0.0.1:9").build();
-    Publisher::new(aws_sdk_sqs::Client::from_conf(conf), &sqs_config(&queue.url))
+    let conf = queue
+        .client
+        .config()
+        .to_builder()
+        .endpoint_url("http://127.0.0.1:9")
+        .build();
+    Publisher::new(
+        aws_sdk_sqs::Client::from_conf(conf),
+        &sqs_config(&queue.url),
+    )
 }
 
 async fn pending(db: &TestDb) -> i64 {
-    db.scalar("SELECT count(*) FROM outbox WHERE state <> 'published'").await
+    db.scalar("SELECT count(*) FROM outbox WHERE state <> 'published'")
+        .await
 }
 
 #[tokio::test]
@@ -91,10 +109,11 @@ async fn two_relays_publish_each_event_exactly_once_on_a_fifo_queue_in_per_trans
             loop {
                 let c = r.run_once().await.unwrap();
                 published += c.published;
-                let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE state <> 'published'")
-                    .fetch_one(&pool)
-                    .await
-                    .unwrap();
+                let left: i64 =
+                    sqlx::query_scalar("SELECT count(*) FROM outbox WHERE state <> 'published'")
+                        .fetch_one(&pool)
+                        .await
+                        .unwrap();
                 if left == 0 {
                     return published;
                 }
@@ -103,7 +122,10 @@ async fn two_relays_publish_each_event_exactly_once_on_a_fifo_queue_in_per_trans
     }
     let mut total = 0;
     for r in relays {
-        total += tokio::time::timeout(Duration::from_secs(60), r).await.expect("relays finish").unwrap();
+        total += tokio::time::timeout(Duration::from_secs(60), r)
+            .await
+            .expect("relays finish")
+            .unwrap();
     }
     assert_eq!(total, 120, "each event marked published once");
 
@@ -113,12 +135,21 @@ async fn two_relays_publish_each_event_exactly_once_on_a_fifo_queue_in_per_trans
     assert_eq!(ids.len(), 120);
     let mut per_transfer: HashMap<i64, Vec<String>> = HashMap::new();
     for e in &received {
-        per_transfer.entry(e.transfer_id).or_default().push(e.event_id.clone());
+        per_transfer
+            .entry(e.transfer_id)
+            .or_default()
+            .push(e.event_id.clone());
     }
-    assert_eq!(per_transfer, written, "per-transfer order is the order written");
+    assert_eq!(
+        per_transfer, written,
+        "per-transfer order is the order written"
+    );
     let first = &received[0];
     assert_eq!(first.data["from_account"], 1);
-    assert_eq!(first.data["idempotency_key"], format!("k-{}", first.transfer_id));
+    assert_eq!(
+        first.data["idempotency_key"],
+        format!("k-{}", first.transfer_id)
+    );
     assert!(first.occurred_at.ends_with('Z'));
 }
 
@@ -148,10 +179,23 @@ async fn an_unreachable_sqs_leaves_events_pending_uncounted_and_they_all_go_out_
     let down = relay(&db, unreachable(&queue).await, 100, 2);
     for _ in 0..5 {
         let c = down.run_once().await.unwrap();
-        assert_eq!((c.claimed, c.unavailable, c.published, c.rejected, c.dead), (12, 12, 0, 0, 0));
+        assert_eq!(
+            (c.claimed, c.unavailable, c.published, c.rejected, c.dead),
+            (12, 12, 0, 0, 0)
+        );
     }
-    assert_eq!(db.scalar("SELECT count(*) FROM outbox WHERE state = 'pending' AND attempts = 0").await, 12, "an outage never counts, however long");
-    assert!(db.scalar("SELECT count(*) FROM outbox WHERE last_error IS NOT NULL").await > 0, "the cause is visible");
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM outbox WHERE state = 'pending' AND attempts = 0")
+            .await,
+        12,
+        "an outage never counts, however long"
+    );
+    assert!(
+        db.scalar("SELECT count(*) FROM outbox WHERE last_error IS NOT NULL")
+            .await
+            > 0,
+        "the cause is visible"
+    );
 
     let up = relay(&db, queue.publisher().await, 100, 2);
     let c = up.run_once().await.unwrap();
@@ -174,7 +218,11 @@ async fn a_missing_queue_is_an_outage_not_a_rejection() {
         let c = r.run_once().await.unwrap();
         assert_eq!((c.unavailable, c.dead), (3, 0));
     }
-    assert_eq!(db.scalar("SELECT count(*) FROM outbox WHERE state = 'pending' AND attempts = 0").await, 3);
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM outbox WHERE state = 'pending' AND attempts = 0")
+            .await,
+        3
+    );
 }
 
 #[tokio::test]
@@ -182,35 +230,62 @@ async fn a_rejected_entry_is_retried_alone_then_dead_and_holds_only_its_own_tran
     let db = TestDb::new().await;
     // SQS rejects (per entry, SenderFault) messages over the queue's maximum
     // size; transfer 1's key makes its events larger than 1 KiB.
-    let queue = TestQueue::with_attributes(false, &[(QueueAttributeName::MaximumMessageSize, "1024")]).await;
-    let huge_key: String = std::iter::repeat('\u{1D11E}').take(255).collect();
-    seed_events(&db, 6, 1, |t| if t == 1 { huge_key.clone() } else { format!("k-{t}") }).await;
+    let queue =
+        TestQueue::with_attributes(false, &[(QueueAttributeName::MaximumMessageSize, "1024")])
+            .await;
+    let huge_key = "\u{1D11E}".repeat(255);
+    seed_events(&db, 6, 1, |t| {
+        if t == 1 {
+            huge_key.clone()
+        } else {
+            format!("k-{t}")
+        }
+    })
+    .await;
     let later_of_1 = add_event(&db, 1, "refund.requested").await;
     let r = relay(&db, queue.publisher().await, 100, 2);
 
     let c = r.run_once().await.unwrap();
-    assert_eq!((c.claimed, c.published, c.rejected, c.dead), (6, 5, 1, 0), "the others are published");
-    let (attempts, state, error): (i32, String, String) =
-        sqlx::query_as("SELECT attempts, state, last_error FROM outbox WHERE transfer_id = 1 ORDER BY id LIMIT 1")
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
+    assert_eq!(
+        (c.claimed, c.published, c.rejected, c.dead),
+        (6, 5, 1, 0),
+        "the others are published"
+    );
+    let (attempts, state, error): (i32, String, String) = sqlx::query_as(
+        "SELECT attempts, state, last_error FROM outbox WHERE transfer_id = 1 ORDER BY id LIMIT 1",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
     assert_eq!((attempts, state.as_str()), (1, "pending"));
     assert!(error.contains("InvalidParameterValue"), "{error}");
 
-    wait_for("the rejected event to die", Duration::from_secs(10), || async {
-        let c = r.run_once().await.unwrap();
-        assert!(c.claimed <= 1, "retried alone, and its later event is never claimed ahead of it");
-        db.scalar("SELECT count(*) FROM outbox WHERE state = 'dead'").await == 1
-    })
+    wait_for(
+        "the rejected event to die",
+        Duration::from_secs(10),
+        || async {
+            let c = r.run_once().await.unwrap();
+            assert!(
+                c.claimed <= 1,
+                "retried alone, and its later event is never claimed ahead of it"
+            );
+            db.scalar("SELECT count(*) FROM outbox WHERE state = 'dead'")
+                .await
+                == 1
+        },
+    )
     .await;
-    assert_eq!(db.scalar("SELECT attempts::bigint FROM outbox WHERE state = 'dead'").await, 2);
+    assert_eq!(
+        db.scalar("SELECT attempts::bigint FROM outbox WHERE state = 'dead'")
+            .await,
+        2
+    );
 
     // Other transfers' new events still flow; transfer 1's later event is held.
     add_event(&db, 2, "refund.requested").await;
     let c = r.run_once().await.unwrap();
     assert_eq!((c.claimed, c.published), (1, 1));
-    let status = db.cli(&["status", "--json"]).json();
+    let status = db.cli(&["status", "--json"]).await.json();
     assert_eq!(status["outbox"]["dead"], 1);
     assert_eq!(status["outbox"]["held"], 1);
     assert_eq!(status["outbox"]["pending"], 0);
@@ -219,7 +294,10 @@ async fn a_rejected_entry_is_retried_alone_then_dead_and_holds_only_its_own_tran
 
     let received = queue.receive(6, Duration::from_secs(1)).await;
     assert_eq!(received.len(), 6);
-    assert!(received.iter().all(|e| e.transfer_id != 1), "nothing of transfer 1 went out");
+    assert!(
+        received.iter().all(|e| e.transfer_id != 1),
+        "nothing of transfer 1 went out"
+    );
     assert!(!received.iter().any(|e| e.event_id == later_of_1));
 }
 
@@ -230,13 +308,23 @@ async fn events_go_out_again_after_a_crash_between_send_and_commit_and_fifo_drop
     let standard = TestQueue::new(false).await;
     seed_events(&db, 5, 1, |t| format!("k-{t}")).await;
     for queue in [&fifo, &standard] {
-        sqlx::query("UPDATE outbox SET state = 'pending', published_at = NULL").execute(&db.pool).await.unwrap();
+        sqlx::query("UPDATE outbox SET state = 'pending', published_at = NULL")
+            .execute(&db.pool)
+            .await
+            .unwrap();
         let r = relay(&db, queue.publisher().await, 100, 5);
         assert_eq!(r.run_once().await.unwrap().published, 5);
         // What the database looks like when the process died after SQS
         // accepted the batch but before the relay's commit.
-        sqlx::query("UPDATE outbox SET state = 'pending', published_at = NULL").execute(&db.pool).await.unwrap();
-        assert_eq!(r.run_once().await.unwrap().published, 5, "sent again: at least once");
+        sqlx::query("UPDATE outbox SET state = 'pending', published_at = NULL")
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        assert_eq!(
+            r.run_once().await.unwrap().published,
+            5,
+            "sent again: at least once"
+        );
     }
     let from_fifo = fifo.receive(5, Duration::from_secs(2)).await;
     assert_eq!(from_fifo.len(), 5, "FIFO deduplicates by event_id");
