@@ -27,10 +27,7 @@ impl fmt::Display for AccountId {
 impl FromStr for AccountId {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        s.trim()
-            .parse::<i64>()
-            .map(AccountId)
-            .map_err(|_| format!("account id must be an integer, got {s:?}"))
+        s.trim().parse::<i64>().map(AccountId).map_err(|_| format!("account id must be an integer, got {s:?}"))
     }
 }
 
@@ -50,15 +47,11 @@ pub async fn open<'e>(
     daily_limit: Option<i64>,
 ) -> Result<Account> {
     if balance < 0 {
-        return Err(Error::invalid(format!(
-            "balance must be >= 0, got {balance}"
-        )));
+        return Err(Error::invalid(format!("balance must be >= 0, got {balance}")));
     }
     if let Some(limit) = daily_limit {
         if limit <= 0 {
-            return Err(Error::invalid(format!(
-                "daily limit must be > 0, got {limit}"
-            )));
+            return Err(Error::invalid(format!("daily limit must be > 0, got {limit}")));
         }
     }
     sqlx::query_as::<_, Account>(
@@ -82,8 +75,5 @@ pub async fn show<'e>(db: impl PgExecutor<'e>, id: AccountId) -> Result<Account>
         .bind(id.0)
         .fetch_optional(db)
         .await?
-        .ok_or(Error::NotFound {
-            what: "account",
-            id: id.0,
-        })
+        .ok_or(Error::NotFound { what: "account", id: id.0 })
 }

@@ -38,12 +38,7 @@ pub async fn serve(addr: SocketAddr, pool: PgPool, shutdown: CancellationToken) 
         let pool = pool.clone();
         tokio::spawn(async move {
             let mut buf = [0u8; 2048];
-            let n = match tokio::time::timeout(
-                std::time::Duration::from_secs(5),
-                stream.read(&mut buf),
-            )
-            .await
-            {
+            let n = match tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buf)).await {
                 Ok(Ok(n)) => n,
                 _ => return,
             };
@@ -92,22 +87,10 @@ fn metrics(s: &status::Status) -> String {
     }
     out.push_str("# TYPE transfer_worker_outbox_events gauge\n");
     let o = &s.outbox;
-    for (state, n) in [
-        ("pending", o.pending),
-        ("published", o.published),
-        ("dead", o.dead),
-        ("held", o.held),
-    ] {
-        let _ = writeln!(
-            out,
-            "transfer_worker_outbox_events{{state=\"{state}\"}} {n}"
-        );
+    for (state, n) in [("pending", o.pending), ("published", o.published), ("dead", o.dead), ("held", o.held)] {
+        let _ = writeln!(out, "transfer_worker_outbox_events{{state=\"{state}\"}} {n}");
     }
     out.push_str("# TYPE transfer_worker_oldest_unpublished_age_seconds gauge\n");
-    let _ = writeln!(
-        out,
-        "transfer_worker_oldest_unpublished_age_seconds {}",
-        s.oldest_unpublished_age_s
-    );
+    let _ = writeln!(out, "transfer_worker_oldest_unpublished_age_seconds {}", s.oldest_unpublished_age_s);
     out
 }

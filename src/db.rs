@@ -14,9 +14,8 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Opens a pool of at most `max_connections` to `database_url`.
 pub async fn connect(database_url: &str, max_connections: u32) -> Result<PgPool> {
-    let options: PgConnectOptions = database_url
-        .parse()
-        .map_err(|e| Error::invalid(format!("DATABASE_URL is not a valid PostgreSQL URL: {e}")))?;
+    let options: PgConnectOptions =
+        database_url.parse().map_err(|e| Error::invalid(format!("DATABASE_URL is not a valid PostgreSQL URL: {e}")))?;
     let pool = PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10))

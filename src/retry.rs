@@ -24,11 +24,7 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        RetryPolicy {
-            initial: Duration::from_millis(100),
-            max: Duration::from_secs(30),
-            multiplier: 2.0,
-        }
+        RetryPolicy { initial: Duration::from_millis(100), max: Duration::from_secs(30), multiplier: 2.0 }
     }
 }
 
@@ -38,9 +34,7 @@ impl RetryPolicy {
     /// capped at `max`, with ±50% jitter so rows that failed together do not
     /// come back together.
     pub fn delay_for_attempt(&self, attempt: u32) -> Duration {
-        let exp = self
-            .multiplier
-            .powi(attempt.saturating_sub(1).min(62) as i32);
+        let exp = self.multiplier.powi(attempt.saturating_sub(1).min(62) as i32);
         let base = (self.initial.as_secs_f64() * exp).min(self.max.as_secs_f64());
         let jitter = rand::thread_rng().gen_range(0.5..=1.5);
         Duration::from_secs_f64((base * jitter).min(self.max.as_secs_f64()))
@@ -83,11 +77,7 @@ mod tests {
 
     #[test]
     fn delays_grow_and_stay_within_bounds() {
-        let p = RetryPolicy {
-            initial: Duration::from_millis(100),
-            max: Duration::from_secs(2),
-            multiplier: 2.0,
-        };
+        let p = RetryPolicy { initial: Duration::from_millis(100), max: Duration::from_secs(2), multiplier: 2.0 };
         for attempt in 1..100 {
             let d = p.delay_for_attempt(attempt);
             assert!(d <= p.max, "attempt {attempt}: {d:?}");

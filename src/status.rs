@@ -32,21 +32,13 @@ pub struct OutboxCounts {
 }
 
 pub async fn read(pool: &PgPool) -> Result<Status> {
-    let mut transfers: BTreeMap<String, i64> = TransferStatus::ALL
-        .iter()
-        .map(|s| (s.to_string(), 0))
-        .collect();
+    let mut transfers: BTreeMap<String, i64> = TransferStatus::ALL.iter().map(|s| (s.to_string(), 0)).collect();
     let rows: Vec<(String, i64)> =
-        sqlx::query_as("SELECT status, count(*) FROM transfers GROUP BY status")
-            .fetch_all(pool)
-            .await?;
+        sqlx::query_as("SELECT status, count(*) FROM transfers GROUP BY status").fetch_all(pool).await?;
     transfers.extend(rows);
 
-    let mut refunds: BTreeMap<String, i64> = RefundStatus::ALL
-        .iter()
-        .filter(|s| **s != RefundStatus::None)
-        .map(|s| (s.to_string(), 0))
-        .collect();
+    let mut refunds: BTreeMap<String, i64> =
+        RefundStatus::ALL.iter().filter(|s| **s != RefundStatus::None).map(|s| (s.to_string(), 0)).collect();
     let rows: Vec<(String, i64)> = sqlx::query_as(
         "SELECT refund_status, count(*) FROM transfers WHERE refund_status <> 'NONE' GROUP BY refund_status",
     )
@@ -75,34 +67,16 @@ pub async fn read(pool: &PgPool) -> Result<Status> {
     .fetch_one(pool)
     .await?;
 
-    Ok(Status {
-        transfers,
-        refunds,
-        outbox,
-        oldest_unpublished_age_s: oldest.max(0.0),
-    })
+    Ok(Status { transfers, refunds, outbox, oldest_unpublished_age_s: oldest.max(0.0) })
 }
 
 impl std::fmt::Display for Status {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let line = |m: &BTreeMap<String, i64>| {
-            m.iter()
-                .map(|(k, v)| format!("{k} {v}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
+        let line = |m: &BTreeMap<String, i64>| m.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ");
         writeln!(f, "transfers: {}", line(&self.transfers))?;
         writeln!(f, "refunds:   {}", line(&self.refunds))?;
         let o = &self.outbox;
-        writeln!(
-            f,
-            "outbox:    pending {}, published {}, dead {}, held {}",
-            o.pending, o.published, o.dead, o.held
-        )?;
-        write!(
-            f,
-            "oldest unpublished event: {:.1} s",
-            self.oldest_unpublished_age_s
-        )
+        writeln!(f, "outbox:    pending {}, published {}, dead {}, held {}", o.pending, o.published, o.dead, o.held)?;
+        write!(f, "oldest unpublished event: {:.1} s", self.oldest_unpublished_age_s)
     }
 }

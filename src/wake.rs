@@ -20,6 +20,26 @@ use tokio_util::sync::CancellationToken;
 /// The channel the migration's triggers notify.
 pub const CHANNEL: &str = "transfer_worker_work";
 
+/// What there is to do, as the NOTIFY payload says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Work {
+    /// A refund was requested: the apply tasks.
+    Refund,
+    /// Events were put back to pending: the relay.
+    Outbox,
+}
+
+/// NOTIFYs the workers from inside the caller's transaction (delivered at
+/// commit), for changes the insert triggers do not see.
+pub async fn notify(conn: &mut sqlx::PgConnection, work: Work) -> sqlx::Result<()> {
+    let payload = match work {
+        Work::Refund => "refund",
+        Work::Outbox => "outbox",
+    };
+    sqlx::query("SELECT pg_notify($1, $2)::text").bind(CHANNEL).bind(payload).execute(conn).await?;
+    Ok(())
+}
+
 /// Who to wake for which table.
 #[derive(Clone, Default)]
 pub struct Wakers {

@@ -56,12 +56,7 @@ impl Default for WorkerConfig {
 }
 
 /// Runs until `shutdown` is cancelled, then stops in order (see module docs).
-pub async fn run(
-    pool: PgPool,
-    publisher: Publisher,
-    config: WorkerConfig,
-    shutdown: CancellationToken,
-) -> Result<()> {
+pub async fn run(pool: PgPool, publisher: Publisher, config: WorkerConfig, shutdown: CancellationToken) -> Result<()> {
     let wakers = Wakers::default();
     let background = TaskTracker::new();
     background.spawn(wakers.clone().listen(pool.clone(), shutdown.clone()));
@@ -69,73 +64,45 @@ pub async fn run(
     let appliers = TaskTracker::new();
     for task in 0..config.workers.max(1) {
         let applier = Arc::new(Applier::new(pool.clone(), config.apply.clone()));
-        let (shutdown, wake, batch_size) = (
-            shutdown.clone(),
-            wakers.work.clone(),
-            config.apply.batch_size,
-        );
-        appliers.spawn(service::run_loop(
-            shutdown,
-            wake,
-            config.poll_interval,
-            config.db_retry,
-            move || {
-                let applier = applier.clone();
-                Box::pin(async move {
-                    match applier.run_once().await {
-                        Ok(c) if c.claimed as i64 >= batch_size => Pass::Busy,
-                        Ok(_) => Pass::Idle,
-                        Err(e) => {
-                            tracing::warn!(task, error = %e, "apply pass failed; will retry");
-                            Pass::Unavailable
-                        }
+        let (shutdown, wake, batch_size) = (shutdown.clone(), wakers.work.clone(), config.apply.batch_size);
+        appliers.spawn(service::run_loop(shutdown, wake, config.poll_interval, config.db_retry, move || {
+            let applier = applier.clone();
+            Box::pin(async move {
+                match applier.run_once().await {
+                    Ok(c) if c.claimed as i64 >= batch_size => Pass::Busy,
+                    Ok(_) => Pass::Idle,
+                    Err(e) => {
+                        tracing::warn!(task, error = %e, "apply pass failed; will retry");
+                        Pass::Unavailable
                     }
-                })
-            },
-        ));
+                }
+            })
+        }));
     }
     appliers.close();
 
     // The relay stops only after the apply tasks, so it can drain their last events.
     let relay_stop = CancellationToken::new();
-    let relay = Arc::new(Relay::new(
-        pool.clone(),
-        publisher,
-        config.relay.clone(),
-        wakers.outbox.clone(),
-    ));
+    let relay = Arc::new(Relay::new(pool.clone(), publisher, config.relay.clone(), wakers.outbox.clone()));
     let relays = TaskTracker::new();
     for _ in 0..config.relays.max(1) {
         let (relay, stop) = (relay.clone(), relay_stop.clone());
         relays.spawn(relay.run(stop));
     }
     relays.close();
-    tracing::info!(
-        workers = config.workers,
-        relays = config.relays,
-        "worker running"
-    );
+    tracing::info!(workers = config.workers, relays = config.relays, "worker running");
 
     shutdown.cancelled().await;
     let deadline = Instant::now() + config.shutdown_timeout;
-    if tokio::time::timeout_at(deadline, appliers.wait())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout_at(deadline, appliers.wait()).await.is_err() {
         tracing::warn!(
             tasks = appliers.len(),
             "apply tasks still running at the shutdown deadline; their transactions roll back"
         );
     }
     relay_stop.cancel();
-    if tokio::time::timeout_at(deadline, relays.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            tasks = relays.len(),
-            "relay still sending at the shutdown deadline; its events stay pending"
-        );
+    if tokio::time::timeout_at(deadline, relays.wait()).await.is_err() {
+        tracing::warn!(tasks = relays.len(), "relay still sending at the shutdown deadline; its events stay pending");
     } else {
         drain(&relay, deadline).await;
     }
@@ -156,9 +123,7 @@ async fn drain(relay: &Relay, deadline: Instant) {
                 return;
             }
             Err(_) => {
-                tracing::warn!(
-                    "final relay pass cut short by the shutdown deadline; events stay pending"
-                );
+                tracing::warn!("final relay pass cut short by the shutdown deadline; events stay pending");
                 return;
             }
         }

@@ -29,11 +29,7 @@ pub enum AccountCommand {
 
 pub async fn run(pool: &PgPool, cmd: AccountCommand) -> Result<()> {
     let account = match cmd {
-        AccountCommand::Open {
-            id,
-            balance,
-            daily_limit,
-        } => account::open(pool, id, balance, daily_limit).await?,
+        AccountCommand::Open { id, balance, daily_limit } => account::open(pool, id, balance, daily_limit).await?,
         AccountCommand::Show { id } => account::show(pool, id).await?,
     };
     print_json(&account);

@@ -43,25 +43,16 @@ pub async fn run(database_url: &Option<String>, args: DemoArgs) -> Result<()> {
         .send()
         .await
         .map_err(|e| {
-            Error::Sqs(format!(
-                "cannot create the demo queue: {}",
-                aws_sdk_sqs::error::DisplayErrorContext(&e)
-            ))
+            Error::Sqs(format!("cannot create the demo queue: {}", aws_sdk_sqs::error::DisplayErrorContext(&e)))
         })?
         .queue_url
         .unwrap_or_default();
     println!("== queue {queue_url}");
 
-    let base: i64 = sqlx::query_scalar("SELECT COALESCE(max(id), 0) + 1 FROM accounts")
-        .fetch_one(&pool)
-        .await?;
+    let base: i64 = sqlx::query_scalar("SELECT COALESCE(max(id), 0) + 1 FROM accounts").fetch_one(&pool).await?;
     let (alice, bob, carol) = (AccountId(base), AccountId(base + 1), AccountId(base + 2));
     println!("== accounts");
-    for (id, name, balance) in [
-        (alice, "alice", 1_000),
-        (bob, "bob", 500),
-        (carol, "carol", 0),
-    ] {
+    for (id, name, balance) in [(alice, "alice", 1_000), (bob, "bob", 500), (carol, "carol", 0)] {
         account::open(&pool, id, balance, None).await?;
         println!("   opened {name:<5} (account {id}) with {balance}");
     }
@@ -69,34 +60,10 @@ pub async fn run(database_url: &Option<String>, args: DemoArgs) -> Result<()> {
     println!("== enqueue");
     let tag = std::process::id();
     let requests = [
-        (
-            "alice pays bob 300",
-            alice,
-            bob,
-            300,
-            format!("demo-{tag}-1"),
-        ),
-        (
-            "bob pays carol 200",
-            bob,
-            carol,
-            200,
-            format!("demo-{tag}-2"),
-        ),
-        (
-            "carol pays alice 5000 (she has nowhere near that)",
-            carol,
-            alice,
-            5_000,
-            format!("demo-{tag}-3"),
-        ),
-        (
-            "alice pays bob 300 again, same key (a retried request)",
-            alice,
-            bob,
-            300,
-            format!("demo-{tag}-1"),
-        ),
+        ("alice pays bob 300", alice, bob, 300, format!("demo-{tag}-1")),
+        ("bob pays carol 200", bob, carol, 200, format!("demo-{tag}-2")),
+        ("carol pays alice 5000 (she has nowhere near that)", carol, alice, 5_000, format!("demo-{tag}-3")),
+        ("alice pays bob 300 again, same key (a retried request)", alice, bob, 300, format!("demo-{tag}-1")),
     ];
     let mut ids = Vec::new();
     for (what, from, to, amount, key) in requests {
@@ -107,10 +74,7 @@ pub async fn run(database_url: &Option<String>, args: DemoArgs) -> Result<()> {
             Some(IdempotencyKey::new(key).map_err(Error::invalid)?),
         )?;
         let e = enqueue(&pool, &t).await?;
-        println!(
-            "   {what:<58} -> transfer {} {} (created: {})",
-            e.transfer_id, e.status, e.created
-        );
+        println!("   {what:<58} -> transfer {} {} (created: {})", e.transfer_id, e.status, e.created);
         if e.created {
             ids.push(e.transfer_id.0);
         }
@@ -119,21 +83,11 @@ pub async fn run(database_url: &Option<String>, args: DemoArgs) -> Result<()> {
     println!("== worker running");
     let shutdown = CancellationToken::new();
     let publisher = Publisher::from_env(&sqs_config(queue_url.clone())).await;
-    let config = WorkerConfig {
-        poll_interval: Duration::from_millis(100),
-        ..WorkerConfig::default()
-    };
-    let worker = tokio::spawn(worker::run(
-        pool.clone(),
-        publisher,
-        config,
-        shutdown.clone(),
-    ));
+    let config = WorkerConfig { poll_interval: Duration::from_millis(100), ..WorkerConfig::default() };
+    let worker = tokio::spawn(worker::run(pool.clone(), publisher, config, shutdown.clone()));
     wait_until_published(&pool, &ids, deadline).await?;
     shutdown.cancel();
-    worker
-        .await
-        .map_err(|e| Error::Sqs(format!("worker task failed: {e}")))??;
+    worker.await.map_err(|e| Error::Sqs(format!("worker task failed: {e}")))??;
 
     println!("== events received from SQS");
     let mut received = Vec::new();
@@ -151,45 +105,25 @@ pub async fn run(database_url: &Option<String>, args: DemoArgs) -> Result<()> {
         for m in out.messages() {
             let body: EventBody = serde_json::from_str(m.body().unwrap_or_default())
                 .map_err(|e| Error::Sqs(format!("unexpected message body: {e}")))?;
-            println!(
-                "   {:<20} transfer {:<6} {}",
-                body.event_type, body.transfer_id, body.data
-            );
+            println!("   {:<20} transfer {:<6} {}", body.event_type, body.transfer_id, body.data);
             received.push(body);
         }
     }
-    let _ = probe
-        .client()
-        .delete_queue()
-        .queue_url(&queue_url)
-        .send()
-        .await;
+    let _ = probe.client().delete_queue().queue_url(&queue_url).send().await;
 
     println!("== balances");
     for (id, name) in [(alice, "alice"), (bob, "bob"), (carol, "carol")] {
         println!("   {name:<5} {}", account::show(&pool, id).await?.balance);
     }
-    println!(
-        "== {} transfers applied, {} events received",
-        ids.len(),
-        received.len()
-    );
+    println!("== {} transfers applied, {} events received", ids.len(), received.len());
     if received.len() < ids.len() {
-        return Err(Error::Sqs(format!(
-            "expected {} events from SQS, received {}",
-            ids.len(),
-            received.len()
-        )));
+        return Err(Error::Sqs(format!("expected {} events from SQS, received {}", ids.len(), received.len())));
     }
     Ok(())
 }
 
 fn sqs_config(queue_url: String) -> SqsConfig {
-    SqsConfig {
-        queue_url,
-        call_timeout: Duration::from_secs(10),
-        concurrency: 4,
-    }
+    SqsConfig { queue_url, call_timeout: Duration::from_secs(10), concurrency: 4 }
 }
 
 async fn wait_until_published(pool: &PgPool, ids: &[i64], deadline: Instant) -> Result<()> {
@@ -205,9 +139,7 @@ async fn wait_until_published(pool: &PgPool, ids: &[i64], deadline: Instant) -> 
             return Ok(());
         }
         if Instant::now() >= deadline {
-            return Err(Error::Sqs(
-                "timed out waiting for the worker to apply and publish".into(),
-            ));
+            return Err(Error::Sqs("timed out waiting for the worker to apply and publish".into()));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -24,12 +24,7 @@ pub struct EnqueueArgs {
     #[arg(long, required_unless_present = "file", conflicts_with = "file")]
     to: Option<AccountId>,
     /// Amount in minor units (> 0).
-    #[arg(
-        long,
-        required_unless_present = "file",
-        conflicts_with = "file",
-        allow_negative_numbers = true
-    )]
+    #[arg(long, required_unless_present = "file", conflicts_with = "file", allow_negative_numbers = true)]
     amount: Option<Amount>,
     /// Idempotency key (1-255 characters); a random one if omitted.
     #[arg(long, conflicts_with = "file")]
@@ -45,9 +40,7 @@ pub async fn run(pool: &PgPool, args: EnqueueArgs) -> Result<()> {
         return run_bulk(pool, path).await;
     }
     let (Some(from), Some(to), Some(amount)) = (args.from, args.to, args.amount) else {
-        return Err(Error::invalid(
-            "enqueue needs --from, --to and --amount, or --file",
-        ));
+        return Err(Error::invalid("enqueue needs --from, --to and --amount, or --file"));
     };
     let transfer = NewTransfer::new(from, to, amount, args.key)?;
     print_json(&enqueue::enqueue(pool, &transfer).await?);
@@ -57,9 +50,7 @@ pub async fn run(pool: &PgPool, args: EnqueueArgs) -> Result<()> {
 async fn run_bulk(pool: &PgPool, path: &PathBuf) -> Result<()> {
     let mut input = String::new();
     if path.as_os_str() == "-" {
-        std::io::stdin()
-            .read_to_string(&mut input)
-            .map_err(|e| Error::invalid(format!("cannot read stdin: {e}")))?;
+        std::io::stdin().read_to_string(&mut input).map_err(|e| Error::invalid(format!("cannot read stdin: {e}")))?;
     } else {
         input = std::fs::read_to_string(path)
             .map_err(|e| Error::invalid(format!("cannot read {}: {e}", path.display())))?;
@@ -78,10 +69,6 @@ async fn run_bulk(pool: &PgPool, path: &PathBuf) -> Result<()> {
     for r in &results {
         print_json(r);
     }
-    eprintln!(
-        "enqueued {} transfers ({created} new, {} already there)",
-        results.len(),
-        results.len() - created
-    );
+    eprintln!("enqueued {} transfers ({created} new, {} already there)", results.len(), results.len() - created);
     Ok(())
 }

@@ -4,8 +4,11 @@
 //! input, 3 not applied).
 
 mod account;
+mod cancel;
 mod demo;
 mod enqueue;
+mod outbox;
+mod refund;
 mod run;
 mod status;
 
@@ -38,6 +41,13 @@ pub enum Command {
     Account(account::AccountCommand),
     /// Enqueue one transfer, or many from JSON lines (--file).
     Enqueue(enqueue::EnqueueArgs),
+    /// Request a refund of a SUCCEEDED transfer (the full amount by default).
+    Refund(refund::RefundArgs),
+    /// Cancel a transfer that is still PENDING.
+    Cancel(cancel::CancelArgs),
+    /// Operate the outbox.
+    #[command(subcommand)]
+    Outbox(outbox::OutboxCommand),
     /// Counts per state of transfers, refunds and outbox events.
     Status(status::StatusArgs),
     /// An end-to-end run on the local services that shows the whole flow.
@@ -56,6 +66,9 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Run(args) => run::run(&cli.database_url, args).await,
         Command::Account(cmd) => account::run(&connect(&cli.database_url, 2).await?, cmd).await,
         Command::Enqueue(args) => enqueue::run(&connect(&cli.database_url, 2).await?, args).await,
+        Command::Refund(args) => refund::run(&connect(&cli.database_url, 2).await?, args).await,
+        Command::Cancel(args) => cancel::run(&connect(&cli.database_url, 2).await?, args).await,
+        Command::Outbox(cmd) => outbox::run(&connect(&cli.database_url, 2).await?, cmd).await,
         Command::Status(args) => status::run(&connect(&cli.database_url, 2).await?, args).await,
         Command::Demo(args) => demo::run(&cli.database_url, args).await,
     }
@@ -66,18 +79,13 @@ pub(crate) async fn connect(database_url: &Option<String>, max_connections: u32)
     let url = database_url
         .as_deref()
         .filter(|u| !u.is_empty())
-        .ok_or_else(|| {
-            Error::invalid("DATABASE_URL is not set (set it, or pass --database-url)")
-        })?;
+        .ok_or_else(|| Error::invalid("DATABASE_URL is not set (set it, or pass --database-url)"))?;
     crate::db::connect(url, max_connections).await
 }
 
 /// Prints a value as one line of JSON on stdout.
 pub(crate) fn print_json(value: &impl serde::Serialize) {
-    println!(
-        "{}",
-        serde_json::to_string(value).expect("CLI output always serializes")
-    );
+    println!("{}", serde_json::to_string(value).expect("CLI output always serializes"));
 }
 
 /// The process's exit code for an error.

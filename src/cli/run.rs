@@ -53,18 +53,10 @@ pub struct RunArgs {
     #[arg(long, env = "TRANSFER_WORKER_SQS_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub sqs_timeout_ms: u64,
     /// How long shutdown waits for in-flight work, in ms.
-    #[arg(
-        long,
-        env = "TRANSFER_WORKER_SHUTDOWN_TIMEOUT_MS",
-        default_value_t = 30_000
-    )]
+    #[arg(long, env = "TRANSFER_WORKER_SHUTDOWN_TIMEOUT_MS", default_value_t = 30_000)]
     pub shutdown_timeout_ms: u64,
     /// Address of the admin HTTP server (/livez, /readyz, /healthz, /metrics).
-    #[arg(
-        long,
-        env = "TRANSFER_WORKER_ADMIN_ADDR",
-        default_value = "127.0.0.1:9187"
-    )]
+    #[arg(long, env = "TRANSFER_WORKER_ADMIN_ADDR", default_value = "127.0.0.1:9187")]
     pub admin_addr: SocketAddr,
 }
 
@@ -86,11 +78,7 @@ impl RunArgs {
         Ok(WorkerConfig {
             workers: self.workers as usize,
             relays: self.relays as usize,
-            apply: ApplyConfig {
-                batch_size: self.batch_size.into(),
-                max_attempts: self.max_attempts as i32,
-                retry,
-            },
+            apply: ApplyConfig { batch_size: self.batch_size.into(), max_attempts: self.max_attempts as i32, retry },
             relay: RelayConfig {
                 batch_size: self.relay_batch_size.into(),
                 max_attempts: self.relay_max_attempts as i32,
@@ -109,13 +97,9 @@ impl RunArgs {
             .queue_url
             .clone()
             .filter(|u| !u.is_empty())
-            .ok_or_else(|| {
-                Error::invalid("SQS_QUEUE_URL is not set (set it, or pass --queue-url)")
-            })?;
+            .ok_or_else(|| Error::invalid("SQS_QUEUE_URL is not set (set it, or pass --queue-url)"))?;
         if !queue_url.starts_with("http://") && !queue_url.starts_with("https://") {
-            return Err(Error::invalid(format!(
-                "SQS_QUEUE_URL must be an http(s) URL, got {queue_url:?}"
-            )));
+            return Err(Error::invalid(format!("SQS_QUEUE_URL must be an http(s) URL, got {queue_url:?}")));
         }
         Ok(SqsConfig {
             queue_url,
@@ -132,11 +116,7 @@ pub async fn run(database_url: &Option<String>, args: RunArgs) -> Result<()> {
     let pool = super::connect(database_url, connections).await?;
     let publisher = Publisher::from_env(&sqs).await;
     let shutdown = crate::shutdown::on_signals();
-    let admin = tokio::spawn(crate::admin::serve(
-        args.admin_addr,
-        pool.clone(),
-        shutdown.clone(),
-    ));
+    let admin = tokio::spawn(crate::admin::serve(args.admin_addr, pool.clone(), shutdown.clone()));
     worker::run(pool.clone(), publisher, config, shutdown).await?;
     admin.abort();
     pool.close().await;

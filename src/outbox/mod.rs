@@ -17,6 +17,7 @@
 //! change `attempts` and never make an event dead.
 
 pub mod relay;
+pub mod requeue;
 pub mod sqs;
 
 use serde::Serialize;

@@ -93,12 +93,7 @@ pub struct Relay {
 
 impl Relay {
     pub fn new(pool: PgPool, publisher: Publisher, config: RelayConfig, wake: Arc<Notify>) -> Self {
-        Relay {
-            pool,
-            publisher,
-            config,
-            wake,
-        }
+        Relay { pool, publisher, config, wake }
     }
 
     /// One pass: claim, send, record. Errors are database errors; SQS
@@ -126,10 +121,7 @@ impl Relay {
         .bind(self.config.batch_size)
         .fetch_all(&mut *tx)
         .await?;
-        let mut counts = RelayCounts {
-            claimed: claimed.len(),
-            ..Default::default()
-        };
+        let mut counts = RelayCounts { claimed: claimed.len(), ..Default::default() };
         if claimed.is_empty() {
             tx.commit().await?;
             return Ok(counts);
@@ -140,8 +132,7 @@ impl Relay {
         let outcomes = self.publisher.publish(&outgoing).await;
 
         let mut published = Vec::new();
-        let (mut rejected_ids, mut rejected_errors, mut rejected_delays) =
-            (Vec::new(), Vec::new(), Vec::new());
+        let (mut rejected_ids, mut rejected_errors, mut rejected_delays) = (Vec::new(), Vec::new(), Vec::new());
         let (mut unavailable_ids, mut unavailable_errors) = (Vec::new(), Vec::new());
         for e in &outgoing {
             match outcomes.get(&e.outbox_id) {
@@ -150,12 +141,7 @@ impl Relay {
                     rejected_ids.push(e.outbox_id);
                     rejected_errors.push(msg.clone());
                     let attempt = attempts[&e.outbox_id] as u32 + 1;
-                    rejected_delays.push(
-                        self.config
-                            .rejection_retry
-                            .delay_for_attempt(attempt)
-                            .as_millis() as i64,
-                    );
+                    rejected_delays.push(self.config.rejection_retry.delay_for_attempt(attempt).as_millis() as i64);
                 }
                 Some(Delivery::Unavailable(msg)) => {
                     unavailable_ids.push(e.outbox_id);
@@ -177,11 +163,7 @@ impl Relay {
             .execute(&mut *tx)
             .await?
             .rows_affected();
-            debug_assert_eq!(
-                n as usize,
-                published.len(),
-                "claimed rows are locked by this pass"
-            );
+            debug_assert_eq!(n as usize, published.len(), "claimed rows are locked by this pass");
             counts.published = published.len();
         }
 
@@ -243,11 +225,7 @@ impl Relay {
 
     /// Runs passes until `shutdown` is cancelled (see [`crate::service`]).
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        let (wake, poll, retry) = (
-            self.wake.clone(),
-            self.config.poll_interval,
-            self.config.outage_retry,
-        );
+        let (wake, poll, retry) = (self.wake.clone(), self.config.poll_interval, self.config.outage_retry);
         service::run_loop(shutdown, wake, poll, retry, move || {
             let relay = self.clone();
             Box::pin(async move { relay.pass().await })

@@ -125,14 +125,9 @@ impl Publisher {
     pub async fn publish(&self, events: &[Outgoing]) -> HashMap<i64, Delivery> {
         // The calls are built first and then driven: a closure inside the
         // stream would make this future's `Send` unprovable for spawned tasks.
-        let calls: Vec<_> = batches(events)
-            .into_iter()
-            .map(|batch| self.send_batch(batch))
-            .collect();
-        let results: Vec<Vec<(i64, Delivery)>> = futures::stream::iter(calls)
-            .buffer_unordered(self.concurrency)
-            .collect()
-            .await;
+        let calls: Vec<_> = batches(events).into_iter().map(|batch| self.send_batch(batch)).collect();
+        let results: Vec<Vec<(i64, Delivery)>> =
+            futures::stream::iter(calls).buffer_unordered(self.concurrency).collect().await;
         results.into_iter().flatten().collect()
     }
 
@@ -153,20 +148,13 @@ impl Publisher {
             if self.fifo {
                 // Per-transfer order on a FIFO queue; SQS drops a resend of the
                 // same event_id within its 5-minute deduplication window.
-                entry = entry
-                    .message_group_id(e.transfer_id.to_string())
-                    .message_deduplication_id(&e.event_id);
+                entry = entry.message_group_id(e.transfer_id.to_string()).message_deduplication_id(&e.event_id);
             }
             entries.push(entry.build().expect("id and body are set"));
         }
 
-        let result = self
-            .client
-            .send_message_batch()
-            .queue_url(&self.queue_url)
-            .set_entries(Some(entries))
-            .send()
-            .await;
+        let result =
+            self.client.send_message_batch().queue_url(&self.queue_url).set_entries(Some(entries)).send().await;
         match result {
             Ok(out) => {
                 let mut outcomes: HashMap<i64, Delivery> = HashMap::with_capacity(batch.len());
@@ -177,11 +165,8 @@ impl Publisher {
                 }
                 for failed in out.failed() {
                     let msg = format!("{}: {}", failed.code(), failed.message().unwrap_or(""));
-                    let delivery = if failed.sender_fault() {
-                        Delivery::Rejected(msg)
-                    } else {
-                        Delivery::Unavailable(msg)
-                    };
+                    let delivery =
+                        if failed.sender_fault() { Delivery::Rejected(msg) } else { Delivery::Unavailable(msg) };
                     if let Ok(id) = failed.id().parse() {
                         outcomes.insert(id, delivery);
                     }
@@ -189,9 +174,9 @@ impl Publisher {
                 batch
                     .iter()
                     .map(|e| {
-                        let d = outcomes.remove(&e.outbox_id).unwrap_or_else(|| {
-                            Delivery::Unavailable("SQS returned no result for this entry".into())
-                        });
+                        let d = outcomes
+                            .remove(&e.outbox_id)
+                            .unwrap_or_else(|| Delivery::Unavailable("SQS returned no result for this entry".into()));
                         (e.outbox_id, d)
                     })
                     .collect()
@@ -203,10 +188,7 @@ impl Publisher {
                 } else {
                     Delivery::Unavailable(msg)
                 };
-                batch
-                    .iter()
-                    .map(|e| (e.outbox_id, delivery.clone()))
-                    .collect()
+                batch.iter().map(|e| (e.outbox_id, delivery.clone())).collect()
             }
         }
     }
@@ -221,12 +203,7 @@ fn is_entry_fault(err: &SdkError<SendMessageBatchError>) -> bool {
         Some(SendMessageBatchError::BatchRequestTooLong(_)) => true,
         Some(other) => matches!(
             other.code(),
-            Some(
-                "InvalidMessageContents"
-                    | "InvalidParameterValue"
-                    | "InvalidAttributeValue"
-                    | "InvalidAttributeName"
-            )
+            Some("InvalidMessageContents" | "InvalidParameterValue" | "InvalidAttributeValue" | "InvalidAttributeName")
         ),
         None => false,
     }
@@ -277,9 +254,7 @@ mod tests {
 
         let large: Vec<_> = (0..5).map(|i| event(i, 400_000)).collect();
         let b = batches(&large);
-        assert!(b
-            .iter()
-            .all(|b| b.iter().map(Outgoing::size).sum::<usize>() <= MAX_BATCH_BYTES));
+        assert!(b.iter().all(|b| b.iter().map(Outgoing::size).sum::<usize>() <= MAX_BATCH_BYTES));
         assert_eq!(b.iter().map(|b| b.len()).sum::<usize>(), 5);
 
         let oversize = vec![event(1, 10), event(2, 2_000_000), event(3, 10)];

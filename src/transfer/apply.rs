@@ -1,26 +1,31 @@
-//! Applying pending transfers: the worker's claim and the money movement.
+//! Applying work: PENDING transfers and REQUESTED refunds, the worker's
+//! claim and the money movement. Both are a [`Step`]: the same algorithm with
+//! their own columns and guard.
 //!
-//! One pass ([`Applier::run_once`]) is one transaction over a batch:
+//! One pass of a step ([`Applier::run_step`]) is one transaction over a batch:
 //!
-//! 1. **claim** up to `batch_size` PENDING transfers whose retry time has come,
-//!    in id order, `FOR UPDATE SKIP LOCKED`: concurrent workers (tasks or
-//!    processes) take disjoint batches and never wait on each other's rows;
+//! 1. **claim** up to `batch_size` rows waiting for the step (transfer
+//!    `status = 'PENDING'`, or `refund_status = 'REQUESTED'`) whose retry time
+//!    has come, in id order, `FOR UPDATE SKIP LOCKED`: concurrent workers
+//!    (tasks or processes) take disjoint batches and never wait on each
+//!    other's rows;
 //! 2. **lock the accounts** involved in one statement, in ascending id order.
-//!    Every writer of balances locks accounts this way, so two batches that
-//!    share accounts queue up instead of deadlocking;
-//! 3. **decide** in memory, in transfer id order, which transfers succeed and
-//!    which fail (insufficient funds, daily limit), tracking running balances;
+//!    Every writer of balances locks accounts this way and only after its
+//!    transfer rows, so batches that share accounts queue up instead of
+//!    deadlocking (and a deadlock, were one possible, is retried as transient);
+//! 3. **decide** in memory, in id order, which rows succeed and which fail
+//!    (insufficient funds, daily limit), tracking running balances;
 //! 4. **write** set-based: one `UPDATE accounts ... FROM unnest(...)` for all
-//!    balance changes, and one statement that moves the transfers out of
-//!    PENDING (guarded by `status = 'PENDING'`) and inserts exactly one outbox
-//!    event per row it actually updated. Both row counts are checked;
+//!    balance changes, and one statement that moves the rows out of the
+//!    waiting state (guarded by it) and inserts exactly one outbox event per
+//!    row it actually updated. Both row counts are checked;
 //! 5. commit. A crash anywhere before this rolls everything back, and the
-//!    transfers are claimed again: nothing is applied twice or lost.
+//!    rows are claimed again: nothing is applied twice or lost.
 //!
 //! If the batch fails for a reason that is not transient (an overflow, a
-//! constraint), no transfer of it is applied; each is then retried alone, so
-//! one bad transfer cannot block or roll back the others. The one that still
-//! fails has its attempt counted and is retried later with backoff; after
+//! constraint), nothing of it is applied; each row is then retried alone, so
+//! one bad row cannot block or roll back the others. The one that still fails
+//! has its attempt counted and is retried later with backoff; after
 //! `max_attempts` it FAILS with reason `processing_error` and the error kept
 //! in `last_error`. Transient failures (connection lost, deadlock,
 //! serialization) count nothing: the pass is simply retried.
@@ -47,11 +52,7 @@ pub struct ApplyConfig {
 
 impl Default for ApplyConfig {
     fn default() -> Self {
-        ApplyConfig {
-            batch_size: 100,
-            max_attempts: 5,
-            retry: RetryPolicy::default(),
-        }
+        ApplyConfig { batch_size: 100, max_attempts: 5, retry: RetryPolicy::default() }
     }
 }
 
@@ -74,11 +75,129 @@ impl std::ops::AddAssign for ApplyCounts {
     }
 }
 
+/// The two kinds of work the applier does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// PENDING -> SUCCEEDED | FAILED: `amount` from `from_account` to `to_account`.
+    Transfer,
+    /// refund REQUESTED -> COMPLETED | FAILED: `refund_amount` back from
+    /// `to_account` to `from_account`.
+    Refund,
+}
+
+impl Step {
+    /// The claim of a batch, in id order, skipping rows other workers hold.
+    fn claim_sql(self) -> &'static str {
+        match self {
+            Step::Transfer => {
+                "SELECT id, from_account AS debit_account, to_account AS credit_account, amount,
+                        to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day
+                   FROM transfers
+                  WHERE status = 'PENDING' AND next_attempt_at <= now()
+                  ORDER BY id
+                  LIMIT $1
+                    FOR UPDATE SKIP LOCKED"
+            }
+            Step::Refund => {
+                "SELECT id, to_account AS debit_account, from_account AS credit_account, refund_amount AS amount,
+                        to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day
+                   FROM transfers
+                  WHERE refund_status = 'REQUESTED' AND next_attempt_at <= now()
+                  ORDER BY id
+                  LIMIT $1
+                    FOR UPDATE SKIP LOCKED"
+            }
+        }
+    }
+
+    /// The claim of one row by id, for the per-row path.
+    fn claim_one_sql(self) -> &'static str {
+        match self {
+            Step::Transfer => {
+                "SELECT id, from_account AS debit_account, to_account AS credit_account, amount,
+                        to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day
+                   FROM transfers
+                  WHERE id = $1 AND status = 'PENDING'
+                    FOR UPDATE SKIP LOCKED"
+            }
+            Step::Refund => {
+                "SELECT id, to_account AS debit_account, from_account AS credit_account, refund_amount AS amount,
+                        to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day
+                   FROM transfers
+                  WHERE id = $1 AND refund_status = 'REQUESTED'
+                    FOR UPDATE SKIP LOCKED"
+            }
+        }
+    }
+
+    /// Moves rows out of the waiting state, guarded by it, and inserts one
+    /// event per row that changed; `$1` ids, `$2` new states, `$3` reasons.
+    fn finish_sql(self) -> &'static str {
+        match self {
+            Step::Transfer => {
+                "WITH applied AS (
+                     UPDATE transfers t
+                        SET status = o.state, failure_reason = o.reason, applied_at = now()
+                       FROM unnest($1::bigint[], $2::text[], $3::text[]) AS o(id, state, reason)
+                      WHERE t.id = o.id AND t.status = 'PENDING'
+                  RETURNING t AS row
+                 )
+                 INSERT INTO outbox (transfer_id, event_type, data)
+                 SELECT (a.row).id, e.event_type, transfer_event_data(a.row, e.event_type)
+                   FROM applied a
+                  CROSS JOIN LATERAL (SELECT 'transfer.' || lower((a.row).status) AS event_type) e
+                  ORDER BY (a.row).id"
+            }
+            Step::Refund => {
+                "WITH applied AS (
+                     UPDATE transfers t
+                        SET refund_status = o.state, refund_failure_reason = o.reason, refund_applied_at = now()
+                       FROM unnest($1::bigint[], $2::text[], $3::text[]) AS o(id, state, reason)
+                      WHERE t.id = o.id AND t.refund_status = 'REQUESTED'
+                  RETURNING t AS row
+                 )
+                 INSERT INTO outbox (transfer_id, event_type, data)
+                 SELECT (a.row).id, e.event_type, transfer_event_data(a.row, e.event_type)
+                   FROM applied a
+                  CROSS JOIN LATERAL (SELECT 'refund.' || lower((a.row).refund_status) AS event_type) e
+                  ORDER BY (a.row).id"
+            }
+        }
+    }
+
+    /// Counts an unexpected error against a waiting row (guarded by its state).
+    fn record_error_sql(self) -> &'static str {
+        match self {
+            Step::Transfer => {
+                "UPDATE transfers SET attempts = attempts + 1, last_error = $2
+                  WHERE id = $1 AND status = 'PENDING'
+              RETURNING attempts"
+            }
+            Step::Refund => {
+                "UPDATE transfers SET attempts = attempts + 1, last_error = $2
+                  WHERE id = $1 AND refund_status = 'REQUESTED'
+              RETURNING attempts"
+            }
+        }
+    }
+
+    /// The state names of an outcome for this step.
+    fn state(self, outcome: Outcome) -> &'static str {
+        match (self, outcome) {
+            (Step::Transfer, Outcome::Succeeded) => "SUCCEEDED",
+            (Step::Refund, Outcome::Succeeded) => "COMPLETED",
+            (_, Outcome::Failed(_)) => "FAILED",
+        }
+    }
+}
+
+/// A claimed row, in money-movement terms: `amount` leaves `debit_account`
+/// for `credit_account` if it succeeds.
 #[derive(Debug, Clone, sqlx::FromRow)]
 struct Claimed {
     id: i64,
-    from_account: i64,
-    to_account: i64,
+    debit_account: i64,
+    credit_account: i64,
     amount: i64,
     /// The UTC day the transfer was accepted on, for daily limits.
     day: String,
@@ -91,9 +210,6 @@ struct LockedAccount {
     daily_limit: Option<i64>,
 }
 
-const CLAIM_COLUMNS: &str = "id, from_account, to_account, amount,
-    to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day";
-
 pub struct Applier {
     pool: PgPool,
     config: ApplyConfig,
@@ -104,26 +220,25 @@ impl Applier {
         Applier { pool, config }
     }
 
-    /// Claims and applies one batch. Returns what it did; an `Err` is a
-    /// transient database failure, and nothing of the batch was applied.
+    /// One pass of each step: a batch of transfers, then a batch of refunds.
+    /// An `Err` is a transient database failure; what committed before it stays.
     pub async fn run_once(&self) -> Result<ApplyCounts> {
+        let mut counts = self.run_step(Step::Transfer).await?;
+        counts += self.run_step(Step::Refund).await?;
+        Ok(counts)
+    }
+
+    /// Claims and applies one batch of `step`.
+    pub async fn run_step(&self, step: Step) -> Result<ApplyCounts> {
         let mut tx = self.pool.begin().await?;
         // SKIP LOCKED: a row another worker holds is simply not ours this time.
-        let claimed: Vec<Claimed> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {CLAIM_COLUMNS} FROM transfers
-              WHERE status = 'PENDING' AND next_attempt_at <= now()
-              ORDER BY id
-              LIMIT $1
-                FOR UPDATE SKIP LOCKED"
-        )))
-        .bind(self.config.batch_size)
-        .fetch_all(&mut *tx)
-        .await?;
+        let claimed: Vec<Claimed> =
+            sqlx::query_as(step.claim_sql()).bind(self.config.batch_size).fetch_all(&mut *tx).await?;
         if claimed.is_empty() {
             tx.commit().await?;
             return Ok(ApplyCounts::default());
         }
-        match apply_claimed(&mut tx, &claimed).await {
+        match apply_claimed(&mut tx, step, &claimed).await {
             Ok(counts) => {
                 tx.commit().await?;
                 Ok(counts)
@@ -131,33 +246,26 @@ impl Applier {
             Err(e) if is_transient(&e) => Err(e),
             Err(e) => {
                 tx.rollback().await?;
-                tracing::warn!(error = %e, transfers = claimed.len(), "batch failed; applying its transfers one by one");
+                tracing::warn!(error = %e, ?step, rows = claimed.len(), "batch failed; applying its rows one by one");
                 let mut counts = ApplyCounts::default();
                 for t in &claimed {
-                    counts += self.apply_alone(t.id).await?;
+                    counts += self.apply_alone(step, t.id).await?;
                 }
                 Ok(counts)
             }
         }
     }
 
-    /// The per-transfer path: the transfer in its own transaction; if it fails
-    /// for a non-transient reason, record the attempt (and fail it for good
-    /// after `max_attempts`) in another.
-    async fn apply_alone(&self, id: i64) -> Result<ApplyCounts> {
+    /// The per-row path: the row in its own transaction; if it fails for a
+    /// non-transient reason, record the attempt (and fail it for good after
+    /// `max_attempts`) in another.
+    async fn apply_alone(&self, step: Step, id: i64) -> Result<ApplyCounts> {
         let mut tx = self.pool.begin().await?;
-        let claimed: Vec<Claimed> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {CLAIM_COLUMNS} FROM transfers
-              WHERE id = $1 AND status = 'PENDING'
-                FOR UPDATE SKIP LOCKED"
-        )))
-        .bind(id)
-        .fetch_all(&mut *tx)
-        .await?;
+        let claimed: Vec<Claimed> = sqlx::query_as(step.claim_one_sql()).bind(id).fetch_all(&mut *tx).await?;
         let Some(t) = claimed.first() else {
             return Ok(ApplyCounts::default()); // another worker has it, or it is done
         };
-        match apply_claimed(&mut tx, &claimed).await {
+        match apply_claimed(&mut tx, step, &claimed).await {
             Ok(counts) => {
                 tx.commit().await?;
                 Ok(counts)
@@ -165,42 +273,31 @@ impl Applier {
             Err(e) if is_transient(&e) => Err(e),
             Err(e) => {
                 tx.rollback().await?;
-                self.record_error(t, &e).await
+                self.record_error(step, t, &e).await
             }
         }
     }
 
-    async fn record_error(&self, t: &Claimed, err: &Error) -> Result<ApplyCounts> {
+    async fn record_error(&self, step: Step, t: &Claimed, err: &Error) -> Result<ApplyCounts> {
         let mut tx = self.pool.begin().await?;
         // The row lock (a plain FOR UPDATE via UPDATE) makes the count exact
         // even if another worker hit the same error at the same time.
-        let attempt: Option<i32> = sqlx::query_scalar(
-            "UPDATE transfers SET attempts = attempts + 1, last_error = $2
-              WHERE id = $1 AND status = 'PENDING'
-          RETURNING attempts",
-        )
-        .bind(t.id)
-        .bind(err.to_string())
-        .fetch_optional(&mut *tx)
-        .await?;
+        let attempt: Option<i32> = sqlx::query_scalar(step.record_error_sql())
+            .bind(t.id)
+            .bind(err.to_string())
+            .fetch_optional(&mut *tx)
+            .await?;
         let Some(attempt) = attempt else {
             tx.commit().await?;
             return Ok(ApplyCounts::default());
         };
-        let mut counts = ApplyCounts {
-            claimed: 1,
-            ..Default::default()
-        };
+        let mut counts = ApplyCounts { claimed: 1, ..Default::default() };
         if attempt >= self.config.max_attempts {
-            tracing::error!(transfer_id = t.id, attempt, error = %err, "transfer failed for good after repeated errors");
-            counts.failed = finish(
-                &mut tx,
-                &[(t.id, Outcome::Failed(reason::PROCESSING_ERROR))],
-            )
-            .await?;
+            tracing::error!(transfer_id = t.id, ?step, attempt, error = %err, "failed for good after repeated errors");
+            counts.failed = finish(&mut tx, step, &[(t.id, Outcome::Failed(reason::PROCESSING_ERROR))]).await?;
         } else {
             let delay = self.config.retry.delay_for_attempt(attempt as u32);
-            tracing::warn!(transfer_id = t.id, attempt, retry_in = ?delay, error = %err, "transfer errored; will retry");
+            tracing::warn!(transfer_id = t.id, ?step, attempt, retry_in = ?delay, error = %err, "errored; will retry");
             sqlx::query("UPDATE transfers SET next_attempt_at = now() + $2 * interval '1 millisecond' WHERE id = $1")
                 .bind(t.id)
                 .bind(delay.as_millis() as i64)
@@ -217,30 +314,31 @@ fn is_transient(e: &Error) -> bool {
     matches!(e, Error::Database(db_err) if db::is_transient(db_err))
 }
 
-/// How a claimed transfer leaves PENDING.
+/// How a claimed row leaves its waiting state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Outcome {
     Succeeded,
     Failed(&'static str),
 }
 
-/// Steps 2 to 4 for transfers claimed (locked) by the caller's transaction.
-async fn apply_claimed(conn: &mut PgConnection, claimed: &[Claimed]) -> Result<ApplyCounts> {
-    let mut account_ids: Vec<i64> = claimed
-        .iter()
-        .flat_map(|t| [t.from_account, t.to_account])
-        .collect();
+/// Steps 2 to 4 for rows claimed (locked) by the caller's transaction.
+async fn apply_claimed(conn: &mut PgConnection, step: Step, claimed: &[Claimed]) -> Result<ApplyCounts> {
+    let mut account_ids: Vec<i64> = claimed.iter().flat_map(|t| [t.debit_account, t.credit_account]).collect();
     account_ids.sort_unstable();
     account_ids.dedup();
     // Ascending id order, in one statement: the deadlock-free lock order.
-    let accounts: Vec<LockedAccount> = sqlx::query_as(
-        "SELECT id, balance, daily_limit FROM accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE",
-    )
-    .bind(&account_ids)
-    .fetch_all(&mut *conn)
-    .await?;
+    let accounts: Vec<LockedAccount> =
+        sqlx::query_as("SELECT id, balance, daily_limit FROM accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+            .bind(&account_ids)
+            .fetch_all(&mut *conn)
+            .await?;
 
-    let spent = spent_today(conn, claimed, &accounts).await?;
+    // Daily limits bound what leaves an account by transfer; a refund moves
+    // money back and is not limited.
+    let spent = match step {
+        Step::Transfer => Some(spent_today(conn, claimed, &accounts).await?),
+        Step::Refund => None,
+    };
     let plan = decide(claimed, &accounts, spent)?;
 
     if !plan.deltas.is_empty() {
@@ -263,41 +361,26 @@ async fn apply_claimed(conn: &mut PgConnection, claimed: &[Claimed]) -> Result<A
         }
     }
 
-    let applied = finish(conn, &plan.outcomes).await?;
+    let applied = finish(conn, step, &plan.outcomes).await?;
     if applied != claimed.len() {
         // Cannot happen while we hold the row locks; if it does, roll back
         // rather than move money without its state change.
         return Err(Error::Database(sqlx::Error::Protocol(format!(
-            "guarded update applied {applied} of {} claimed transfers",
+            "guarded update applied {applied} of {} claimed rows",
             claimed.len()
         ))));
     }
-    let succeeded = plan
-        .outcomes
-        .iter()
-        .filter(|(_, o)| *o == Outcome::Succeeded)
-        .count();
-    Ok(ApplyCounts {
-        claimed: claimed.len(),
-        succeeded,
-        failed: claimed.len() - succeeded,
-        errored: 0,
-    })
+    let succeeded = plan.outcomes.iter().filter(|(_, o)| *o == Outcome::Succeeded).count();
+    Ok(ApplyCounts { claimed: claimed.len(), succeeded, failed: claimed.len() - succeeded, errored: 0 })
 }
 
-/// Moves transfers out of PENDING and writes one outbox event per row that
-/// actually changed, in one statement. The guard `t.status = 'PENDING'` makes
-/// a transfer that is no longer pending produce neither a change nor an event.
-/// Returns how many transfers it moved.
-async fn finish(conn: &mut PgConnection, outcomes: &[(i64, Outcome)]) -> Result<usize> {
+/// Moves rows out of the step's waiting state and writes one outbox event
+/// per row that actually changed, in one statement. The guard in the SQL
+/// makes a row that is no longer waiting produce neither a change nor an
+/// event. Returns how many rows it moved.
+async fn finish(conn: &mut PgConnection, step: Step, outcomes: &[(i64, Outcome)]) -> Result<usize> {
     let ids: Vec<i64> = outcomes.iter().map(|(id, _)| *id).collect();
-    let statuses: Vec<&str> = outcomes
-        .iter()
-        .map(|(_, o)| match o {
-            Outcome::Succeeded => "SUCCEEDED",
-            Outcome::Failed(_) => "FAILED",
-        })
-        .collect();
+    let states: Vec<&str> = outcomes.iter().map(|(_, o)| step.state(*o)).collect();
     let reasons: Vec<Option<&str>> = outcomes
         .iter()
         .map(|(_, o)| match o {
@@ -305,26 +388,13 @@ async fn finish(conn: &mut PgConnection, outcomes: &[(i64, Outcome)]) -> Result<
             Outcome::Failed(r) => Some(*r),
         })
         .collect();
-    let inserted = sqlx::query(
-        "WITH applied AS (
-             UPDATE transfers t
-                SET status = o.status, failure_reason = o.reason, applied_at = now()
-               FROM unnest($1::bigint[], $2::text[], $3::text[]) AS o(id, status, reason)
-              WHERE t.id = o.id AND t.status = 'PENDING'
-          RETURNING t AS row
-         )
-         INSERT INTO outbox (transfer_id, event_type, data)
-         SELECT (a.row).id, e.event_type, transfer_event_data(a.row, e.event_type)
-           FROM applied a
-          CROSS JOIN LATERAL (SELECT 'transfer.' || lower((a.row).status) AS event_type) e
-          ORDER BY (a.row).id",
-    )
-    .bind(&ids)
-    .bind(&statuses)
-    .bind(&reasons)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
+    let inserted = sqlx::query(step.finish_sql())
+        .bind(&ids)
+        .bind(&states)
+        .bind(&reasons)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
     Ok(inserted as usize)
 }
 
@@ -335,19 +405,12 @@ async fn spent_today(
     claimed: &[Claimed],
     accounts: &[LockedAccount],
 ) -> Result<HashMap<(i64, String), i64>> {
-    let limited: Vec<i64> = accounts
-        .iter()
-        .filter(|a| a.daily_limit.is_some())
-        .map(|a| a.id)
-        .collect();
-    let relevant: Vec<&Claimed> = claimed
-        .iter()
-        .filter(|t| limited.contains(&t.from_account))
-        .collect();
+    let limited: Vec<i64> = accounts.iter().filter(|a| a.daily_limit.is_some()).map(|a| a.id).collect();
+    let relevant: Vec<&Claimed> = claimed.iter().filter(|t| limited.contains(&t.debit_account)).collect();
     if relevant.is_empty() {
         return Ok(HashMap::new());
     }
-    let from: Vec<i64> = relevant.iter().map(|t| t.from_account).collect();
+    let from: Vec<i64> = relevant.iter().map(|t| t.debit_account).collect();
     let days: Vec<String> = relevant.iter().map(|t| t.day.clone()).collect();
     let rows: Vec<(i64, String, i64)> = sqlx::query_as(
         "SELECT t.from_account, k.day, COALESCE(sum(t.amount), 0)::bigint
@@ -372,47 +435,43 @@ struct Plan {
     deltas: Vec<(i64, i64)>,
 }
 
-/// Step 3: decides each transfer in id order against running balances. Pure,
-/// so the rules are unit-tested without a database.
+/// Step 3: decides each row in id order against running balances, and
+/// against daily limits when `spent` is given (transfers; a refund moves money
+/// back and is not limited). Pure, so the rules are unit-tested without a
+/// database.
 fn decide(
     claimed: &[Claimed],
     accounts: &[LockedAccount],
-    mut spent: HashMap<(i64, String), i64>,
+    mut spent: Option<HashMap<(i64, String), i64>>,
 ) -> Result<Plan> {
     let mut balance: HashMap<i64, i64> = accounts.iter().map(|a| (a.id, a.balance)).collect();
-    let limits: HashMap<i64, Option<i64>> =
-        accounts.iter().map(|a| (a.id, a.daily_limit)).collect();
+    let limits: HashMap<i64, Option<i64>> = accounts.iter().map(|a| (a.id, a.daily_limit)).collect();
     let mut delta: HashMap<i64, i64> = HashMap::new();
     let mut outcomes = Vec::with_capacity(claimed.len());
     for t in claimed {
-        let from = *balance.get(&t.from_account).ok_or(Error::NotFound {
-            what: "account",
-            id: t.from_account,
-        })?;
-        let to = *balance.get(&t.to_account).ok_or(Error::NotFound {
-            what: "account",
-            id: t.to_account,
-        })?;
-        let spent_key = (t.from_account, t.day.clone());
-        let already = spent.get(&spent_key).copied().unwrap_or(0);
+        let (debit, credit) = (t.debit_account, t.credit_account);
+        let from = *balance.get(&debit).ok_or(Error::NotFound { what: "account", id: debit })?;
+        let to = *balance.get(&credit).ok_or(Error::NotFound { what: "account", id: credit })?;
+        let spent_key = (debit, t.day.clone());
+        let over_limit = match (&spent, limits[&debit]) {
+            (Some(spent), Some(limit)) => spent.get(&spent_key).copied().unwrap_or(0).saturating_add(t.amount) > limit,
+            _ => false,
+        };
         let outcome = if from < t.amount {
             Outcome::Failed(reason::INSUFFICIENT_FUNDS)
-        } else if limits[&t.from_account]
-            .is_some_and(|limit| already.saturating_add(t.amount) > limit)
-        {
+        } else if over_limit {
             Outcome::Failed(reason::DAILY_LIMIT_EXCEEDED)
         } else {
-            let credited = to.checked_add(t.amount).ok_or_else(|| {
-                Error::invalid(format!(
-                    "balance of account {} would overflow",
-                    t.to_account
-                ))
-            })?;
-            balance.insert(t.from_account, from - t.amount);
-            balance.insert(t.to_account, credited);
-            *delta.entry(t.from_account).or_default() -= t.amount;
-            *delta.entry(t.to_account).or_default() += t.amount;
-            *spent.entry(spent_key).or_default() += t.amount;
+            let credited = to
+                .checked_add(t.amount)
+                .ok_or_else(|| Error::invalid(format!("balance of account {credit} would overflow")))?;
+            balance.insert(debit, from - t.amount);
+            balance.insert(credit, credited);
+            *delta.entry(debit).or_default() -= t.amount;
+            *delta.entry(credit).or_default() += t.amount;
+            if let Some(spent) = spent.as_mut() {
+                *spent.entry(spent_key).or_default() += t.amount;
+            }
             Outcome::Succeeded
         };
         outcomes.push((t.id, outcome));
@@ -427,39 +486,20 @@ mod tests {
     use super::*;
 
     fn t(id: i64, from: i64, to: i64, amount: i64) -> Claimed {
-        Claimed {
-            id,
-            from_account: from,
-            to_account: to,
-            amount,
-            day: "2026-11-22".into(),
-        }
+        Claimed { id, debit_account: from, credit_account: to, amount, day: "2026-11-22".into() }
     }
 
     fn acct(id: i64, balance: i64, daily_limit: Option<i64>) -> LockedAccount {
-        LockedAccount {
-            id,
-            balance,
-            daily_limit,
-        }
+        LockedAccount { id, balance, daily_limit }
     }
 
     #[test]
     fn later_transfers_see_the_balances_left_by_earlier_ones() {
         let claimed = [t(1, 1, 2, 60), t(2, 1, 2, 60), t(3, 2, 1, 100)];
-        let plan = decide(
-            &claimed,
-            &[acct(1, 100, None), acct(2, 50, None)],
-            HashMap::new(),
-        )
-        .unwrap();
+        let plan = decide(&claimed, &[acct(1, 100, None), acct(2, 50, None)], Some(HashMap::new())).unwrap();
         assert_eq!(
             plan.outcomes,
-            vec![
-                (1, Outcome::Succeeded),
-                (2, Outcome::Failed(reason::INSUFFICIENT_FUNDS)),
-                (3, Outcome::Succeeded)
-            ]
+            vec![(1, Outcome::Succeeded), (2, Outcome::Failed(reason::INSUFFICIENT_FUNDS)), (3, Outcome::Succeeded)]
         );
         // 1 -> 2: 60, 2 -> 1: 100; net +40 / -40.
         assert_eq!(plan.deltas, vec![(1, 40), (2, -40)]);
@@ -469,29 +509,17 @@ mod tests {
     fn daily_limit_counts_what_already_succeeded_that_day() {
         let claimed = [t(1, 1, 2, 30), t(2, 1, 2, 30)];
         let spent = HashMap::from([((1, "2026-11-22".to_string()), 50)]);
-        let plan = decide(
-            &claimed,
-            &[acct(1, 1000, Some(100)), acct(2, 0, None)],
-            spent,
-        )
-        .unwrap();
-        assert_eq!(
-            plan.outcomes,
-            vec![
-                (1, Outcome::Succeeded),
-                (2, Outcome::Failed(reason::DAILY_LIMIT_EXCEEDED))
-            ]
-        );
+        let accounts = [acct(1, 1000, Some(100)), acct(2, 0, None)];
+        let plan = decide(&claimed, &accounts, Some(spent)).unwrap();
+        assert_eq!(plan.outcomes, vec![(1, Outcome::Succeeded), (2, Outcome::Failed(reason::DAILY_LIMIT_EXCEEDED))]);
+        // Refunds (no `spent`) are not limited.
+        let plan = decide(&claimed, &accounts, None).unwrap();
+        assert_eq!(plan.outcomes, vec![(1, Outcome::Succeeded), (2, Outcome::Succeeded)]);
     }
 
     #[test]
     fn an_overflowing_credit_is_an_error_not_a_wrap() {
         let claimed = [t(1, 1, 2, 10)];
-        assert!(decide(
-            &claimed,
-            &[acct(1, 10, None), acct(2, i64::MAX - 5, None)],
-            HashMap::new()
-        )
-        .is_err());
+        assert!(decide(&claimed, &[acct(1, 10, None), acct(2, i64::MAX - 5, None)], None).is_err());
     }
 }

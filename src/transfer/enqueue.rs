@@ -30,23 +30,11 @@ pub struct NewTransfer {
 
 impl NewTransfer {
     /// Validates what the types alone cannot: the two accounts differ.
-    pub fn new(
-        from: AccountId,
-        to: AccountId,
-        amount: Amount,
-        key: Option<IdempotencyKey>,
-    ) -> Result<Self> {
+    pub fn new(from: AccountId, to: AccountId, amount: Amount, key: Option<IdempotencyKey>) -> Result<Self> {
         if from == to {
-            return Err(Error::invalid(format!(
-                "from and to must be different accounts, both are {from}"
-            )));
+            return Err(Error::invalid(format!("from and to must be different accounts, both are {from}")));
         }
-        Ok(NewTransfer {
-            from,
-            to,
-            amount,
-            key,
-        })
+        Ok(NewTransfer { from, to, amount, key })
     }
 
     fn key_or_generated(&self) -> String {
@@ -101,11 +89,7 @@ where
     A: Acquire<'a, Database = Postgres>,
 {
     let mut tx = db.begin().await?;
-    let item = Item {
-        line: None,
-        transfer,
-        key: transfer.key_or_generated(),
-    };
+    let item = Item { line: None, transfer, key: transfer.key_or_generated() };
     // Roll back explicitly on error: a refused key holds a row lock (ON
     // CONFLICT DO UPDATE locks the row even when its WHERE is false) that must
     // go now, not whenever the dropped transaction's connection is next used.
@@ -148,37 +132,19 @@ async fn insert(conn: &mut PgConnection, items: &[Item<'_>]) -> Result<Vec<Enque
             .bind(chunk.iter().map(|i| i.key.clone()).collect::<Vec<_>>())
             .bind(chunk.iter().map(|i| i.transfer.from.0).collect::<Vec<_>>())
             .bind(chunk.iter().map(|i| i.transfer.to.0).collect::<Vec<_>>())
-            .bind(
-                chunk
-                    .iter()
-                    .map(|i| i.transfer.amount.get())
-                    .collect::<Vec<_>>(),
-            )
+            .bind(chunk.iter().map(|i| i.transfer.amount.get()).collect::<Vec<_>>())
             .fetch_all(&mut *conn)
             .await?;
         let mut by_key: HashMap<String, Enqueued> = rows
             .into_iter()
             .map(|r| {
-                (
-                    r.idempotency_key,
-                    Enqueued {
-                        transfer_id: TransferId(r.id),
-                        status: r.status,
-                        created: r.created,
-                    },
-                )
+                (r.idempotency_key, Enqueued { transfer_id: TransferId(r.id), status: r.status, created: r.created })
             })
             .collect();
         for item in chunk {
             match by_key.remove(&item.key) {
                 Some(e) => out.push(e),
-                None => {
-                    return Err(Error::not_applied(format!(
-                        "{}{}",
-                        item.at(),
-                        key_reused(&item.key)
-                    )))
-                }
+                None => return Err(Error::not_applied(format!("{}{}", item.at(), key_reused(&item.key)))),
             }
         }
     }
@@ -234,14 +200,13 @@ async fn check_daily_limits(conn: &mut PgConnection, items: &[Item<'_>]) -> Resu
     .collect();
     // A key that already exists is a repeat, not a new acceptance.
     let keys: Vec<&str> = items.iter().map(|i| i.key.as_str()).collect();
-    let existing: HashSet<String> = sqlx::query_scalar::<_, String>(
-        "SELECT idempotency_key FROM transfers WHERE idempotency_key = ANY($1)",
-    )
-    .bind(&keys)
-    .fetch_all(&mut *conn)
-    .await?
-    .into_iter()
-    .collect();
+    let existing: HashSet<String> =
+        sqlx::query_scalar::<_, String>("SELECT idempotency_key FROM transfers WHERE idempotency_key = ANY($1)")
+            .bind(&keys)
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .collect();
     for item in items {
         let account = item.transfer.from.0;
         let Some(&limit) = limits.get(&account) else {
@@ -275,18 +240,11 @@ fn constraint_error(e: Error, transfer: &NewTransfer) -> Error {
         return e;
     };
     match db::violated_constraint(db_err) {
-        Some("transfers_from_account_fkey") => Error::NotFound {
-            what: "account",
-            id: transfer.from.0,
-        },
-        Some("transfers_to_account_fkey") => Error::NotFound {
-            what: "account",
-            id: transfer.to.0,
-        },
-        Some("transfers_distinct_accounts") => Error::invalid(format!(
-            "from and to must be different accounts, both are {}",
-            transfer.from
-        )),
+        Some("transfers_from_account_fkey") => Error::NotFound { what: "account", id: transfer.from.0 },
+        Some("transfers_to_account_fkey") => Error::NotFound { what: "account", id: transfer.to.0 },
+        Some("transfers_distinct_accounts") => {
+            Error::invalid(format!("from and to must be different accounts, both are {}", transfer.from))
+        }
         _ => e,
     }
 }
@@ -313,12 +271,12 @@ pub fn parse_bulk(input: &str) -> Result<Vec<(usize, NewTransfer)>> {
             continue;
         }
         let bad = |msg: String| Error::invalid(format!("line {line_no}: {msg}; nothing enqueued"));
-        let raw: BulkLine = serde_json::from_str(line)
-            .map_err(|e| bad(format!("not a valid transfer object ({e})")))?;
+        let raw: BulkLine =
+            serde_json::from_str(line).map_err(|e| bad(format!("not a valid transfer object ({e})")))?;
         let amount = Amount::new(raw.amount).map_err(bad)?;
         let key = raw.key.map(IdempotencyKey::new).transpose().map_err(bad)?;
-        let t = NewTransfer::new(AccountId(raw.from), AccountId(raw.to), amount, key)
-            .map_err(|e| bad(e.to_string()))?;
+        let t =
+            NewTransfer::new(AccountId(raw.from), AccountId(raw.to), amount, key).map_err(|e| bad(e.to_string()))?;
         if let Some(k) = &t.key {
             // The same key twice in one file: the same transfer, or an error.
             if let Some(&earlier) = keys.get(k.as_str()) {
@@ -336,9 +294,7 @@ pub fn parse_bulk(input: &str) -> Result<Vec<(usize, NewTransfer)>> {
         out.push((line_no, t));
     }
     if out.is_empty() {
-        return Err(Error::invalid(
-            "the input has no transfers (expected JSON lines)",
-        ));
+        return Err(Error::invalid("the input has no transfers (expected JSON lines)"));
     }
     Ok(out)
 }
@@ -347,31 +303,21 @@ pub fn parse_bulk(input: &str) -> Result<Vec<(usize, NewTransfer)>> {
 /// (`conn` is typically `&mut *tx`): an unknown account or a reused key on any
 /// line is an error naming that line, and the caller rolls back. Returns one
 /// result per line, in input order.
-pub async fn enqueue_bulk(
-    conn: &mut PgConnection,
-    lines: &[(usize, NewTransfer)],
-) -> Result<Vec<Enqueued>> {
+pub async fn enqueue_bulk(conn: &mut PgConnection, lines: &[(usize, NewTransfer)]) -> Result<Vec<Enqueued>> {
     // Unknown accounts are found up front, in one query, so the error can
     // name the line instead of a foreign-key constraint.
-    let ids: Vec<i64> = lines
-        .iter()
-        .flat_map(|(_, t)| [t.from.0, t.to.0])
-        .collect::<HashSet<_>>()
+    let ids: Vec<i64> =
+        lines.iter().flat_map(|(_, t)| [t.from.0, t.to.0]).collect::<HashSet<_>>().into_iter().collect();
+    let existing: HashSet<i64> = sqlx::query_scalar::<_, i64>("SELECT id FROM accounts WHERE id = ANY($1)")
+        .bind(&ids)
+        .fetch_all(&mut *conn)
+        .await?
         .into_iter()
         .collect();
-    let existing: HashSet<i64> =
-        sqlx::query_scalar::<_, i64>("SELECT id FROM accounts WHERE id = ANY($1)")
-            .bind(&ids)
-            .fetch_all(&mut *conn)
-            .await?
-            .into_iter()
-            .collect();
     for (line_no, t) in lines {
         for id in [t.from, t.to] {
             if !existing.contains(&id.0) {
-                return Err(Error::invalid(format!(
-                    "line {line_no}: account {id} does not exist; nothing enqueued"
-                )));
+                return Err(Error::invalid(format!("line {line_no}: account {id} does not exist; nothing enqueued")));
             }
         }
     }
@@ -383,19 +329,11 @@ pub async fn enqueue_bulk(
     let mut items = Vec::with_capacity(lines.len());
     for (i, (line, transfer)) in lines.iter().enumerate() {
         if *first_index.entry(keys[i].as_str()).or_insert(i) == i {
-            items.push(Item {
-                line: Some(*line),
-                transfer,
-                key: keys[i].clone(),
-            });
+            items.push(Item { line: Some(*line), transfer, key: keys[i].clone() });
         }
     }
     let inserted = insert(conn, &items).await?;
-    let by_key: HashMap<&str, &Enqueued> = items
-        .iter()
-        .map(|i| i.key.as_str())
-        .zip(&inserted)
-        .collect();
+    let by_key: HashMap<&str, &Enqueued> = items.iter().map(|i| i.key.as_str()).zip(&inserted).collect();
     Ok(keys
         .iter()
         .enumerate()

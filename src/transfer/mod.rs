@@ -14,10 +14,13 @@
 //! Every arrow is one guarded `UPDATE ... WHERE id = .. AND <from-state>` whose
 //! rows-affected is checked, in the same transaction as the outbox event it
 //! causes; the modules below each own their arrows:
-//! [`enqueue`] creates rows, [`apply`] moves PENDING transfers on.
+//! [`enqueue`] creates rows, [`apply`] moves PENDING transfers and REQUESTED
+//! refunds on, [`cancel`] and [`refund`] take requests.
 
 pub mod apply;
+pub mod cancel;
 pub mod enqueue;
+pub mod refund;
 
 use std::fmt;
 use std::str::FromStr;
@@ -38,10 +41,7 @@ impl fmt::Display for TransferId {
 impl FromStr for TransferId {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        s.trim()
-            .parse::<i64>()
-            .map(TransferId)
-            .map_err(|_| format!("transfer id must be an integer, got {s:?}"))
+        s.trim().parse::<i64>().map(TransferId).map_err(|_| format!("transfer id must be an integer, got {s:?}"))
     }
 }
 
@@ -73,10 +73,8 @@ impl fmt::Display for Amount {
 impl FromStr for Amount {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let v = s
-            .trim()
-            .parse::<i64>()
-            .map_err(|_| format!("amount must be a whole number of minor units, got {s:?}"))?;
+        let v =
+            s.trim().parse::<i64>().map_err(|_| format!("amount must be a whole number of minor units, got {s:?}"))?;
         Amount::new(v)
     }
 }
@@ -98,10 +96,7 @@ impl IdempotencyKey {
             return Err("idempotency key must not be empty".into());
         }
         if chars > Self::MAX_CHARS {
-            return Err(format!(
-                "idempotency key must be at most {} characters, got {chars}",
-                Self::MAX_CHARS
-            ));
+            return Err(format!("idempotency key must be at most {} characters, got {chars}", Self::MAX_CHARS));
         }
         if key.chars().any(char::is_control) {
             return Err("idempotency key must not contain control characters".into());
@@ -143,12 +138,8 @@ pub enum TransferStatus {
 }
 
 impl TransferStatus {
-    pub const ALL: [TransferStatus; 4] = [
-        TransferStatus::Pending,
-        TransferStatus::Succeeded,
-        TransferStatus::Failed,
-        TransferStatus::Cancelled,
-    ];
+    pub const ALL: [TransferStatus; 4] =
+        [TransferStatus::Pending, TransferStatus::Succeeded, TransferStatus::Failed, TransferStatus::Cancelled];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -181,12 +172,8 @@ pub enum RefundStatus {
 }
 
 impl RefundStatus {
-    pub const ALL: [RefundStatus; 4] = [
-        RefundStatus::None,
-        RefundStatus::Requested,
-        RefundStatus::Completed,
-        RefundStatus::Failed,
-    ];
+    pub const ALL: [RefundStatus; 4] =
+        [RefundStatus::None, RefundStatus::Requested, RefundStatus::Completed, RefundStatus::Failed];
 
     pub fn as_str(self) -> &'static str {
         match self {

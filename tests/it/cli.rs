@@ -6,22 +6,9 @@ use crate::helpers::{TestDb, BIN};
 #[tokio::test]
 async fn account_open_and_show_print_the_account() {
     let db = TestDb::new().await;
-    let out = db
-        .cli(&[
-            "account",
-            "open",
-            "7",
-            "--balance",
-            "250",
-            "--daily-limit",
-            "100",
-        ])
-        .await;
+    let out = db.cli(&["account", "open", "7", "--balance", "250", "--daily-limit", "100"]).await;
     assert_eq!(out.code, 0, "{out:?}");
-    assert_eq!(
-        out.json(),
-        serde_json::json!({"id": 7, "balance": 250, "daily_limit": 100})
-    );
+    assert_eq!(out.json(), serde_json::json!({"id": 7, "balance": 250, "daily_limit": 100}));
     let out = db.cli(&["account", "show", "7"]).await;
     assert_eq!(out.json()["balance"], 250);
 }
@@ -31,41 +18,13 @@ async fn account_commands_reject_bad_input_and_write_nothing() {
     let db = TestDb::new().await;
     db.open_account(1, 10).await;
     let cases: [(&[&str], i32, &str); 7] = [
-        (
-            &["account", "open", "2", "--balance", "-5"],
-            2,
-            "balance must be >= 0",
-        ),
-        (
-            &["account", "open", "x", "--balance", "5"],
-            2,
-            "account id must be an integer",
-        ),
+        (&["account", "open", "2", "--balance", "-5"], 2, "balance must be >= 0"),
+        (&["account", "open", "x", "--balance", "5"], 2, "account id must be an integer"),
         (&["account", "open", "2"], 2, "--balance"),
-        (
-            &[
-                "account",
-                "open",
-                "2",
-                "--balance",
-                "5",
-                "--daily-limit",
-                "0",
-            ],
-            2,
-            "daily limit must be > 0",
-        ),
-        (
-            &["account", "open", "1", "--balance", "5"],
-            3,
-            "account 1 already exists",
-        ),
+        (&["account", "open", "2", "--balance", "5", "--daily-limit", "0"], 2, "daily limit must be > 0"),
+        (&["account", "open", "1", "--balance", "5"], 3, "account 1 already exists"),
         (&["account", "show", "9"], 2, "account 9 does not exist"),
-        (
-            &["account", "show", "nine"],
-            2,
-            "account id must be an integer",
-        ),
+        (&["account", "show", "nine"], 2, "account id must be an integer"),
     ];
     for (args, code, needle) in cases {
         let out = db.cli(args).await;
@@ -83,43 +42,15 @@ async fn enqueue_prints_the_contract_object_and_rejects_bad_input_writing_nothin
     db.open_account(2, 0).await;
     let long_key = "k".repeat(256);
     let cases: [(&[&str], &str); 9] = [
-        (
-            &["enqueue", "--from", "1", "--to", "3", "--amount", "5"],
-            "account 3 does not exist",
-        ),
-        (
-            &["enqueue", "--from", "3", "--to", "1", "--amount", "5"],
-            "account 3 does not exist",
-        ),
-        (
-            &["enqueue", "--from", "1", "--to", "1", "--amount", "5"],
-            "different accounts",
-        ),
-        (
-            &["enqueue", "--from", "1", "--to", "2", "--amount", "0"],
-            "amount must be > 0",
-        ),
-        (
-            &["enqueue", "--from", "1", "--to", "2", "--amount", "-3"],
-            "amount must be > 0",
-        ),
-        (
-            &["enqueue", "--from", "1", "--to", "2", "--amount", "1.5"],
-            "whole number",
-        ),
+        (&["enqueue", "--from", "1", "--to", "3", "--amount", "5"], "account 3 does not exist"),
+        (&["enqueue", "--from", "3", "--to", "1", "--amount", "5"], "account 3 does not exist"),
+        (&["enqueue", "--from", "1", "--to", "1", "--amount", "5"], "different accounts"),
+        (&["enqueue", "--from", "1", "--to", "2", "--amount", "0"], "amount must be > 0"),
+        (&["enqueue", "--from", "1", "--to", "2", "--amount", "-3"], "amount must be > 0"),
+        (&["enqueue", "--from", "1", "--to", "2", "--amount", "1.5"], "whole number"),
         (&["enqueue", "--from", "1", "--amount", "5"], "--to"),
-        (
-            &[
-                "enqueue", "--from", "1", "--to", "2", "--amount", "5", "--key", &long_key,
-            ],
-            "at most 255",
-        ),
-        (
-            &[
-                "enqueue", "--from", "1", "--to", "2", "--amount", "5", "--file", "x",
-            ],
-            "cannot be used with",
-        ),
+        (&["enqueue", "--from", "1", "--to", "2", "--amount", "5", "--key", &long_key], "at most 255"),
+        (&["enqueue", "--from", "1", "--to", "2", "--amount", "5", "--file", "x"], "cannot be used with"),
     ];
     for (args, needle) in cases {
         let out = db.cli(args).await;
@@ -128,11 +59,7 @@ async fn enqueue_prints_the_contract_object_and_rejects_bad_input_writing_nothin
     }
     assert_eq!(db.scalar("SELECT count(*) FROM transfers").await, 0);
 
-    let out = db
-        .cli(&[
-            "enqueue", "--from", "1", "--to", "2", "--amount", "5", "--key", "k-1",
-        ])
-        .await;
+    let out = db.cli(&["enqueue", "--from", "1", "--to", "2", "--amount", "5", "--key", "k-1"]).await;
     assert_eq!(out.code, 0);
     let v = out.json();
     assert!(v["transfer_id"].is_i64());
@@ -164,17 +91,12 @@ async fn status_json_has_every_state_of_the_contract() {
 async fn missing_configuration_is_bad_input_and_an_unreachable_database_is_a_failure() {
     let run = |args: &[&str], db_url: Option<&str>| {
         let mut cmd = std::process::Command::new(BIN);
-        cmd.args(args)
-            .env_remove("DATABASE_URL")
-            .env_remove("SQS_QUEUE_URL");
+        cmd.args(args).env_remove("DATABASE_URL").env_remove("SQS_QUEUE_URL");
         if let Some(url) = db_url {
             cmd.env("DATABASE_URL", url);
         }
         let out = cmd.output().unwrap();
-        (
-            out.status.code().unwrap(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        (out.status.code().unwrap(), String::from_utf8_lossy(&out.stderr).into_owned())
     };
     let (code, err) = run(&["status"], None);
     assert_eq!(code, 2);
@@ -205,11 +127,7 @@ async fn migrate_is_safe_to_run_twice_and_concurrently() {
         .collect();
     for c in children {
         let out = c.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
     assert_eq!(db.cli(&["migrate"]).await.code, 0);
     assert_eq!(db.scalar("SELECT count(*) FROM accounts").await, 0);

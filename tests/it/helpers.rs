@@ -20,8 +20,7 @@ use transfer_worker::outbox::EventBody;
 pub const BIN: &str = env!("CARGO_BIN_EXE_transfer-worker");
 
 fn env(name: &str) -> String {
-    std::env::var(name)
-        .unwrap_or_else(|_| panic!("{name} is not set: run the tests with scripts/test.sh"))
+    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run the tests with scripts/test.sh"))
 }
 
 fn random_suffix() -> String {
@@ -37,9 +36,7 @@ pub struct TestDb {
 impl TestDb {
     pub async fn new() -> TestDb {
         let db = Self::unmigrated().await;
-        transfer_worker::db::migrate(&db.pool)
-            .await
-            .expect("migrate");
+        transfer_worker::db::migrate(&db.pool).await.expect("migrate");
         db
     }
 
@@ -47,25 +44,15 @@ impl TestDb {
     pub async fn unmigrated() -> TestDb {
         let base = env("DATABASE_URL");
         let name = format!("tw_test_{}", random_suffix());
-        let admin = PgPoolOptions::new()
-            .max_connections(1)
-            .connect(&base)
-            .await
-            .expect("connect to DATABASE_URL");
+        let admin = PgPoolOptions::new().max_connections(1).connect(&base).await.expect("connect to DATABASE_URL");
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
             .execute(&admin)
             .await
             .expect("create test database");
         admin.close().await;
-        let (prefix, _) = base
-            .rsplit_once('/')
-            .expect("DATABASE_URL has a database name");
+        let (prefix, _) = base.rsplit_once('/').expect("DATABASE_URL has a database name");
         let url = format!("{prefix}/{name}");
-        let pool = PgPoolOptions::new()
-            .max_connections(20)
-            .connect(&url)
-            .await
-            .expect("connect to test database");
+        let pool = PgPoolOptions::new().max_connections(20).connect(&url).await.expect("connect to test database");
         TestDb { pool, url }
     }
 
@@ -89,26 +76,14 @@ impl TestDb {
         let mut input = child.stdin.take().unwrap();
         input.write_all(stdin.as_bytes()).await.unwrap();
         drop(input);
-        CliOutput::from(
-            child
-                .wait_with_output()
-                .await
-                .expect("wait for transfer-worker"),
-        )
+        CliOutput::from(child.wait_with_output().await.expect("wait for transfer-worker"))
     }
 
     /// Starts `transfer-worker run` as a separate process on this database.
     pub fn spawn_worker(&self, queue_url: &str, extra: &[&str]) -> Child {
         Command::new(BIN)
             .arg("run")
-            .args([
-                "--admin-addr",
-                "127.0.0.1:0",
-                "--poll-interval-ms",
-                "100",
-                "--backoff-max-ms",
-                "1000",
-            ])
+            .args(["--admin-addr", "127.0.0.1:0", "--poll-interval-ms", "100", "--backoff-max-ms", "1000"])
             .args(extra)
             .env("DATABASE_URL", &self.url)
             .env("SQS_QUEUE_URL", queue_url)
@@ -129,15 +104,15 @@ impl TestDb {
     }
 
     pub async fn scalar(&self, sql: &'static str) -> i64 {
-        sqlx::query_scalar::<_, i64>(sql)
-            .fetch_one(&self.pool)
-            .await
-            .unwrap()
+        sqlx::query_scalar::<_, i64>(sql).fetch_one(&self.pool).await.unwrap()
+    }
+
+    pub async fn scalar_with(&self, sql: &'static str, arg: &str) -> i64 {
+        sqlx::query_scalar::<_, i64>(sql).bind(arg).fetch_one(&self.pool).await.unwrap()
     }
 
     pub async fn total_balance(&self) -> i64 {
-        self.scalar("SELECT COALESCE(sum(balance), 0)::bigint FROM accounts")
-            .await
+        self.scalar("SELECT COALESCE(sum(balance), 0)::bigint FROM accounts").await
     }
 
     /// Every transfer and every refund is out of PENDING/REQUESTED and every event published.
@@ -150,48 +125,69 @@ impl TestDb {
             == 0
     }
 
-    /// The invariants that must hold at any committed moment:
-    /// money conserved, no negative balance, each balance equal to its opening
-    /// balance plus what SUCCEEDED transfers moved, and exactly one event per
-    /// finished transfer and none for a PENDING one.
+    /// The invariants that must hold at any committed moment: money
+    /// conserved, no negative balance, each balance equal to its opening
+    /// balance plus what SUCCEEDED transfers moved minus what COMPLETED refunds
+    /// moved back, and each transfer's outbox events exactly the ones its
+    /// state changes imply, in order.
     pub async fn assert_invariants(&self, opening_total: i64, opening: &HashMap<i64, i64>) {
-        assert_eq!(
-            self.total_balance().await,
-            opening_total,
-            "money is conserved"
-        );
-        assert_eq!(
-            self.scalar("SELECT count(*) FROM accounts WHERE balance < 0")
-                .await,
-            0
-        );
+        assert_eq!(self.total_balance().await, opening_total, "money is conserved");
+        assert_eq!(self.scalar("SELECT count(*) FROM accounts WHERE balance < 0").await, 0);
         let rows: Vec<(i64, i64)> = sqlx::query_as(
             "SELECT a.id, a.balance
                     - COALESCE((SELECT sum(amount) FROM transfers WHERE to_account = a.id AND status = 'SUCCEEDED'), 0)::bigint
                     + COALESCE((SELECT sum(amount) FROM transfers WHERE from_account = a.id AND status = 'SUCCEEDED'), 0)::bigint
+                    + COALESCE((SELECT sum(refund_amount) FROM transfers WHERE to_account = a.id AND refund_status = 'COMPLETED'), 0)::bigint
+                    - COALESCE((SELECT sum(refund_amount) FROM transfers WHERE from_account = a.id AND refund_status = 'COMPLETED'), 0)::bigint
                FROM accounts a",
         )
         .fetch_all(&self.pool)
         .await
         .unwrap();
         for (id, implied_opening) in rows {
-            assert_eq!(
-                Some(&implied_opening),
-                opening.get(&id),
-                "account {id}: balance = opening + applied transfers"
-            );
+            assert_eq!(Some(&implied_opening), opening.get(&id), "account {id}: balance = opening + applied changes");
         }
-        let bad: i64 = self
-            .scalar(
-                "SELECT count(*) FROM transfers t
-                  WHERE (SELECT count(*) FROM outbox o WHERE o.transfer_id = t.id AND o.event_type LIKE 'transfer.%')
-                        <> CASE WHEN t.status = 'PENDING' THEN 0 ELSE 1 END",
-            )
-            .await;
-        assert_eq!(
-            bad, 0,
-            "exactly one transfer event per finished transfer, none for a pending one"
-        );
+        let actual = self.events_by_transfer().await;
+        let expected = self.expected_events().await;
+        for (id, want) in &expected {
+            let got = actual.get(id).cloned().unwrap_or_default();
+            assert_eq!(&got, want, "transfer {id}: exactly one event per applied change, in order");
+        }
+        assert!(actual.keys().all(|id| expected.contains_key(id)));
+    }
+
+    /// Each transfer's outbox event types, in id order.
+    pub async fn events_by_transfer(&self) -> HashMap<i64, Vec<String>> {
+        let rows: Vec<(i64, String)> = sqlx::query_as("SELECT transfer_id, event_type FROM outbox ORDER BY id")
+            .fetch_all(&self.pool)
+            .await
+            .unwrap();
+        let mut out: HashMap<i64, Vec<String>> = HashMap::new();
+        for (id, t) in rows {
+            out.entry(id).or_default().push(t);
+        }
+        out
+    }
+
+    /// The events each transfer's current state implies, in order.
+    pub async fn expected_events(&self) -> HashMap<i64, Vec<String>> {
+        let rows: Vec<(i64, String, String)> =
+            sqlx::query_as("SELECT id, status, refund_status FROM transfers").fetch_all(&self.pool).await.unwrap();
+        rows.into_iter()
+            .map(|(id, status, refund)| {
+                let mut events = Vec::new();
+                if status != "PENDING" {
+                    events.push(format!("transfer.{}", status.to_lowercase()));
+                }
+                if refund != "NONE" {
+                    events.push("refund.requested".to_string());
+                }
+                if refund == "COMPLETED" || refund == "FAILED" {
+                    events.push(format!("refund.{}", refund.to_lowercase()));
+                }
+                (id, events)
+            })
+            .collect()
     }
 }
 
@@ -215,8 +211,7 @@ impl From<Output> for CliOutput {
 
 impl CliOutput {
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(self.stdout.trim())
-            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:?}"))
+        serde_json::from_str(self.stdout.trim()).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:?}"))
     }
 }
 
@@ -231,17 +226,10 @@ impl TestQueue {
         Self::with_attributes(fifo, &[]).await
     }
 
-    pub async fn with_attributes(
-        fifo: bool,
-        attributes: &[(QueueAttributeName, &str)],
-    ) -> TestQueue {
+    pub async fn with_attributes(fifo: bool, attributes: &[(QueueAttributeName, &str)]) -> TestQueue {
         let publisher = Publisher::from_env(&sqs_config("http://unused")).await;
         let client = publisher.client().clone();
-        let name = format!(
-            "tw-test-{}{}",
-            random_suffix(),
-            if fifo { ".fifo" } else { "" }
-        );
+        let name = format!("tw-test-{}{}", random_suffix(), if fifo { ".fifo" } else { "" });
         let mut req = client.create_queue().queue_name(name);
         if fifo {
             req = req.attributes(QueueAttributeName::FifoQueue, "true");
@@ -249,12 +237,7 @@ impl TestQueue {
         for (k, v) in attributes {
             req = req.attributes(k.clone(), *v);
         }
-        let url = req
-            .send()
-            .await
-            .expect("create test queue")
-            .queue_url
-            .unwrap();
+        let url = req.send().await.expect("create test queue").queue_url.unwrap();
         TestQueue { url, client }
     }
 
@@ -293,15 +276,8 @@ impl TestQueue {
             let mut entries = Vec::new();
             for (i, m) in messages.iter().enumerate() {
                 let body: EventBody = serde_json::from_str(m.body().unwrap()).expect("event body");
-                let attr = m
-                    .message_attributes()
-                    .and_then(|a| a.get("event_type"))
-                    .and_then(|v| v.string_value());
-                assert_eq!(
-                    attr,
-                    Some(body.event_type.as_str()),
-                    "event_type attribute matches the body"
-                );
+                let attr = m.message_attributes().and_then(|a| a.get("event_type")).and_then(|v| v.string_value());
+                assert_eq!(attr, Some(body.event_type.as_str()), "event_type attribute matches the body");
                 out.push(body);
                 entries.push(
                     aws_sdk_sqs::types::DeleteMessageBatchRequestEntry::builder()
@@ -324,11 +300,7 @@ impl TestQueue {
 }
 
 pub fn sqs_config(url: &str) -> SqsConfig {
-    SqsConfig {
-        queue_url: url.to_owned(),
-        call_timeout: Duration::from_secs(5),
-        concurrency: 4,
-    }
+    SqsConfig { queue_url: url.to_owned(), call_timeout: Duration::from_secs(5), concurrency: 4 }
 }
 
 /// Polls `condition` every 50 ms until it holds; panics with `what` after `timeout`.
@@ -339,20 +311,14 @@ where
 {
     let deadline = Instant::now() + timeout;
     while !condition().await {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for: {what}"
-        );
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 /// Sends a signal to a child process.
 pub fn signal(child: &Child, sig: &str) {
-    let status = Command::new("kill")
-        .args([&format!("-{sig}"), &child.id().to_string()])
-        .status()
-        .unwrap();
+    let status = Command::new("kill").args([&format!("-{sig}"), &child.id().to_string()]).status().unwrap();
     assert!(status.success());
 }
 

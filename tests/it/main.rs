@@ -7,3 +7,4 @@ mod enqueue;
 mod helpers;
 mod processes;
 mod relay;
+mod requests;

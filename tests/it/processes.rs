@@ -7,8 +7,7 @@ use crate::apply::seed;
 use crate::helpers::{signal, wait_exit, wait_for, KillOnDrop, TestDb, TestQueue};
 
 async fn finished(db: &TestDb) -> i64 {
-    db.scalar("SELECT count(*) FROM transfers WHERE status <> 'PENDING'")
-        .await
+    db.scalar("SELECT count(*) FROM transfers WHERE status <> 'PENDING'").await
 }
 
 /// Checks the queue holds exactly one event per finished transfer, of the
@@ -17,25 +16,17 @@ async fn assert_one_event_per_transfer(db: &TestDb, queue: &TestQueue, transfers
     let received = queue.receive(transfers, Duration::from_secs(2)).await;
     let distinct: HashSet<&str> = received.iter().map(|e| e.event_id.as_str()).collect();
     assert_eq!(received.len(), distinct.len(), "FIFO: no event twice");
-    let statuses: HashMap<i64, String> =
-        sqlx::query_as::<_, (i64, String)>("SELECT id, status FROM transfers")
-            .fetch_all(&db.pool)
-            .await
-            .unwrap()
-            .into_iter()
-            .collect();
+    let statuses: HashMap<i64, String> = sqlx::query_as::<_, (i64, String)>("SELECT id, status FROM transfers")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
     let mut per_transfer: HashMap<i64, Vec<&str>> = HashMap::new();
     for e in &received {
-        per_transfer
-            .entry(e.transfer_id)
-            .or_default()
-            .push(e.event_type.as_str());
+        per_transfer.entry(e.transfer_id).or_default().push(e.event_type.as_str());
     }
-    assert_eq!(
-        per_transfer.len(),
-        transfers,
-        "every transfer has its event on SQS"
-    );
+    assert_eq!(per_transfer.len(), transfers, "every transfer has its event on SQS");
     for (id, types) in per_transfer {
         let want = format!("transfer.{}", statuses[&id].to_lowercase());
         assert_eq!(types, vec![want.as_str()], "transfer {id}");
@@ -50,12 +41,7 @@ async fn two_worker_processes_of_four_tasks_apply_1500_transfers_exactly_once() 
     let args = ["--workers", "4", "--batch-size", "20"];
     let mut a = KillOnDrop(db.spawn_worker(&queue.url, &args));
     let mut b = KillOnDrop(db.spawn_worker(&queue.url, &args));
-    wait_for(
-        "all 1,500 transfers applied and published",
-        Duration::from_secs(120),
-        || db.settled(),
-    )
-    .await;
+    wait_for("all 1,500 transfers applied and published", Duration::from_secs(120), || db.settled()).await;
     // Both replicas did work: each process's connections show up in the claims.
     signal(&a.0, "TERM");
     signal(&b.0, "TERM");
@@ -64,11 +50,7 @@ async fn two_worker_processes_of_four_tasks_apply_1500_transfers_exactly_once() 
 
     db.assert_invariants(20_000, &opening).await;
     assert_eq!(db.scalar("SELECT count(*) FROM outbox").await, 1_500);
-    assert!(
-        db.scalar("SELECT count(*) FROM transfers WHERE status = 'FAILED'")
-            .await
-            > 0
-    );
+    assert!(db.scalar("SELECT count(*) FROM transfers WHERE status = 'FAILED'").await > 0);
     assert_one_event_per_transfer(&db, &queue, 1_500).await;
 }
 
@@ -78,23 +60,14 @@ async fn sigterm_during_work_exits_zero_with_nothing_half_done() {
     let queue = TestQueue::new(true).await;
     let opening = seed(&db, 20, 1_000, 4_000, 12).await;
     let mut w = KillOnDrop(db.spawn_worker(&queue.url, &["--workers", "4", "--batch-size", "5"]));
-    wait_for(
-        "the worker to be under way",
-        Duration::from_secs(60),
-        || async { finished(&db).await >= 100 },
-    )
-    .await;
+    wait_for("the worker to be under way", Duration::from_secs(60), || async { finished(&db).await >= 100 }).await;
     signal(&w.0, "TERM");
     let status = wait_exit(&mut w.0, Duration::from_secs(30)).await;
     assert_eq!(status.code(), Some(0), "SIGTERM exits 0");
 
     db.assert_invariants(20_000, &opening).await;
     // The relay drained what the last batches wrote before exiting.
-    assert_eq!(
-        db.scalar("SELECT count(*) FROM outbox WHERE state <> 'published'")
-            .await,
-        0
-    );
+    assert_eq!(db.scalar("SELECT count(*) FROM outbox WHERE state <> 'published'").await, 0);
     let done = finished(&db).await;
     assert_eq!(db.scalar("SELECT count(*) FROM outbox").await, done);
 }
@@ -105,29 +78,16 @@ async fn sigkill_mid_work_then_restart_loses_nothing_and_applies_nothing_twice()
     let queue = TestQueue::new(true).await;
     let opening = seed(&db, 20, 1_000, 3_000, 13).await;
     let mut w = KillOnDrop(db.spawn_worker(&queue.url, &["--workers", "4", "--batch-size", "5"]));
-    wait_for(
-        "the worker to be under way",
-        Duration::from_secs(60),
-        || async { finished(&db).await >= 100 },
-    )
-    .await;
+    wait_for("the worker to be under way", Duration::from_secs(60), || async { finished(&db).await >= 100 }).await;
     signal(&w.0, "KILL");
     wait_exit(&mut w.0, Duration::from_secs(10)).await;
     // Only committed work is visible: the invariants hold mid-way.
     db.assert_invariants(20_000, &opening).await;
 
-    let mut again =
-        KillOnDrop(db.spawn_worker(&queue.url, &["--workers", "4", "--batch-size", "50"]));
-    wait_for(
-        "everything applied and published after the restart",
-        Duration::from_secs(120),
-        || db.settled(),
-    )
-    .await;
+    let mut again = KillOnDrop(db.spawn_worker(&queue.url, &["--workers", "4", "--batch-size", "50"]));
+    wait_for("everything applied and published after the restart", Duration::from_secs(120), || db.settled()).await;
     signal(&again.0, "TERM");
-    assert!(wait_exit(&mut again.0, Duration::from_secs(30))
-        .await
-        .success());
+    assert!(wait_exit(&mut again.0, Duration::from_secs(30)).await.success());
     db.assert_invariants(20_000, &opening).await;
     assert_one_event_per_transfer(&db, &queue, 3_000).await;
 }

@@ -61,11 +61,7 @@ async fn add_event(db: &TestDb, transfer_id: i64, event_type: &str) -> String {
 }
 
 fn relay(db: &TestDb, publisher: Publisher, batch_size: i64, max_attempts: i32) -> Relay {
-    let fast = RetryPolicy {
-        initial: Duration::from_millis(10),
-        max: Duration::from_millis(50),
-        multiplier: 2.0,
-    };
+    let fast = RetryPolicy { initial: Duration::from_millis(10), max: Duration::from_millis(50), multiplier: 2.0 };
     let config = RelayConfig {
         batch_size,
         max_attempts,
@@ -78,21 +74,12 @@ fn relay(db: &TestDb, publisher: Publisher, batch_size: i64, max_attempts: i32) 
 
 /// A publisher whose endpoint is a closed port: SQS "unreachable".
 async fn unreachable(queue: &TestQueue) -> Publisher {
-    let conf = queue
-        .client
-        .config()
-        .to_builder()
-        .endpoint_url("http://127.0.0.1:9")
-        .build();
-    Publisher::new(
-        aws_sdk_sqs::Client::from_conf(conf),
-        &sqs_config(&queue.url),
-    )
+    let conf = queue.client.config().to_builder().endpoint_url("http://127.0.0.1:9").build();
+    Publisher::new(aws_sdk_sqs::Client::from_conf(conf), &sqs_config(&queue.url))
 }
 
 async fn pending(db: &TestDb) -> i64 {
-    db.scalar("SELECT count(*) FROM outbox WHERE state <> 'published'")
-        .await
+    db.scalar("SELECT count(*) FROM outbox WHERE state <> 'published'").await
 }
 
 #[tokio::test]
@@ -109,11 +96,10 @@ async fn two_relays_publish_each_event_exactly_once_on_a_fifo_queue_in_per_trans
             loop {
                 let c = r.run_once().await.unwrap();
                 published += c.published;
-                let left: i64 =
-                    sqlx::query_scalar("SELECT count(*) FROM outbox WHERE state <> 'published'")
-                        .fetch_one(&pool)
-                        .await
-                        .unwrap();
+                let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE state <> 'published'")
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
                 if left == 0 {
                     return published;
                 }
@@ -122,10 +108,7 @@ async fn two_relays_publish_each_event_exactly_once_on_a_fifo_queue_in_per_trans
     }
     let mut total = 0;
     for r in relays {
-        total += tokio::time::timeout(Duration::from_secs(60), r)
-            .await
-            .expect("relays finish")
-            .unwrap();
+        total += tokio::time::timeout(Duration::from_secs(60), r).await.expect("relays finish").unwrap();
     }
     assert_eq!(total, 120, "each event marked published once");
 
@@ -135,21 +118,12 @@ async fn two_relays_publish_each_event_exactly_once_on_a_fifo_queue_in_per_trans
     assert_eq!(ids.len(), 120);
     let mut per_transfer: HashMap<i64, Vec<String>> = HashMap::new();
     for e in &received {
-        per_transfer
-            .entry(e.transfer_id)
-            .or_default()
-            .push(e.event_id.clone());
+        per_transfer.entry(e.transfer_id).or_default().push(e.event_id.clone());
     }
-    assert_eq!(
-        per_transfer, written,
-        "per-transfer order is the order written"
-    );
+    assert_eq!(per_transfer, written, "per-transfer order is the order written");
     let first = &received[0];
     assert_eq!(first.data["from_account"], 1);
-    assert_eq!(
-        first.data["idempotency_key"],
-        format!("k-{}", first.transfer_id)
-    );
+    assert_eq!(first.data["idempotency_key"], format!("k-{}", first.transfer_id));
     assert!(first.occurred_at.ends_with('Z'));
 }
 
@@ -179,23 +153,14 @@ async fn an_unreachable_sqs_leaves_events_pending_uncounted_and_they_all_go_out_
     let down = relay(&db, unreachable(&queue).await, 100, 2);
     for _ in 0..5 {
         let c = down.run_once().await.unwrap();
-        assert_eq!(
-            (c.claimed, c.unavailable, c.published, c.rejected, c.dead),
-            (12, 12, 0, 0, 0)
-        );
+        assert_eq!((c.claimed, c.unavailable, c.published, c.rejected, c.dead), (12, 12, 0, 0, 0));
     }
     assert_eq!(
-        db.scalar("SELECT count(*) FROM outbox WHERE state = 'pending' AND attempts = 0")
-            .await,
+        db.scalar("SELECT count(*) FROM outbox WHERE state = 'pending' AND attempts = 0").await,
         12,
         "an outage never counts, however long"
     );
-    assert!(
-        db.scalar("SELECT count(*) FROM outbox WHERE last_error IS NOT NULL")
-            .await
-            > 0,
-        "the cause is visible"
-    );
+    assert!(db.scalar("SELECT count(*) FROM outbox WHERE last_error IS NOT NULL").await > 0, "the cause is visible");
 
     let up = relay(&db, queue.publisher().await, 100, 2);
     let c = up.run_once().await.unwrap();
@@ -218,11 +183,7 @@ async fn a_missing_queue_is_an_outage_not_a_rejection() {
         let c = r.run_once().await.unwrap();
         assert_eq!((c.unavailable, c.dead), (3, 0));
     }
-    assert_eq!(
-        db.scalar("SELECT count(*) FROM outbox WHERE state = 'pending' AND attempts = 0")
-            .await,
-        3
-    );
+    assert_eq!(db.scalar("SELECT count(*) FROM outbox WHERE state = 'pending' AND attempts = 0").await, 3);
 }
 
 #[tokio::test]
@@ -230,56 +191,29 @@ async fn a_rejected_entry_is_retried_alone_then_dead_and_holds_only_its_own_tran
     let db = TestDb::new().await;
     // SQS rejects (per entry, SenderFault) messages over the queue's maximum
     // size; transfer 1's key makes its events larger than 1 KiB.
-    let queue =
-        TestQueue::with_attributes(false, &[(QueueAttributeName::MaximumMessageSize, "1024")])
-            .await;
+    let queue = TestQueue::with_attributes(false, &[(QueueAttributeName::MaximumMessageSize, "1024")]).await;
     let huge_key = "\u{1D11E}".repeat(255);
-    seed_events(&db, 6, 1, |t| {
-        if t == 1 {
-            huge_key.clone()
-        } else {
-            format!("k-{t}")
-        }
-    })
-    .await;
+    seed_events(&db, 6, 1, |t| if t == 1 { huge_key.clone() } else { format!("k-{t}") }).await;
     let later_of_1 = add_event(&db, 1, "refund.requested").await;
     let r = relay(&db, queue.publisher().await, 100, 2);
 
     let c = r.run_once().await.unwrap();
-    assert_eq!(
-        (c.claimed, c.published, c.rejected, c.dead),
-        (6, 5, 1, 0),
-        "the others are published"
-    );
-    let (attempts, state, error): (i32, String, String) = sqlx::query_as(
-        "SELECT attempts, state, last_error FROM outbox WHERE transfer_id = 1 ORDER BY id LIMIT 1",
-    )
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
+    assert_eq!((c.claimed, c.published, c.rejected, c.dead), (6, 5, 1, 0), "the others are published");
+    let (attempts, state, error): (i32, String, String) =
+        sqlx::query_as("SELECT attempts, state, last_error FROM outbox WHERE transfer_id = 1 ORDER BY id LIMIT 1")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
     assert_eq!((attempts, state.as_str()), (1, "pending"));
     assert!(error.contains("InvalidParameterValue"), "{error}");
 
-    wait_for(
-        "the rejected event to die",
-        Duration::from_secs(10),
-        || async {
-            let c = r.run_once().await.unwrap();
-            assert!(
-                c.claimed <= 1,
-                "retried alone, and its later event is never claimed ahead of it"
-            );
-            db.scalar("SELECT count(*) FROM outbox WHERE state = 'dead'")
-                .await
-                == 1
-        },
-    )
+    wait_for("the rejected event to die", Duration::from_secs(10), || async {
+        let c = r.run_once().await.unwrap();
+        assert!(c.claimed <= 1, "retried alone, and its later event is never claimed ahead of it");
+        db.scalar("SELECT count(*) FROM outbox WHERE state = 'dead'").await == 1
+    })
     .await;
-    assert_eq!(
-        db.scalar("SELECT attempts::bigint FROM outbox WHERE state = 'dead'")
-            .await,
-        2
-    );
+    assert_eq!(db.scalar("SELECT attempts::bigint FROM outbox WHERE state = 'dead'").await, 2);
 
     // Other transfers' new events still flow; transfer 1's later event is held.
     add_event(&db, 2, "refund.requested").await;
@@ -294,10 +228,7 @@ async fn a_rejected_entry_is_retried_alone_then_dead_and_holds_only_its_own_tran
 
     let received = queue.receive(6, Duration::from_secs(1)).await;
     assert_eq!(received.len(), 6);
-    assert!(
-        received.iter().all(|e| e.transfer_id != 1),
-        "nothing of transfer 1 went out"
-    );
+    assert!(received.iter().all(|e| e.transfer_id != 1), "nothing of transfer 1 went out");
     assert!(!received.iter().any(|e| e.event_id == later_of_1));
 }
 
@@ -308,23 +239,13 @@ async fn events_go_out_again_after_a_crash_between_send_and_commit_and_fifo_drop
     let standard = TestQueue::new(false).await;
     seed_events(&db, 5, 1, |t| format!("k-{t}")).await;
     for queue in [&fifo, &standard] {
-        sqlx::query("UPDATE outbox SET state = 'pending', published_at = NULL")
-            .execute(&db.pool)
-            .await
-            .unwrap();
+        sqlx::query("UPDATE outbox SET state = 'pending', published_at = NULL").execute(&db.pool).await.unwrap();
         let r = relay(&db, queue.publisher().await, 100, 5);
         assert_eq!(r.run_once().await.unwrap().published, 5);
         // What the database looks like when the process died after SQS
         // accepted the batch but before the relay's commit.
-        sqlx::query("UPDATE outbox SET state = 'pending', published_at = NULL")
-            .execute(&db.pool)
-            .await
-            .unwrap();
-        assert_eq!(
-            r.run_once().await.unwrap().published,
-            5,
-            "sent again: at least once"
-        );
+        sqlx::query("UPDATE outbox SET state = 'pending', published_at = NULL").execute(&db.pool).await.unwrap();
+        assert_eq!(r.run_once().await.unwrap().published, 5, "sent again: at least once");
     }
     let from_fifo = fifo.receive(5, Duration::from_secs(2)).await;
     assert_eq!(from_fifo.len(), 5, "FIFO deduplicates by event_id");
@@ -332,4 +253,52 @@ async fn events_go_out_again_after_a_crash_between_send_and_commit_and_fifo_drop
     assert_eq!(from_standard.len(), 10, "a standard queue gets the copy");
     let distinct: HashSet<&str> = from_standard.iter().map(|e| e.event_id.as_str()).collect();
     assert_eq!(distinct.len(), 5, "consumers deduplicate by event_id");
+}
+
+#[tokio::test]
+async fn requeue_brings_a_dead_event_back_and_it_goes_out_before_the_events_it_held() {
+    let db = TestDb::new().await;
+    let queue = TestQueue::with_attributes(true, &[(QueueAttributeName::MaximumMessageSize, "1024")]).await;
+    let huge_key = "\u{1D11E}".repeat(255);
+    let written = seed_events(&db, 2, 1, |t| if t == 1 { huge_key.clone() } else { format!("k-{t}") }).await;
+    let held = add_event(&db, 1, "refund.requested").await;
+    let r = relay(&db, queue.publisher().await, 100, 1);
+    let c = r.run_once().await.unwrap();
+    assert_eq!((c.published, c.dead), (1, 1));
+    let dead_id = &written[&1][0];
+
+    let not_dead = db.cli(&["outbox", "requeue", "--event", &held]).await;
+    assert_eq!(not_dead.code, 3, "{not_dead:?}");
+    assert!(not_dead.stderr.contains("is pending"), "{}", not_dead.stderr);
+    let missing = db.cli(&["outbox", "requeue", "--event", "987654"]).await;
+    assert_eq!(missing.code, 2, "{missing:?}");
+    assert!(missing.stderr.contains("event 987654 does not exist"), "{}", missing.stderr);
+    let bad = db.cli(&["outbox", "requeue", "--event", "not-an-id"]).await;
+    assert_eq!(bad.code, 2, "{bad:?}");
+    assert_eq!(db.scalar("SELECT count(*) FROM outbox WHERE state = 'dead'").await, 1, "nothing written");
+
+    // The operator fixes the cause, then requeues.
+    queue
+        .client
+        .set_queue_attributes()
+        .queue_url(&queue.url)
+        .attributes(QueueAttributeName::MaximumMessageSize, "1048576")
+        .send()
+        .await
+        .unwrap();
+    let out = db.cli(&["outbox", "requeue", "--event", dead_id]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.json(), serde_json::json!({"requeued": 1}));
+    let fresh = "SELECT count(*) FROM outbox WHERE event_id::text = $1 AND state = 'pending' AND attempts = 0";
+    assert_eq!(db.scalar_with(fresh, dead_id).await, 1, "a requeued event starts over");
+
+    wait_for("the requeued and the held event to go out", Duration::from_secs(10), || async {
+        r.run_once().await.unwrap();
+        pending(&db).await == 0
+    })
+    .await;
+    let received = queue.receive(3, Duration::from_secs(1)).await;
+    let of_1: Vec<&str> = received.iter().filter(|e| e.transfer_id == 1).map(|e| e.event_id.as_str()).collect();
+    assert_eq!(of_1, vec![dead_id.as_str(), held.as_str()], "the requeued event first, then the one it held");
+    assert_eq!(db.cli(&["outbox", "requeue"]).await.json(), serde_json::json!({"requeued": 0}));
 }

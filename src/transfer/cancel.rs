@@ -1,0 +1,52 @@
+//! Cancels: PENDING -> CANCELLED, one guarded UPDATE.
+//!
+//! The guard `status = 'PENDING'` is in the UPDATE itself: a cancel racing the
+//! worker that is applying the same transfer waits for the worker's row lock,
+//! then PostgreSQL re-checks the guard on the committed row (now SUCCEEDED or
+//! FAILED) and updates nothing. The `transfer.cancelled` event is inserted by
+//! the same statement from the rows actually updated, so a cancel that came
+//! too late writes nothing and exits 3 naming the state it found.
+
+use serde::Serialize;
+use sqlx::{Acquire, Postgres};
+
+use crate::error::{Error, Result};
+use crate::transfer::TransferId;
+
+/// What `cancel` prints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Cancelled {
+    pub transfer_id: TransferId,
+    pub status: String,
+}
+
+pub async fn cancel<'a, A>(db: A, id: TransferId) -> Result<Cancelled>
+where
+    A: Acquire<'a, Database = Postgres>,
+{
+    let mut conn = db.acquire().await?;
+    let cancelled: Option<i64> = sqlx::query_scalar(
+        "WITH cancelled AS (
+             UPDATE transfers t SET status = 'CANCELLED', applied_at = now()
+              WHERE t.id = $1 AND t.status = 'PENDING'
+          RETURNING t AS row
+         )
+         INSERT INTO outbox (transfer_id, event_type, data)
+         SELECT (row).id, 'transfer.cancelled', transfer_event_data(row, 'transfer.cancelled') FROM cancelled
+         RETURNING transfer_id",
+    )
+    .bind(id.0)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if cancelled.is_some() {
+        return Ok(Cancelled { transfer_id: id, status: "CANCELLED".into() });
+    }
+    let status: Option<String> =
+        sqlx::query_scalar("SELECT status FROM transfers WHERE id = $1").bind(id.0).fetch_optional(&mut *conn).await?;
+    Err(match status {
+        None => Error::NotFound { what: "transfer", id: id.0 },
+        Some(status) => Error::not_applied(format!(
+            "transfer {id} is {status}; only a PENDING transfer can be cancelled; nothing written"
+        )),
+    })
+}

@@ -1,0 +1,103 @@
+//! Refund requests: NONE -> REQUESTED, one guarded UPDATE.
+//!
+//! A refund is accepted only for a SUCCEEDED transfer whose refund_status is
+//! NONE, for 0 < amount <= the transfer's amount. The request first takes the
+//! transfer's row lock, then runs one UPDATE with that guard in its WHERE
+//! clause and checks what it updated. The lock comes first because a
+//! READ COMMITTED UPDATE skips, without waiting, a row whose snapshot version
+//! fails its WHERE: a refund asked for while the worker is applying the
+//! transfer would otherwise see PENDING and give up. Locking makes it wait for
+//! the worker's commit, and the UPDATE, a new statement, then judges the
+//! committed row. Two requests at once serialize the same way: the second
+//! finds REQUESTED and updates nothing. The `refund.requested` event is
+//! inserted by the same statement, from the rows it actually updated, so a
+//! request that did not apply writes nothing. Completing the refund (moving
+//! the money back) is the worker's: see [`crate::transfer::apply::Step::Refund`].
+
+use serde::Serialize;
+use sqlx::{Acquire, PgConnection, Postgres};
+
+use crate::error::{Error, Result};
+use crate::transfer::{Amount, TransferId};
+use crate::wake;
+
+/// What `refund` prints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RefundRequested {
+    pub transfer_id: TransferId,
+    pub refund_status: String,
+    pub refund_amount: i64,
+}
+
+/// Requests a refund of `amount` (the full amount if `None`).
+pub async fn request_refund<'a, A>(db: A, id: TransferId, amount: Option<Amount>) -> Result<RefundRequested>
+where
+    A: Acquire<'a, Database = Postgres>,
+{
+    // A transaction of its own, or a savepoint inside the caller's.
+    let mut tx = db.begin().await?;
+    let exists: Option<i64> = sqlx::query_scalar("SELECT id FROM transfers WHERE id = $1 FOR UPDATE")
+        .bind(id.0)
+        .fetch_optional(&mut *tx)
+        .await?;
+    if exists.is_none() {
+        tx.rollback().await?;
+        return Err(Error::NotFound { what: "transfer", id: id.0 });
+    }
+    let requested: Option<(i64, i64)> = sqlx::query_as(
+        "WITH requested AS (
+             UPDATE transfers t
+                SET refund_status = 'REQUESTED', refund_amount = COALESCE($2, t.amount),
+                    refund_requested_at = now(), attempts = 0, next_attempt_at = now(), last_error = NULL
+              WHERE t.id = $1 AND t.status = 'SUCCEEDED' AND t.refund_status = 'NONE'
+                AND COALESCE($2, t.amount) <= t.amount
+          RETURNING t AS row
+         ), event AS (
+             INSERT INTO outbox (transfer_id, event_type, data)
+             SELECT (row).id, 'refund.requested', transfer_event_data(row, 'refund.requested') FROM requested
+         )
+         SELECT (row).id, (row).refund_amount FROM requested",
+    )
+    .bind(id.0)
+    .bind(amount.map(Amount::get))
+    .fetch_optional(&mut *tx)
+    .await?;
+    match requested {
+        Some((id, refund_amount)) => {
+            wake::notify(&mut tx, wake::Work::Refund).await?;
+            tx.commit().await?;
+            Ok(RefundRequested { transfer_id: TransferId(id), refund_status: "REQUESTED".into(), refund_amount })
+        }
+        None => {
+            let err = why_not(&mut tx, id, amount).await?;
+            tx.rollback().await?;
+            Err(err)
+        }
+    }
+}
+
+/// The error for a refund that did not apply, from the transfer's current state.
+async fn why_not(conn: &mut PgConnection, id: TransferId, amount: Option<Amount>) -> Result<Error> {
+    let current: Option<(String, String, i64)> =
+        sqlx::query_as("SELECT status, refund_status, amount FROM transfers WHERE id = $1")
+            .bind(id.0)
+            .fetch_optional(conn)
+            .await?;
+    let Some((status, refund_status, transfer_amount)) = current else {
+        return Ok(Error::NotFound { what: "transfer", id: id.0 });
+    };
+    if let Some(a) = amount.filter(|a| a.get() > transfer_amount) {
+        return Ok(Error::invalid(format!(
+            "refund amount {a} exceeds transfer {id}'s amount {transfer_amount}; nothing written"
+        )));
+    }
+    Ok(if refund_status != "NONE" {
+        Error::not_applied(format!(
+            "transfer {id} already has a refund (refund_status {refund_status}); nothing written"
+        ))
+    } else {
+        Error::not_applied(format!(
+            "transfer {id} is {status}; only a SUCCEEDED transfer can be refunded; nothing written"
+        ))
+    })
+}
