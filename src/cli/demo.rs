@@ -1,9 +1,11 @@
 //! `demo`: the whole flow on the local services, printed for a newcomer.
 //!
 //! It migrates, opens three fresh accounts, enqueues transfers (one without
-//! funds, one duplicate key), runs the worker in this process until the
-//! transfers are applied and their events published to a queue of its own,
-//! receives the events back from SQS and prints them, then the balances.
+//! funds, one repeated with the same idempotency key, one cancelled while
+//! still pending), runs the worker in this process, then asks for a partial
+//! refund, a duplicate refund and a cancel that comes too late, waits until
+//! everything is applied and published to a queue of its own, receives the
+//! events back from SQS, and prints them with the balances and outcomes.
 
 use std::time::Duration;
 
@@ -16,7 +18,9 @@ use crate::account::{self, AccountId};
 use crate::error::{Error, Result};
 use crate::outbox::sqs::{Publisher, SqsConfig};
 use crate::outbox::EventBody;
+use crate::transfer::cancel::cancel;
 use crate::transfer::enqueue::{enqueue, NewTransfer};
+use crate::transfer::refund::request_refund;
 use crate::transfer::{Amount, IdempotencyKey};
 use crate::worker::{self, WorkerConfig};
 
@@ -59,39 +63,54 @@ pub async fn run(database_url: &Option<String>, args: DemoArgs) -> Result<()> {
 
     println!("== enqueue");
     let tag = std::process::id();
+    let key = |n: u32| IdempotencyKey::new(format!("demo-{tag}-{n}")).map_err(Error::invalid);
     let requests = [
-        ("alice pays bob 300", alice, bob, 300, format!("demo-{tag}-1")),
-        ("bob pays carol 200", bob, carol, 200, format!("demo-{tag}-2")),
-        ("carol pays alice 5000 (she has nowhere near that)", carol, alice, 5_000, format!("demo-{tag}-3")),
-        ("alice pays bob 300 again, same key (a retried request)", alice, bob, 300, format!("demo-{tag}-1")),
+        ("alice pays bob 300", alice, bob, 300, 1),
+        ("bob pays carol 200", bob, carol, 200, 2),
+        ("carol pays alice 5000 (she has nowhere near that)", carol, alice, 5_000, 3),
+        ("alice pays bob 300 again, same key (a retried request)", alice, bob, 300, 1),
+        ("alice pays carol 50 (cancelled below, before the worker runs)", alice, carol, 50, 4),
     ];
     let mut ids = Vec::new();
-    for (what, from, to, amount, key) in requests {
-        let t = NewTransfer::new(
-            from,
-            to,
-            Amount::new(amount).map_err(Error::invalid)?,
-            Some(IdempotencyKey::new(key).map_err(Error::invalid)?),
-        )?;
+    for (what, from, to, amount, n) in requests {
+        let t = NewTransfer::new(from, to, Amount::new(amount).map_err(Error::invalid)?, Some(key(n)?))?;
         let e = enqueue(&pool, &t).await?;
-        println!("   {what:<58} -> transfer {} {} (created: {})", e.transfer_id, e.status, e.created);
+        println!("   {what:<62} -> transfer {} {} (created: {})", e.transfer_id, e.status, e.created);
         if e.created {
-            ids.push(e.transfer_id.0);
+            ids.push(e.transfer_id);
         }
     }
+    let (first, to_cancel) = (ids[0], ids[3]);
+    show("cancel the 50 while it is PENDING", cancel(&pool, to_cancel).await.map(|c| c.status));
 
     println!("== worker running");
     let shutdown = CancellationToken::new();
     let publisher = Publisher::from_env(&sqs_config(queue_url.clone())).await;
     let config = WorkerConfig { poll_interval: Duration::from_millis(100), ..WorkerConfig::default() };
     let worker = tokio::spawn(worker::run(pool.clone(), publisher, config, shutdown.clone()));
-    wait_until_published(&pool, &ids, deadline).await?;
+    let raw_ids: Vec<i64> = ids.iter().map(|t| t.0).collect();
+    wait_until_settled(&pool, &raw_ids, deadline).await?;
+
+    println!("== requests after the worker applied the transfers");
+    show(
+        "refund 100 of alice -> bob 300",
+        request_refund(&pool, first, Some(Amount::new(100).map_err(Error::invalid)?))
+            .await
+            .map(|r| format!("{} {}", r.refund_status, r.refund_amount)),
+    );
+    show("refund it again (a double click)", request_refund(&pool, first, None).await.map(|r| r.refund_status));
+    show("cancel bob -> carol 200, too late", cancel(&pool, ids[1]).await.map(|c| c.status));
+    wait_until_settled(&pool, &raw_ids, deadline).await?;
     shutdown.cancel();
     worker.await.map_err(|e| Error::Sqs(format!("worker task failed: {e}")))??;
+    let expected: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE transfer_id = ANY($1)")
+        .bind(&raw_ids)
+        .fetch_one(&pool)
+        .await?;
 
     println!("== events received from SQS");
     let mut received = Vec::new();
-    while received.len() < ids.len() && Instant::now() < deadline {
+    while (received.len() as i64) < expected && Instant::now() < deadline {
         let out = probe
             .client()
             .receive_message()
@@ -106,6 +125,10 @@ pub async fn run(database_url: &Option<String>, args: DemoArgs) -> Result<()> {
             let body: EventBody = serde_json::from_str(m.body().unwrap_or_default())
                 .map_err(|e| Error::Sqs(format!("unexpected message body: {e}")))?;
             println!("   {:<20} transfer {:<6} {}", body.event_type, body.transfer_id, body.data);
+            // Delete what we consumed, as a real consumer would.
+            if let Some(handle) = m.receipt_handle() {
+                let _ = probe.client().delete_message().queue_url(&queue_url).receipt_handle(handle).send().await;
+            }
             received.push(body);
         }
     }
@@ -115,21 +138,46 @@ pub async fn run(database_url: &Option<String>, args: DemoArgs) -> Result<()> {
     for (id, name) in [(alice, "alice"), (bob, "bob"), (carol, "carol")] {
         println!("   {name:<5} {}", account::show(&pool, id).await?.balance);
     }
-    println!("== {} transfers applied, {} events received", ids.len(), received.len());
-    if received.len() < ids.len() {
-        return Err(Error::Sqs(format!("expected {} events from SQS, received {}", ids.len(), received.len())));
+    println!("== outcomes");
+    let outcomes: Vec<(i64, i64, i64, i64, String, Option<String>, String, Option<i64>)> = sqlx::query_as(
+        "SELECT id, from_account, to_account, amount, status, failure_reason, refund_status, refund_amount
+           FROM transfers WHERE id = ANY($1) ORDER BY id",
+    )
+    .bind(&raw_ids)
+    .fetch_all(&pool)
+    .await?;
+    for (id, from, to, amount, status, reason, refund, refund_amount) in outcomes {
+        let reason = reason.map(|r| format!(" ({r})")).unwrap_or_default();
+        let refund = match refund_amount {
+            Some(a) => format!(", refund {a} {refund}"),
+            None => String::new(),
+        };
+        println!("   transfer {id:<6} {from} -> {to} {amount:>5}: {status}{reason}{refund}");
+    }
+    println!("== {} events written, {} received from SQS", expected, received.len());
+    if (received.len() as i64) < expected {
+        return Err(Error::Sqs(format!("expected {expected} events from SQS, received {}", received.len())));
     }
     Ok(())
+}
+
+/// Prints how a request went, the way the CLI would answer it.
+fn show(what: &str, result: Result<String>) {
+    match result {
+        Ok(state) => println!("   {what:<40} -> {state}"),
+        Err(e) => println!("   {what:<40} -> refused (exit {}): {e}", e.exit_code() as u8),
+    }
 }
 
 fn sqs_config(queue_url: String) -> SqsConfig {
     SqsConfig { queue_url, call_timeout: Duration::from_secs(10), concurrency: 4 }
 }
 
-async fn wait_until_published(pool: &PgPool, ids: &[i64], deadline: Instant) -> Result<()> {
+/// Waits until none of `ids` waits for the worker and all their events are published.
+async fn wait_until_settled(pool: &PgPool, ids: &[i64], deadline: Instant) -> Result<()> {
     loop {
         let waiting: i64 = sqlx::query_scalar(
-            "SELECT (SELECT count(*) FROM transfers WHERE id = ANY($1) AND status = 'PENDING')
+            "SELECT (SELECT count(*) FROM transfers WHERE id = ANY($1) AND (status = 'PENDING' OR refund_status = 'REQUESTED'))
                   + (SELECT count(*) FROM outbox WHERE transfer_id = ANY($1) AND state <> 'published')",
         )
         .bind(ids)

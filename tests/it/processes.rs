@@ -91,3 +91,80 @@ async fn sigkill_mid_work_then_restart_loses_nothing_and_applies_nothing_twice()
     db.assert_invariants(20_000, &opening).await;
     assert_one_event_per_transfer(&db, &queue, 3_000).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_2000_transfers_with_refunds_and_cancels_on_two_processes_match_the_fifo_queue_exactly() {
+    use rand::{Rng, SeedableRng};
+    use transfer_worker::transfer::cancel::cancel;
+    use transfer_worker::transfer::refund::request_refund;
+    use transfer_worker::transfer::{Amount, TransferId};
+
+    let db = TestDb::new().await;
+    let queue = TestQueue::new(true).await;
+    let opening = seed(&db, 20, 1_000, 2_000, 21).await;
+    let (first, last): (i64, i64) =
+        sqlx::query_as("SELECT min(id), max(id) FROM transfers").fetch_one(&db.pool).await.unwrap();
+    let args = ["--workers", "4", "--batch-size", "20"];
+    let mut a = KillOnDrop(db.spawn_worker(&queue.url, &args));
+    let mut b = KillOnDrop(db.spawn_worker(&queue.url, &args));
+
+    // Four clients cancel and refund random transfers while the workers run:
+    // many requests come too late, or twice, and must not apply.
+    let clients: Vec<_> = (0..4u64)
+        .map(|c| {
+            let pool = db.pool.clone();
+            tokio::spawn(async move {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(100 + c);
+                let (mut applied, mut refused) = (0, 0);
+                for _ in 0..150 {
+                    let id = TransferId(rng.gen_range(first..=last));
+                    let result = if rng.gen_bool(0.3) {
+                        cancel(&pool, id).await.map(|_| ())
+                    } else {
+                        let amount = if rng.gen_bool(0.5) { None } else { Some(Amount::new(1).unwrap()) };
+                        request_refund(&pool, id, amount).await.map(|_| ())
+                    };
+                    match result {
+                        Ok(()) => applied += 1,
+                        Err(transfer_worker::Error::NotApplied(_)) => refused += 1,
+                        Err(e) => panic!("unexpected error: {e:?}"),
+                    }
+                    tokio::time::sleep(Duration::from_millis(rng.gen_range(0..5))).await;
+                }
+                (applied, refused)
+            })
+        })
+        .collect();
+    let (mut applied, mut refused) = (0, 0);
+    for c in clients {
+        let (a, r) = c.await.unwrap();
+        applied += a;
+        refused += r;
+    }
+    assert!(applied > 0 && refused > 0, "both outcomes happened: {applied} applied, {refused} refused");
+
+    wait_for("everything applied and published", Duration::from_secs(180), || db.settled()).await;
+    signal(&a.0, "TERM");
+    signal(&b.0, "TERM");
+    assert!(wait_exit(&mut a.0, Duration::from_secs(30)).await.success());
+    assert!(wait_exit(&mut b.0, Duration::from_secs(30)).await.success());
+
+    db.assert_invariants(20_000, &opening).await;
+    assert!(db.scalar("SELECT count(*) FROM transfers WHERE refund_status = 'COMPLETED'").await > 0);
+    assert!(db.scalar("SELECT count(*) FROM transfers WHERE status = 'CANCELLED'").await > 0);
+
+    // The FIFO queue holds exactly the outbox, each transfer's events in order.
+    let outbox: Vec<(i64, String)> =
+        sqlx::query_as("SELECT transfer_id, event_id::text FROM outbox ORDER BY id").fetch_all(&db.pool).await.unwrap();
+    let mut want: HashMap<i64, Vec<String>> = HashMap::new();
+    for (t, e) in outbox.iter().cloned() {
+        want.entry(t).or_default().push(e);
+    }
+    let received = queue.receive(outbox.len(), Duration::from_secs(2)).await;
+    assert_eq!(received.len(), outbox.len(), "exactly once");
+    let mut got: HashMap<i64, Vec<String>> = HashMap::new();
+    for e in received {
+        got.entry(e.transfer_id).or_default().push(e.event_id);
+    }
+    assert_eq!(got, want, "per-transfer order on SQS is the order written");
+}
