@@ -199,6 +199,13 @@ async fn a_plain_sql_insert_gets_defaults_and_bad_rows_are_rejected_by_the_datab
         let err = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&db.pool).await.unwrap_err();
         assert_eq!(transfer_worker::db::violated_constraint(&err), Some(constraint), "{values}: {err}");
     }
+    let err = sqlx::query(
+        "INSERT INTO transfers (id, idempotency_key, from_account, to_account, amount) VALUES (99, 'x', 1, 2, 5)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap_err();
+    assert_eq!(transfer_worker::db::sqlstate(&err).as_deref(), Some("428C9"), "ids come from the sequence only: {err}");
     let err = sqlx::query("UPDATE transfers SET status = 'DONE'").execute(&db.pool).await.unwrap_err();
     assert_eq!(transfer_worker::db::violated_constraint(&err), Some("transfers_status_known"));
     let err = sqlx::query("UPDATE accounts SET balance = -1 WHERE id = 1").execute(&db.pool).await.unwrap_err();

@@ -83,7 +83,8 @@ impl TestDb {
     pub fn spawn_worker(&self, queue_url: &str, extra: &[&str]) -> Child {
         Command::new(BIN)
             .arg("run")
-            .args(["--admin-addr", "127.0.0.1:0", "--poll-interval-ms", "100", "--backoff-max-ms", "1000"])
+            .args(["--poll-interval-ms", "100", "--backoff-max-ms", "1000"])
+            .env("TRANSFER_WORKER_ADMIN_ADDR", "127.0.0.1:0")
             .args(extra)
             .env("DATABASE_URL", &self.url)
             .env("SQS_QUEUE_URL", queue_url)

@@ -27,15 +27,15 @@ async fn seed_events(
     db.open_account(1, 0).await;
     db.open_account(2, 0).await;
     for t in 1..=transfers {
-        sqlx::query(
-            "INSERT INTO transfers (id, idempotency_key, from_account, to_account, amount, status)
-             VALUES ($1, $2, 1, 2, 10, 'SUCCEEDED')",
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO transfers (idempotency_key, from_account, to_account, amount, status)
+             VALUES ($1, 1, 2, 10, 'SUCCEEDED') RETURNING id",
         )
-        .bind(t)
         .bind(key(t))
-        .execute(&db.pool)
+        .fetch_one(&db.pool)
         .await
         .unwrap();
+        assert_eq!(id, t, "a fresh database numbers transfers from 1");
     }
     let mut written: HashMap<i64, Vec<String>> = HashMap::new();
     for round in 0..per_transfer {
@@ -301,4 +301,66 @@ async fn requeue_brings_a_dead_event_back_and_it_goes_out_before_the_events_it_h
     let of_1: Vec<&str> = received.iter().filter(|e| e.transfer_id == 1).map(|e| e.event_id.as_str()).collect();
     assert_eq!(of_1, vec![dead_id.as_str(), held.as_str()], "the requeued event first, then the one it held");
     assert_eq!(db.cli(&["outbox", "requeue"]).await.json(), serde_json::json!({"requeued": 0}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_sqs_never_holds_locks_on_transfers_or_accounts() {
+    use transfer_worker::transfer::apply::{Applier, ApplyConfig};
+    use transfer_worker::transfer::cancel::cancel;
+    use transfer_worker::transfer::refund::request_refund;
+    use transfer_worker::transfer::TransferId;
+
+    let db = TestDb::new().await;
+    let queue = TestQueue::new(false).await;
+    seed_events(&db, 5, 1, |t| format!("k-{t}")).await;
+    // A black hole: accepts connections and never answers.
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = hole.local_addr().unwrap();
+    let _holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hole.accept().await {
+            held.push(s);
+        }
+    });
+    let conf = queue.client.config().to_builder().endpoint_url(format!("http://{addr}")).build();
+    let mut config = sqs_config(&queue.url);
+    config.call_timeout = Duration::from_secs(4);
+    let hung = Arc::new(relay(&db, Publisher::new(aws_sdk_sqs::Client::from_conf(conf), &config), 100, 5));
+    let in_flight = tokio::spawn({
+        let hung = hung.clone();
+        async move { hung.run_once().await.unwrap() }
+    });
+    wait_for("the relay to be inside its send", Duration::from_secs(5), || async {
+        db.scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state = 'idle in transaction'")
+            .await
+            > 0
+    })
+    .await;
+
+    // Meanwhile the worker applies new transfers on the same accounts, and
+    // requests on the very transfers whose events the relay holds go through.
+    sqlx::query("UPDATE accounts SET balance = 100").execute(&db.pool).await.unwrap();
+    sqlx::query(
+        "INSERT INTO transfers (idempotency_key, from_account, to_account, amount) VALUES ('n1', 1, 2, 10), ('n2', 2, 1, 5)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    let applier = Applier::new(db.pool.clone(), ApplyConfig::default());
+    assert_eq!(applier.run_once().await.unwrap().succeeded, 2);
+    request_refund(&db.pool, TransferId(1), None).await.unwrap();
+    let n3: i64 = sqlx::query_scalar(
+        "INSERT INTO transfers (idempotency_key, from_account, to_account, amount) VALUES ('n3', 1, 2, 1) RETURNING id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    cancel(&db.pool, TransferId(n3)).await.unwrap();
+    assert!(applier.run_once().await.unwrap().succeeded >= 1, "the refund completes");
+    assert!(started.elapsed() < Duration::from_secs(3), "nothing waited for the hung SQS call");
+    assert!(!in_flight.is_finished(), "the relay was still waiting on SQS all along");
+
+    let c = in_flight.await.unwrap();
+    assert_eq!((c.unavailable, c.dead), (5, 0), "a timeout is an outage, not a rejection");
 }
