@@ -85,27 +85,80 @@ pub enum Step {
     Refund,
 }
 
+// Each step's SQL, assembled at compile time from its few differing parts
+// (the columns that say who pays whom, the waiting-state guard, the columns
+// it finishes) so the claim, per-row claim, finish and error bookkeeping of
+// the two steps cannot drift apart.
+macro_rules! step_sql {
+    (claim: $columns:literal, $guard:literal) => {
+        concat!(
+            "SELECT id, ",
+            $columns,
+            ", to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day
+               FROM transfers
+              WHERE ",
+            $guard,
+            " AND next_attempt_at <= now()
+              ORDER BY id
+              LIMIT $1
+                FOR UPDATE SKIP LOCKED"
+        )
+    };
+    (claim_one: $columns:literal, $guard:literal) => {
+        concat!(
+            "SELECT id, ",
+            $columns,
+            ", to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day
+               FROM transfers
+              WHERE id = $1 AND ",
+            $guard,
+            "
+                FOR UPDATE SKIP LOCKED"
+        )
+    };
+    (finish: $set:literal, $guard:literal, $event_prefix:literal, $state_column:literal) => {
+        concat!(
+            "WITH applied AS (
+                 UPDATE transfers t SET ",
+            $set,
+            "
+                   FROM unnest($1::bigint[], $2::text[], $3::text[]) AS o(id, state, reason)
+                  WHERE t.id = o.id AND t.",
+            $guard,
+            "
+              RETURNING t AS row
+             )
+             INSERT INTO outbox (transfer_id, event_type, data)
+             SELECT (a.row).id, e.event_type, transfer_event_data(a.row, e.event_type)
+               FROM applied a
+              CROSS JOIN LATERAL (SELECT '",
+            $event_prefix,
+            "' || lower((a.row).",
+            $state_column,
+            ") AS event_type) e
+              ORDER BY (a.row).id"
+        )
+    };
+    (record_error: $guard:literal) => {
+        concat!(
+            "UPDATE transfers SET attempts = attempts + 1, last_error = $2
+              WHERE id = $1 AND ",
+            $guard,
+            "
+          RETURNING attempts"
+        )
+    };
+}
+
 impl Step {
     /// The claim of a batch, in id order, skipping rows other workers hold.
     fn claim_sql(self) -> &'static str {
         match self {
             Step::Transfer => {
-                "SELECT id, from_account AS debit_account, to_account AS credit_account, amount,
-                        to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day
-                   FROM transfers
-                  WHERE status = 'PENDING' AND next_attempt_at <= now()
-                  ORDER BY id
-                  LIMIT $1
-                    FOR UPDATE SKIP LOCKED"
+                step_sql!(claim: "from_account AS debit_account, to_account AS credit_account, amount", "status = 'PENDING'")
             }
             Step::Refund => {
-                "SELECT id, to_account AS debit_account, from_account AS credit_account, refund_amount AS amount,
-                        to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day
-                   FROM transfers
-                  WHERE refund_status = 'REQUESTED' AND next_attempt_at <= now()
-                  ORDER BY id
-                  LIMIT $1
-                    FOR UPDATE SKIP LOCKED"
+                step_sql!(claim: "to_account AS debit_account, from_account AS credit_account, refund_amount AS amount", "refund_status = 'REQUESTED'")
             }
         }
     }
@@ -114,18 +167,10 @@ impl Step {
     fn claim_one_sql(self) -> &'static str {
         match self {
             Step::Transfer => {
-                "SELECT id, from_account AS debit_account, to_account AS credit_account, amount,
-                        to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day
-                   FROM transfers
-                  WHERE id = $1 AND status = 'PENDING'
-                    FOR UPDATE SKIP LOCKED"
+                step_sql!(claim_one: "from_account AS debit_account, to_account AS credit_account, amount", "status = 'PENDING'")
             }
             Step::Refund => {
-                "SELECT id, to_account AS debit_account, from_account AS credit_account, refund_amount AS amount,
-                        to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day
-                   FROM transfers
-                  WHERE id = $1 AND refund_status = 'REQUESTED'
-                    FOR UPDATE SKIP LOCKED"
+                step_sql!(claim_one: "to_account AS debit_account, from_account AS credit_account, refund_amount AS amount", "refund_status = 'REQUESTED'")
             }
         }
     }
@@ -134,50 +179,20 @@ impl Step {
     /// event per row that changed; `$1` ids, `$2` new states, `$3` reasons.
     fn finish_sql(self) -> &'static str {
         match self {
-            Step::Transfer => {
-                "WITH applied AS (
-                     UPDATE transfers t
-                        SET status = o.state, failure_reason = o.reason, applied_at = now()
-                       FROM unnest($1::bigint[], $2::text[], $3::text[]) AS o(id, state, reason)
-                      WHERE t.id = o.id AND t.status = 'PENDING'
-                  RETURNING t AS row
-                 )
-                 INSERT INTO outbox (transfer_id, event_type, data)
-                 SELECT (a.row).id, e.event_type, transfer_event_data(a.row, e.event_type)
-                   FROM applied a
-                  CROSS JOIN LATERAL (SELECT 'transfer.' || lower((a.row).status) AS event_type) e
-                  ORDER BY (a.row).id"
-            }
-            Step::Refund => {
-                "WITH applied AS (
-                     UPDATE transfers t
-                        SET refund_status = o.state, refund_failure_reason = o.reason, refund_applied_at = now()
-                       FROM unnest($1::bigint[], $2::text[], $3::text[]) AS o(id, state, reason)
-                      WHERE t.id = o.id AND t.refund_status = 'REQUESTED'
-                  RETURNING t AS row
-                 )
-                 INSERT INTO outbox (transfer_id, event_type, data)
-                 SELECT (a.row).id, e.event_type, transfer_event_data(a.row, e.event_type)
-                   FROM applied a
-                  CROSS JOIN LATERAL (SELECT 'refund.' || lower((a.row).refund_status) AS event_type) e
-                  ORDER BY (a.row).id"
-            }
+            Step::Transfer => step_sql!(finish:
+                "status = o.state, failure_reason = o.reason, applied_at = now()",
+                "status = 'PENDING'", "transfer.", "status"),
+            Step::Refund => step_sql!(finish:
+                "refund_status = o.state, refund_failure_reason = o.reason, refund_applied_at = now()",
+                "refund_status = 'REQUESTED'", "refund.", "refund_status"),
         }
     }
 
     /// Counts an unexpected error against a waiting row (guarded by its state).
     fn record_error_sql(self) -> &'static str {
         match self {
-            Step::Transfer => {
-                "UPDATE transfers SET attempts = attempts + 1, last_error = $2
-                  WHERE id = $1 AND status = 'PENDING'
-              RETURNING attempts"
-            }
-            Step::Refund => {
-                "UPDATE transfers SET attempts = attempts + 1, last_error = $2
-                  WHERE id = $1 AND refund_status = 'REQUESTED'
-              RETURNING attempts"
-            }
+            Step::Transfer => step_sql!(record_error: "status = 'PENDING'"),
+            Step::Refund => step_sql!(record_error: "refund_status = 'REQUESTED'"),
         }
     }
 

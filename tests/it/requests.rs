@@ -77,8 +77,16 @@ async fn wait_until_blocked(db: &TestDb, like: &'static str) {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refund_racing_the_worker_waits_for_it_then_applies_once() {
+/// Enqueues a transfer of 60 from account 1 (100) to 2 (0), holds the worker
+/// inside its transaction on it, sends `request` for it, checks the request
+/// waits on a lock while running `blocked_on`, then lets the worker commit and
+/// returns the request's result.
+async fn race_with_worker<F, Fut, T>(request: F, blocked_on: &'static str) -> (TestDb, TransferId, T)
+where
+    F: FnOnce(sqlx::PgPool, TransferId) -> Fut,
+    Fut: std::future::Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
     let db = TestDb::new().await;
     db.open_account(1, 100).await;
     db.open_account(2, 0).await;
@@ -86,14 +94,23 @@ async fn a_refund_racing_the_worker_waits_for_it_then_applies_once() {
     let (worker, blocker) = worker_holding(&db, 1).await;
 
     // The transfer is PENDING as far as anyone can see, and the worker is mid-way.
-    let pool = db.pool.clone();
-    let refund = tokio::spawn(async move { request_refund(&pool, id, None).await });
-    wait_until_blocked(&db, "SELECT id FROM transfers WHERE id = $1 FOR UPDATE%").await;
-    assert!(!refund.is_finished());
+    let pending = tokio::spawn(request(db.pool.clone(), id));
+    wait_until_blocked(&db, blocked_on).await;
+    assert!(!pending.is_finished(), "the request waits for the worker");
     blocker.commit().await.unwrap();
     worker.await.unwrap();
+    let result = pending.await.unwrap();
+    (db, id, result)
+}
 
-    let r = refund.await.unwrap().expect("the guard is re-checked on the committed row: SUCCEEDED, so it applies");
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_racing_the_worker_waits_for_it_then_applies_once() {
+    let (db, id, result) = race_with_worker(
+        |pool, id| async move { request_refund(&pool, id, None).await },
+        "SELECT id FROM transfers WHERE id = $1 FOR UPDATE%",
+    )
+    .await;
+    let r = result.expect("judged on the committed row: SUCCEEDED, so it applies");
     assert_eq!(r.refund_amount, 60);
     assert_eq!(status(&db, id).await, ("SUCCEEDED".into(), "REQUESTED".into()));
     assert_eq!(events(&db, id).await, vec!["transfer.succeeded", "refund.requested"]);
@@ -101,20 +118,9 @@ async fn a_refund_racing_the_worker_waits_for_it_then_applies_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_racing_the_worker_waits_for_it_then_does_not_apply() {
-    let db = TestDb::new().await;
-    db.open_account(1, 100).await;
-    db.open_account(2, 0).await;
-    let id = enqueue_sql(&db, "t", 1, 2, 60).await;
-    let (worker, blocker) = worker_holding(&db, 1).await;
-
-    let pool = db.pool.clone();
-    let cancelling = tokio::spawn(async move { cancel(&pool, id).await });
-    wait_until_blocked(&db, "%SET status = 'CANCELLED'%").await;
-    assert!(!cancelling.is_finished());
-    blocker.commit().await.unwrap();
-    worker.await.unwrap();
-
-    let err = cancelling.await.unwrap().unwrap_err();
+    let (db, id, result) =
+        race_with_worker(|pool, id| async move { cancel(&pool, id).await }, "%SET status = 'CANCELLED'%").await;
+    let err = result.unwrap_err();
     assert!(matches!(&err, Error::NotApplied(m) if m.contains("SUCCEEDED")), "{err:?}");
     assert_eq!(status(&db, id).await.0, "SUCCEEDED");
     assert_eq!(events(&db, id).await, vec!["transfer.succeeded"], "no event for the cancel that came too late");
