@@ -26,7 +26,7 @@ pub struct EnqueueArgs {
     /// Amount in minor units (> 0).
     #[arg(long, required_unless_present = "file", conflicts_with = "file", allow_negative_numbers = true)]
     amount: Option<Amount>,
-    /// Idempotency key (1-255 characters); a random one if omitted.
+    /// Idempotency key (1 character to 2 KiB); a random one if omitted.
     #[arg(long, conflicts_with = "file")]
     key: Option<IdempotencyKey>,
     /// Enqueue every line of this JSON-lines file (`-` = stdin), all or

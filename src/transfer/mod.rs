@@ -79,24 +79,24 @@ impl FromStr for Amount {
     }
 }
 
-/// The producer's idempotency key: 1 to 255 characters. The same key with the
-/// same parameters finds the transfer it created; with other parameters it is
-/// refused.
+/// The producer's idempotency key: 1 character to 2 KiB (UTF-8). The same
+/// key with the same parameters finds the transfer it created; with other
+/// parameters it is refused.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 #[serde(transparent)]
 pub struct IdempotencyKey(String);
 
 impl IdempotencyKey {
-    pub const MAX_CHARS: usize = 255;
+    /// The schema's bound (`transfers_idempotency_key_length`).
+    pub const MAX_BYTES: usize = 2048;
 
     pub fn new(key: impl Into<String>) -> Result<Self, String> {
         let key = key.into();
-        let chars = key.chars().count();
-        if chars == 0 {
+        if key.is_empty() {
             return Err("idempotency key must not be empty".into());
         }
-        if chars > Self::MAX_CHARS {
-            return Err(format!("idempotency key must be at most {} characters, got {chars}", Self::MAX_CHARS));
+        if key.len() > Self::MAX_BYTES {
+            return Err(format!("idempotency key must be at most {} bytes, got {}", Self::MAX_BYTES, key.len()));
         }
         if key.chars().any(char::is_control) {
             return Err("idempotency key must not contain control characters".into());

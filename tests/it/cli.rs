@@ -40,7 +40,7 @@ async fn enqueue_prints_the_contract_object_and_rejects_bad_input_writing_nothin
     let db = TestDb::new().await;
     db.open_account(1, 10).await;
     db.open_account(2, 0).await;
-    let long_key = "k".repeat(256);
+    let long_key = "k".repeat(2049);
     let cases: [(&[&str], &str); 9] = [
         (&["enqueue", "--from", "1", "--to", "3", "--amount", "5"], "account 3 does not exist"),
         (&["enqueue", "--from", "3", "--to", "1", "--amount", "5"], "account 3 does not exist"),
@@ -49,7 +49,7 @@ async fn enqueue_prints_the_contract_object_and_rejects_bad_input_writing_nothin
         (&["enqueue", "--from", "1", "--to", "2", "--amount", "-3"], "amount must be > 0"),
         (&["enqueue", "--from", "1", "--to", "2", "--amount", "1.5"], "whole number"),
         (&["enqueue", "--from", "1", "--amount", "5"], "--to"),
-        (&["enqueue", "--from", "1", "--to", "2", "--amount", "5", "--key", &long_key], "at most 255"),
+        (&["enqueue", "--from", "1", "--to", "2", "--amount", "5", "--key", &long_key], "at most 2048 bytes"),
         (&["enqueue", "--from", "1", "--to", "2", "--amount", "5", "--file", "x"], "cannot be used with"),
     ];
     for (args, needle) in cases {
@@ -59,6 +59,9 @@ async fn enqueue_prints_the_contract_object_and_rejects_bad_input_writing_nothin
     }
     assert_eq!(db.scalar("SELECT count(*) FROM transfers").await, 0);
 
+    let longest = "k".repeat(2048);
+    let out = db.cli(&["enqueue", "--from", "1", "--to", "2", "--amount", "5", "--key", &longest]).await;
+    assert_eq!(out.code, 0, "a 2 KiB key is fine: {out:?}");
     let out = db.cli(&["enqueue", "--from", "1", "--to", "2", "--amount", "5", "--key", "k-1"]).await;
     assert_eq!(out.code, 0);
     let v = out.json();

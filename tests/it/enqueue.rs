@@ -194,6 +194,7 @@ async fn a_plain_sql_insert_gets_defaults_and_bad_rows_are_rejected_by_the_datab
         ("('b4', 1, 42, 5)", "transfers_to_account_fkey"),
         ("('b5', 42, 1, 5)", "transfers_from_account_fkey"),
         ("('', 1, 2, 5)", "transfers_idempotency_key_length"),
+        ("(repeat('x', 2049), 1, 2, 5)", "transfers_idempotency_key_length"),
     ] {
         let sql = format!("INSERT INTO transfers (idempotency_key, from_account, to_account, amount) VALUES {values}");
         let err = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&db.pool).await.unwrap_err();

@@ -192,7 +192,7 @@ async fn a_rejected_entry_is_retried_alone_then_dead_and_holds_only_its_own_tran
     // SQS rejects (per entry, SenderFault) messages over the queue's maximum
     // size; transfer 1's key makes its events larger than 1 KiB.
     let queue = TestQueue::with_attributes(false, &[(QueueAttributeName::MaximumMessageSize, "1024")]).await;
-    let huge_key = "\u{1D11E}".repeat(255);
+    let huge_key = "k".repeat(1100);
     seed_events(&db, 6, 1, |t| if t == 1 { huge_key.clone() } else { format!("k-{t}") }).await;
     let later_of_1 = add_event(&db, 1, "refund.requested").await;
     let r = relay(&db, queue.publisher().await, 100, 2);
@@ -259,7 +259,7 @@ async fn events_go_out_again_after_a_crash_between_send_and_commit_and_fifo_drop
 async fn requeue_brings_a_dead_event_back_and_it_goes_out_before_the_events_it_held() {
     let db = TestDb::new().await;
     let queue = TestQueue::with_attributes(true, &[(QueueAttributeName::MaximumMessageSize, "1024")]).await;
-    let huge_key = "\u{1D11E}".repeat(255);
+    let huge_key = "k".repeat(1100);
     let written = seed_events(&db, 2, 1, |t| if t == 1 { huge_key.clone() } else { format!("k-{t}") }).await;
     let held = add_event(&db, 1, "refund.requested").await;
     let r = relay(&db, queue.publisher().await, 100, 1);
