@@ -11,15 +11,20 @@
 //!   shares; [`wake`] LISTEN/NOTIFY; [`shutdown`] signals; [`retry`] backoff;
 //! - [`db`]: pool, migrations, error classification; [`error`]: the error type
 //!   and exit codes; [`status`]: the `status` command's counts;
+//! - [`lab`]: the concurrency-strategy experiment; [`bench`]: the benchmark;
+//!   both on a [`scratch`] database;
 //! - [`cli`]: the command line, one file per command.
 
 pub mod account;
 pub mod admin;
+pub mod bench;
 pub mod cli;
 pub mod db;
 pub mod error;
+pub mod lab;
 pub mod outbox;
 pub mod retry;
+pub mod scratch;
 pub mod service;
 pub mod shutdown;
 pub mod status;

@@ -139,26 +139,38 @@ pub async fn run(database_url: &Option<String>, args: DemoArgs) -> Result<()> {
         println!("   {name:<5} {}", account::show(&pool, id).await?.balance);
     }
     println!("== outcomes");
-    let outcomes: Vec<(i64, i64, i64, i64, String, Option<String>, String, Option<i64>)> = sqlx::query_as(
+    let outcomes: Vec<OutcomeRow> = sqlx::query_as(
         "SELECT id, from_account, to_account, amount, status, failure_reason, refund_status, refund_amount
            FROM transfers WHERE id = ANY($1) ORDER BY id",
     )
     .bind(&raw_ids)
     .fetch_all(&pool)
     .await?;
-    for (id, from, to, amount, status, reason, refund, refund_amount) in outcomes {
-        let reason = reason.map(|r| format!(" ({r})")).unwrap_or_default();
-        let refund = match refund_amount {
-            Some(a) => format!(", refund {a} {refund}"),
-            None => String::new(),
-        };
-        println!("   transfer {id:<6} {from} -> {to} {amount:>5}: {status}{reason}{refund}");
+    for t in outcomes {
+        let reason = t.failure_reason.map(|r| format!(" ({r})")).unwrap_or_default();
+        let refund = t.refund_amount.map(|a| format!(", refund {a} {}", t.refund_status)).unwrap_or_default();
+        println!(
+            "   transfer {:<6} {} -> {} {:>5}: {}{reason}{refund}",
+            t.id, t.from_account, t.to_account, t.amount, t.status
+        );
     }
     println!("== {} events written, {} received from SQS", expected, received.len());
     if (received.len() as i64) < expected {
         return Err(Error::Sqs(format!("expected {expected} events from SQS, received {}", received.len())));
     }
     Ok(())
+}
+
+#[derive(sqlx::FromRow)]
+struct OutcomeRow {
+    id: i64,
+    from_account: i64,
+    to_account: i64,
+    amount: i64,
+    status: String,
+    failure_reason: Option<String>,
+    refund_status: String,
+    refund_amount: Option<i64>,
 }
 
 /// Prints how a request went, the way the CLI would answer it.

@@ -4,9 +4,11 @@
 //! input, 3 not applied).
 
 mod account;
+mod bench;
 mod cancel;
 mod demo;
 mod enqueue;
+mod lab;
 mod outbox;
 mod refund;
 mod run;
@@ -52,6 +54,10 @@ pub enum Command {
     Status(status::StatusArgs),
     /// An end-to-end run on the local services that shows the whole flow.
     Demo(demo::DemoArgs),
+    /// The concurrency-strategy experiment (lost updates, retries, throughput).
+    Lab(lab::LabArgs),
+    /// The benchmark: apply and relay throughput and latency, invariants checked.
+    Bench(bench::BenchArgs),
 }
 
 /// Runs the parsed command line.
@@ -71,16 +77,22 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Outbox(cmd) => outbox::run(&connect(&cli.database_url, 2).await?, cmd).await,
         Command::Status(args) => status::run(&connect(&cli.database_url, 2).await?, args).await,
         Command::Demo(args) => demo::run(&cli.database_url, args).await,
+        Command::Lab(args) => lab::run(&cli.database_url, args).await,
+        Command::Bench(args) => bench::run(&cli.database_url, args).await,
     }
+}
+
+/// The database URL, with a clear error when it is missing.
+pub(crate) fn require_database_url(database_url: &Option<String>) -> Result<&str> {
+    database_url
+        .as_deref()
+        .filter(|u| !u.is_empty())
+        .ok_or_else(|| Error::invalid("DATABASE_URL is not set (set it, or pass --database-url)"))
 }
 
 /// Opens a pool, with a clear error when DATABASE_URL is missing.
 pub(crate) async fn connect(database_url: &Option<String>, max_connections: u32) -> Result<PgPool> {
-    let url = database_url
-        .as_deref()
-        .filter(|u| !u.is_empty())
-        .ok_or_else(|| Error::invalid("DATABASE_URL is not set (set it, or pass --database-url)"))?;
-    crate::db::connect(url, max_connections).await
+    crate::db::connect(require_database_url(database_url)?, max_connections).await
 }
 
 /// Prints a value as one line of JSON on stdout.

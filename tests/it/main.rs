@@ -4,6 +4,7 @@
 mod apply;
 mod cli;
 mod enqueue;
+mod experiments;
 mod helpers;
 mod processes;
 mod relay;

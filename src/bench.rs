@@ -1,0 +1,291 @@
+//! `bench`: throughput and latency of the real code paths on a scratch
+//! database (and, for the relay, a scratch queue), with the invariants checked
+//! afterwards.
+//!
+//! - `apply`: N transfers are enqueued up front, then K apply tasks drain
+//!   them; `applied_per_s` = N / drain time; latency = enqueue to applied.
+//! - `relay`: the N transfers are applied first (untimed), then K relay tasks
+//!   publish their N events; `published_per_s` = N / publish time; latency =
+//!   event written to published.
+//! - `both`: the `run` process's loop (K apply tasks, one relay) from a full
+//!   queue; both rates, latency = enqueue to published.
+
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, Result};
+use crate::outbox::relay::{Relay, RelayConfig};
+use crate::outbox::sqs::{Publisher, SqsConfig};
+use crate::scratch::ScratchDb;
+use crate::transfer::apply::{Applier, ApplyConfig};
+use crate::worker::{self, WorkerConfig};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Apply,
+    Relay,
+    Both,
+}
+
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    pub transfers: usize,
+    pub accounts: usize,
+    pub workers: usize,
+    pub batch_size: i64,
+    pub mode: Mode,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Latency {
+    pub p50: f64,
+    pub p95: f64,
+    pub p99: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub mode: Mode,
+    pub transfers: usize,
+    pub accounts: usize,
+    pub workers: usize,
+    pub batch_size: i64,
+    /// Transfers applied per second (null when the mode does not apply).
+    pub applied_per_s: Option<f64>,
+    /// Events published per second (null when the mode does not publish).
+    pub published_per_s: Option<f64>,
+    /// Per-transfer latency in milliseconds (see the module docs per mode).
+    pub latency_ms: Latency,
+    pub elapsed_ms: f64,
+    /// Money conserved, no negative balance, one event per finished
+    /// transfer, and (relay, both) every event published.
+    pub invariants_ok: bool,
+}
+
+const OPENING_BALANCE: i64 = 1_000_000;
+
+pub async fn run(database_url: &str, config: &BenchConfig) -> Result<BenchReport> {
+    if config.accounts < 2 {
+        return Err(Error::invalid("bench needs at least 2 accounts"));
+    }
+    let scratch = ScratchDb::create(database_url, "transfer_worker_bench", config.workers as u32 * 2 + 8).await?;
+    let result = measure(&scratch.pool, config).await;
+    scratch.drop().await?;
+    result
+}
+
+async fn measure(pool: &PgPool, config: &BenchConfig) -> Result<BenchReport> {
+    crate::db::migrate(pool).await?;
+    seed(pool, config).await?;
+    let apply = ApplyConfig { batch_size: config.batch_size, ..ApplyConfig::default() };
+    let needs_sqs = config.mode != Mode::Apply;
+    let queue = if needs_sqs { Some(ScratchQueue::create().await?) } else { None };
+
+    let started = Instant::now();
+    let (applied_per_s, published_per_s, latency_sql) = match config.mode {
+        Mode::Apply => {
+            drain_apply(pool, &apply, config.workers).await?;
+            let s = started.elapsed().as_secs_f64();
+            (
+                Some(config.transfers as f64 / s),
+                None,
+                "SELECT (extract(epoch FROM applied_at - created_at) * 1000)::float8 FROM transfers",
+            )
+        }
+        Mode::Relay => {
+            drain_apply(pool, &apply, config.workers).await?;
+            let queue = queue.as_ref().expect("relay mode has a queue");
+            let started = Instant::now();
+            let relays: Vec<_> = (0..config.workers)
+                .map(|_| {
+                    let relay =
+                        Relay::new(pool.clone(), queue.publisher.clone(), RelayConfig::default(), Default::default());
+                    tokio::spawn(async move {
+                        while relay.run_once().await?.claimed > 0 {}
+                        Ok::<(), Error>(())
+                    })
+                })
+                .collect();
+            for r in relays {
+                r.await.map_err(|e| Error::invalid(format!("relay task failed: {e}")))??;
+            }
+            let s = started.elapsed().as_secs_f64();
+            (
+                None,
+                Some(config.transfers as f64 / s),
+                "SELECT (extract(epoch FROM published_at - occurred_at) * 1000)::float8 FROM outbox",
+            )
+        }
+        Mode::Both => {
+            let queue = queue.as_ref().expect("both mode has a queue");
+            let shutdown = CancellationToken::new();
+            let worker_config = WorkerConfig {
+                workers: config.workers,
+                apply,
+                poll_interval: Duration::from_millis(20),
+                ..WorkerConfig::default()
+            };
+            let running =
+                tokio::spawn(worker::run(pool.clone(), queue.publisher.clone(), worker_config, shutdown.clone()));
+            loop {
+                let left: i64 = sqlx::query_scalar(
+                    "SELECT (SELECT count(*) FROM transfers WHERE status = 'PENDING') + (SELECT count(*) FROM outbox WHERE state <> 'published')",
+                )
+                .fetch_one(pool)
+                .await?;
+                if left == 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            shutdown.cancel();
+            running.await.map_err(|e| Error::invalid(format!("worker failed: {e}")))??;
+            let (applied_s, published_s): (f64, f64) = sqlx::query_as(
+                "SELECT extract(epoch FROM (SELECT max(applied_at) FROM transfers) - (SELECT min(created_at) FROM transfers))::float8,
+                        extract(epoch FROM (SELECT max(published_at) FROM outbox) - (SELECT min(created_at) FROM transfers))::float8",
+            )
+            .fetch_one(pool)
+            .await?;
+            (
+                Some(config.transfers as f64 / applied_s.max(1e-9)),
+                Some(config.transfers as f64 / published_s.max(1e-9)),
+                "SELECT (extract(epoch FROM o.published_at - t.created_at) * 1000)::float8
+                   FROM outbox o JOIN transfers t ON t.id = o.transfer_id",
+            )
+        }
+    };
+    let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+    let mut samples: Vec<f64> = sqlx::query_scalar(latency_sql).fetch_all(pool).await?;
+    samples.sort_by(f64::total_cmp);
+    let invariants_ok = invariants_hold(pool, config).await?;
+    if let Some(q) = queue {
+        q.delete().await;
+    }
+    Ok(BenchReport {
+        mode: config.mode,
+        transfers: config.transfers,
+        accounts: config.accounts,
+        workers: config.workers,
+        batch_size: config.batch_size,
+        applied_per_s,
+        published_per_s,
+        latency_ms: Latency {
+            p50: percentile(&samples, 0.50),
+            p95: percentile(&samples, 0.95),
+            p99: percentile(&samples, 0.99),
+        },
+        elapsed_ms,
+        invariants_ok,
+    })
+}
+
+/// Accounts with a large balance, and N random transfers between them, by SQL.
+async fn seed(pool: &PgPool, config: &BenchConfig) -> Result<()> {
+    sqlx::query("INSERT INTO accounts (id, balance) SELECT g, $2 FROM generate_series(1, $1::bigint) g")
+        .bind(config.accounts as i64)
+        .bind(OPENING_BALANCE)
+        .execute(pool)
+        .await?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+    let accounts = config.accounts as i64;
+    for chunk_start in (0..config.transfers).step_by(10_000) {
+        let n = (config.transfers - chunk_start).min(10_000);
+        let (mut keys, mut from, mut to, mut amount) = (vec![], vec![], vec![], vec![]);
+        for i in 0..n {
+            let f = rng.gen_range(1..=accounts);
+            let t = (f + rng.gen_range(1..accounts) - 1) % accounts + 1;
+            keys.push(format!("bench-{}", chunk_start + i));
+            from.push(f);
+            to.push(t);
+            amount.push(rng.gen_range(1..=1_000i64));
+        }
+        sqlx::query(
+            "INSERT INTO transfers (idempotency_key, from_account, to_account, amount)
+             SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[])",
+        )
+        .bind(&keys)
+        .bind(&from)
+        .bind(&to)
+        .bind(&amount)
+        .execute(pool)
+        .await?;
+    }
+    Ok(())
+}
+
+async fn drain_apply(pool: &PgPool, config: &ApplyConfig, workers: usize) -> Result<()> {
+    let tasks: Vec<_> = (0..workers)
+        .map(|_| {
+            let applier = Applier::new(pool.clone(), config.clone());
+            tokio::spawn(async move {
+                while applier.run_once().await?.claimed > 0 {}
+                Ok::<(), Error>(())
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.map_err(|e| Error::invalid(format!("apply task failed: {e}")))??;
+    }
+    Ok(())
+}
+
+async fn invariants_hold(pool: &PgPool, config: &BenchConfig) -> Result<bool> {
+    let ok: bool = sqlx::query_scalar(
+        "SELECT (SELECT sum(balance) FROM accounts) = $1
+            AND NOT EXISTS (SELECT 1 FROM accounts WHERE balance < 0)
+            AND NOT EXISTS (SELECT 1 FROM transfers WHERE status = 'PENDING')
+            AND NOT EXISTS (SELECT 1 FROM transfers t
+                              LEFT JOIN (SELECT transfer_id, count(*) AS n FROM outbox GROUP BY transfer_id) o
+                                ON o.transfer_id = t.id
+                             WHERE COALESCE(o.n, 0) <> 1)
+            AND ($2 OR NOT EXISTS (SELECT 1 FROM outbox WHERE state <> 'published'))",
+    )
+    .bind(config.accounts as i64 * OPENING_BALANCE)
+    .bind(config.mode == Mode::Apply)
+    .fetch_one(pool)
+    .await?;
+    Ok(ok)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    (sorted[rank] * 1000.0).round() / 1000.0
+}
+
+/// A standard queue of the bench's own, deleted afterwards.
+struct ScratchQueue {
+    publisher: Publisher,
+    url: String,
+}
+
+impl ScratchQueue {
+    async fn create() -> Result<ScratchQueue> {
+        let config = |url: String| SqsConfig { queue_url: url, call_timeout: Duration::from_secs(10), concurrency: 8 };
+        let probe = Publisher::from_env(&config(String::new())).await;
+        let name = format!("transfer-worker-bench-{}-{:08x}", std::process::id(), rand::random::<u32>());
+        let url = probe
+            .client()
+            .create_queue()
+            .queue_name(name)
+            .send()
+            .await
+            .map_err(|e| {
+                Error::Sqs(format!("cannot create the bench queue: {}", aws_sdk_sqs::error::DisplayErrorContext(&e)))
+            })?
+            .queue_url
+            .unwrap_or_default();
+        Ok(ScratchQueue { publisher: Publisher::new(probe.client().clone(), &config(url.clone())), url })
+    }
+
+    async fn delete(self) {
+        let _ = self.publisher.client().delete_queue().queue_url(&self.url).send().await;
+    }
+}

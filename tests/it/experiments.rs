@@ -1,0 +1,56 @@
+//! `lab` and `bench`: their JSON is the contract's, their numbers add up.
+
+use crate::helpers::TestDb;
+
+#[tokio::test]
+async fn lab_reports_every_strategy_and_only_naive_loses_updates() {
+    let db = TestDb::new().await;
+    let out = db.cli(&["lab", "--workers", "6", "--increments", "40", "--json"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let v = out.json();
+    let strategies = v["strategies"].as_array().unwrap();
+    let names: Vec<&str> = strategies.iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["naive", "atomic", "for_update", "optimistic", "advisory", "serializable"]);
+    for s in strategies {
+        let (expected, actual, lost) =
+            (s["expected"].as_i64().unwrap(), s["actual"].as_i64().unwrap(), s["lost"].as_i64().unwrap());
+        assert_eq!(expected, 240);
+        assert_eq!(lost, expected - actual, "{s}");
+        assert!(s["elapsed_ms"].as_f64().unwrap() > 0.0 && s["ops_per_s"].as_f64().unwrap() > 0.0, "{s}");
+        assert!(s["retries"].as_u64().is_some(), "{s}");
+        if s["name"] != "naive" {
+            assert_eq!(actual, expected, "{} must not lose updates", s["name"]);
+        }
+    }
+    // Six tasks doing read-then-write on one row over the network: some
+    // increments are overwritten (the point of the experiment).
+    assert!(strategies[0]["lost"].as_i64().unwrap() > 0, "naive lost nothing: {}", strategies[0]);
+    let bad = db.cli(&["lab", "--workers", "0"]).await;
+    assert_eq!(bad.code, 2);
+}
+
+#[tokio::test]
+async fn bench_reports_rates_latency_and_invariants_for_each_mode() {
+    let db = TestDb::new().await;
+    for mode in ["apply", "relay", "both"] {
+        let out = db
+            .cli(&["bench", "--transfers", "600", "--accounts", "30", "--workers", "3", "--mode", mode, "--json"])
+            .await;
+        assert_eq!(out.code, 0, "{mode}: {out:?}");
+        let v = out.json();
+        assert_eq!(v["invariants_ok"], true, "{mode}: {v}");
+        assert_eq!(v["transfers"], 600);
+        let rate = |k: &str| v[k].as_f64();
+        match mode {
+            "apply" => assert!(rate("applied_per_s").unwrap() > 0.0 && v["published_per_s"].is_null()),
+            "relay" => assert!(rate("published_per_s").unwrap() > 0.0 && v["applied_per_s"].is_null()),
+            _ => assert!(rate("applied_per_s").unwrap() > 0.0 && rate("published_per_s").unwrap() > 0.0),
+        }
+        let l = &v["latency_ms"];
+        let (p50, p95, p99) = (l["p50"].as_f64().unwrap(), l["p95"].as_f64().unwrap(), l["p99"].as_f64().unwrap());
+        assert!(0.0 <= p50 && p50 <= p95 && p95 <= p99, "{mode}: {l}");
+    }
+    let bad = db.cli(&["bench", "--mode", "sideways"]).await;
+    assert_eq!(bad.code, 2);
+    assert_eq!(db.scalar("SELECT count(*) FROM transfers").await, 0, "bench never touches the real database's rows");
+}
