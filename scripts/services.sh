@@ -65,12 +65,21 @@ start_postgres() {
       -o "-p $pg_port -k $pg_dir -c listen_addresses=127.0.0.1 -c max_connections=400 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c shared_buffers=256MB" \
       start >/dev/null || { tail -20 "$pg_dir/log" >&2; die "PostgreSQL did not start"; }
   fi
-  if ! psql -h 127.0.0.1 -p "$pg_port" -U postgres -tAc "SELECT 1 FROM pg_database WHERE datname='$db_name'" | grep -q 1; then
-    psql -h 127.0.0.1 -p "$pg_port" -U postgres -qc "CREATE DATABASE $db_name" >/dev/null
+  local psql=psql
+  [ -x "$bin/psql" ] && psql=$bin/psql
+  if ! "$psql" -h 127.0.0.1 -p "$pg_port" -U postgres -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname='$db_name'" | grep -q 1; then
+    "$psql" -h 127.0.0.1 -p "$pg_port" -U postgres -d postgres -qc "CREATE DATABASE $db_name" >/dev/null
   fi
 }
 
-localstack_up() { curl -fsS -o /dev/null "http://127.0.0.1:$ls_port/_localstack/health" 2>/dev/null; }
+localstack_up() {
+  local url="http://127.0.0.1:$ls_port/_localstack/health"
+  if command -v curl >/dev/null; then
+    curl -fsS -o /dev/null "$url" 2>/dev/null
+  else
+    python3 -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)" "$url" 2>/dev/null
+  fi
+}
 
 localstack_venv() {
   local req=$repo/localstack/requirements.txt
