@@ -16,7 +16,7 @@ pub struct BenchArgs {
     /// Accounts the transfers move money between.
     #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u32).range(2..=10_000_000))]
     accounts: u32,
-    /// Apply tasks (and relay tasks in relay mode).
+    /// Apply tasks, and as many relay tasks (relay and both modes).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
     workers: u32,
     /// Transfers claimed per transaction.

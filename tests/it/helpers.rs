@@ -8,7 +8,7 @@ use std::future::Future;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use aws_sdk_sqs::types::QueueAttributeName;
+use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
 use rand::Rng;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
@@ -260,6 +260,7 @@ impl TestQueue {
                 .max_number_of_messages(10)
                 .wait_time_seconds(if out.len() < expected { 1 } else { 0 })
                 .message_attribute_names("All")
+                .message_system_attribute_names(MessageSystemAttributeName::All)
                 .send()
                 .await
                 .expect("receive");
@@ -279,6 +280,13 @@ impl TestQueue {
                 let body: EventBody = serde_json::from_str(m.body().unwrap()).expect("event body");
                 let attr = m.message_attributes().and_then(|a| a.get("event_type")).and_then(|v| v.string_value());
                 assert_eq!(attr, Some(body.event_type.as_str()), "event_type attribute matches the body");
+                if self.url.ends_with(".fifo") {
+                    let system = m.attributes().expect("system attributes");
+                    let group = system.get(&MessageSystemAttributeName::MessageGroupId);
+                    assert_eq!(group, Some(&body.transfer_id.to_string()), "MessageGroupId is the transfer id");
+                    let dedup = system.get(&MessageSystemAttributeName::MessageDeduplicationId);
+                    assert_eq!(dedup, Some(&body.event_id), "MessageDeduplicationId is the event_id");
+                }
                 out.push(body);
                 entries.push(
                     aws_sdk_sqs::types::DeleteMessageBatchRequestEntry::builder()
