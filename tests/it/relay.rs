@@ -324,7 +324,7 @@ async fn a_hung_sqs_never_holds_locks_on_transfers_or_accounts() {
     });
     let conf = queue.client.config().to_builder().endpoint_url(format!("http://{addr}")).build();
     let mut config = sqs_config(&queue.url);
-    config.call_timeout = Duration::from_secs(4);
+    config.call_timeout = Duration::from_secs(8);
     let hung = Arc::new(relay(&db, Publisher::new(aws_sdk_sqs::Client::from_conf(conf), &config), 100, 5));
     let in_flight = tokio::spawn({
         let hung = hung.clone();
@@ -346,7 +346,6 @@ async fn a_hung_sqs_never_holds_locks_on_transfers_or_accounts() {
     .execute(&db.pool)
     .await
     .unwrap();
-    let started = std::time::Instant::now();
     let applier = Applier::new(db.pool.clone(), ApplyConfig::default());
     assert_eq!(applier.run_once().await.unwrap().succeeded, 2);
     request_refund(&db.pool, TransferId(1), None).await.unwrap();
@@ -358,7 +357,8 @@ async fn a_hung_sqs_never_holds_locks_on_transfers_or_accounts() {
     .unwrap();
     cancel(&db.pool, TransferId(n3)).await.unwrap();
     assert!(applier.run_once().await.unwrap().succeeded >= 1, "the refund completes");
-    assert!(started.elapsed() < Duration::from_secs(3), "nothing waited for the hung SQS call");
+    // All of that finished while the relay was still inside its SQS call:
+    // nothing waited for it.
     assert!(!in_flight.is_finished(), "the relay was still waiting on SQS all along");
 
     let c = in_flight.await.unwrap();
