@@ -18,6 +18,23 @@ pub struct Status {
     /// Age in seconds of the oldest event not yet published (dead and held
     /// included); 0 when everything is published.
     pub oldest_unpublished_age_s: f64,
+    /// The oldest dead events (at most [`DEAD_SHOWN`]), for the operator to
+    /// fix and requeue; shown by `status`, not part of `status --json`.
+    #[serde(skip)]
+    pub dead_events: Vec<DeadEvent>,
+}
+
+/// How many dead events `status` lists.
+pub const DEAD_SHOWN: i64 = 10;
+
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct DeadEvent {
+    pub id: i64,
+    pub event_id: String,
+    pub transfer_id: i64,
+    pub event_type: String,
+    pub attempts: i32,
+    pub last_error: Option<String>,
 }
 
 /// The outbox's events, each counted once: `pending` (waiting for the relay),
@@ -67,7 +84,15 @@ pub async fn read(pool: &PgPool) -> Result<Status> {
     .fetch_one(pool)
     .await?;
 
-    Ok(Status { transfers, refunds, outbox, oldest_unpublished_age_s: oldest.max(0.0) })
+    let dead_events: Vec<DeadEvent> = sqlx::query_as(
+        "SELECT id, event_id::text AS event_id, transfer_id, event_type, attempts, last_error
+           FROM outbox WHERE state = 'dead' ORDER BY id LIMIT $1",
+    )
+    .bind(DEAD_SHOWN)
+    .fetch_all(pool)
+    .await?;
+
+    Ok(Status { transfers, refunds, outbox, oldest_unpublished_age_s: oldest.max(0.0), dead_events })
 }
 
 impl std::fmt::Display for Status {
@@ -77,6 +102,21 @@ impl std::fmt::Display for Status {
         writeln!(f, "refunds:   {}", line(&self.refunds))?;
         let o = &self.outbox;
         writeln!(f, "outbox:    pending {}, published {}, dead {}, held {}", o.pending, o.published, o.dead, o.held)?;
-        write!(f, "oldest unpublished event: {:.1} s", self.oldest_unpublished_age_s)
+        write!(f, "oldest unpublished event: {:.1} s", self.oldest_unpublished_age_s)?;
+        if !self.dead_events.is_empty() {
+            write!(f, "\ndead events (oldest first; `outbox requeue [--event ID]` once the cause is fixed):")?;
+            for e in &self.dead_events {
+                let error = e.last_error.as_deref().unwrap_or("");
+                write!(
+                    f,
+                    "\n  event {} ({}) {} of transfer {}, {} attempts: {error}",
+                    e.id, e.event_id, e.event_type, e.transfer_id, e.attempts
+                )?;
+            }
+            if self.outbox.dead > self.dead_events.len() as i64 {
+                write!(f, "\n  ... and {} more", self.outbox.dead - self.dead_events.len() as i64)?;
+            }
+        }
+        Ok(())
     }
 }

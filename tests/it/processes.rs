@@ -203,3 +203,38 @@ async fn the_admin_server_answers_probes_and_metrics() {
     signal(&w.0, "TERM");
     assert!(wait_exit(&mut w.0, Duration::from_secs(30)).await.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_survives_its_database_connections_being_killed_mid_work() {
+    let db = TestDb::new().await;
+    let queue = TestQueue::new(true).await;
+    let opening = seed(&db, 20, 1_000, 3_000, 31).await;
+    let mut w = KillOnDrop(db.spawn_worker(&queue.url, &["--workers", "4", "--batch-size", "5"]));
+    wait_for("the worker to be under way", Duration::from_secs(60), || async { finished(&db).await >= 100 }).await;
+    // What a PostgreSQL restart or failover does to the worker: every one of
+    // its connections dies mid-transaction (SQLSTATE 57P01 or an I/O error).
+    for _ in 0..3 {
+        let killed = db
+            .scalar(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                  WHERE datname = current_database() AND application_name = 'transfer-worker'",
+            )
+            .await;
+        assert!(killed > 0, "the worker's connections were found");
+        wait_for("the worker to reconnect", Duration::from_secs(30), || async {
+            db.scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database() AND application_name = 'transfer-worker'",
+            )
+            .await
+                > 0
+        })
+        .await;
+    }
+    wait_for("everything applied and published after the kills", Duration::from_secs(120), || db.settled()).await;
+    assert!(w.0.try_wait().unwrap().is_none(), "the worker kept running");
+    signal(&w.0, "TERM");
+    assert!(wait_exit(&mut w.0, Duration::from_secs(30)).await.success());
+    db.assert_invariants(20_000, &opening).await;
+    assert_one_event_per_transfer(&db, &queue, 3_000).await;
+}

@@ -225,6 +225,9 @@ async fn a_rejected_entry_is_retried_alone_then_dead_and_holds_only_its_own_tran
     assert_eq!(status["outbox"]["pending"], 0);
     assert_eq!(status["outbox"]["published"], 6);
     assert!(status["oldest_unpublished_age_s"].as_f64().unwrap() >= 0.0);
+    let human = db.cli(&["status"]).await.stdout;
+    assert!(human.contains("dead events"), "{human}");
+    assert!(human.contains("InvalidParameterValue"), "the operator sees why: {human}");
 
     let received = queue.receive(6, Duration::from_secs(1)).await;
     assert_eq!(received.len(), 6);
