@@ -17,7 +17,7 @@
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 
 use crate::db;
 use crate::error::Result;
@@ -129,9 +129,7 @@ async fn run_strategy(pool: &PgPool, strategy: Strategy, workers: usize, increme
 async fn increment(pool: &PgPool, strategy: Strategy, key: &str) -> Result<u64> {
     match strategy {
         Strategy::Naive => {
-            let v: i64 =
-                sqlx::query_scalar("SELECT value FROM lab_counters WHERE id = $1").bind(key).fetch_one(pool).await?;
-            sqlx::query("UPDATE lab_counters SET value = $2 WHERE id = $1").bind(key).bind(v + 1).execute(pool).await?;
+            read_then_write(&mut *pool.acquire().await?, key, false).await?;
             Ok(0)
         }
         Strategy::Atomic => {
@@ -140,15 +138,7 @@ async fn increment(pool: &PgPool, strategy: Strategy, key: &str) -> Result<u64> 
         }
         Strategy::ForUpdate => {
             let mut tx = pool.begin().await?;
-            let v: i64 = sqlx::query_scalar("SELECT value FROM lab_counters WHERE id = $1 FOR UPDATE")
-                .bind(key)
-                .fetch_one(&mut *tx)
-                .await?;
-            sqlx::query("UPDATE lab_counters SET value = $2 WHERE id = $1")
-                .bind(key)
-                .bind(v + 1)
-                .execute(&mut *tx)
-                .await?;
+            read_then_write(&mut tx, key, true).await?;
             tx.commit().await?;
             Ok(0)
         }
@@ -183,15 +173,7 @@ async fn increment(pool: &PgPool, strategy: Strategy, key: &str) -> Result<u64> 
                 .bind(key)
                 .execute(&mut *tx)
                 .await?;
-            let v: i64 = sqlx::query_scalar("SELECT value FROM lab_counters WHERE id = $1")
-                .bind(key)
-                .fetch_one(&mut *tx)
-                .await?;
-            sqlx::query("UPDATE lab_counters SET value = $2 WHERE id = $1")
-                .bind(key)
-                .bind(v + 1)
-                .execute(&mut *tx)
-                .await?;
+            read_then_write(&mut tx, key, false).await?;
             tx.commit().await?;
             Ok(0)
         }
@@ -212,11 +194,22 @@ async fn increment(pool: &PgPool, strategy: Strategy, key: &str) -> Result<u64> 
     }
 }
 
+/// The read-modify-write every strategy but `atomic` and `optimistic` makes:
+/// read the value (locking the row if `for_update`), write it plus one.
+async fn read_then_write(conn: &mut PgConnection, key: &str, for_update: bool) -> sqlx::Result<()> {
+    let read = if for_update {
+        "SELECT value FROM lab_counters WHERE id = $1 FOR UPDATE"
+    } else {
+        "SELECT value FROM lab_counters WHERE id = $1"
+    };
+    let v: i64 = sqlx::query_scalar(read).bind(key).fetch_one(&mut *conn).await?;
+    sqlx::query("UPDATE lab_counters SET value = $2 WHERE id = $1").bind(key).bind(v + 1).execute(&mut *conn).await?;
+    Ok(())
+}
+
 async fn serializable_increment(pool: &PgPool, key: &str) -> sqlx::Result<()> {
     let mut tx = pool.begin().await?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE").execute(&mut *tx).await?;
-    let v: i64 =
-        sqlx::query_scalar("SELECT value FROM lab_counters WHERE id = $1").bind(key).fetch_one(&mut *tx).await?;
-    sqlx::query("UPDATE lab_counters SET value = $2 WHERE id = $1").bind(key).bind(v + 1).execute(&mut *tx).await?;
+    read_then_write(&mut tx, key, false).await?;
     tx.commit().await
 }
