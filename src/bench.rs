@@ -55,10 +55,10 @@ pub struct BenchReport {
     pub accounts: usize,
     pub workers: usize,
     pub batch_size: i64,
-    /// Transfers applied per second (null when the mode does not apply).
-    pub applied_per_s: Option<f64>,
-    /// Events published per second (null when the mode does not publish).
-    pub published_per_s: Option<f64>,
+    /// Transfers applied per second (0 when the mode does not measure it).
+    pub applied_per_s: f64,
+    /// Events published per second (0 when the mode does not measure it).
+    pub published_per_s: f64,
     /// Per-transfer latency in milliseconds (see the module docs per mode).
     pub latency_ms: Latency,
     pub elapsed_ms: f64,
@@ -173,8 +173,8 @@ async fn measure(pool: &PgPool, config: &BenchConfig) -> Result<BenchReport> {
         accounts: config.accounts,
         workers: config.workers,
         batch_size: config.batch_size,
-        applied_per_s,
-        published_per_s,
+        applied_per_s: applied_per_s.unwrap_or(0.0),
+        published_per_s: published_per_s.unwrap_or(0.0),
         latency_ms: Latency {
             p50: percentile(&samples, 0.50),
             p95: percentile(&samples, 0.95),

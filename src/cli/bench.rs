@@ -43,7 +43,7 @@ pub async fn run(database_url: &Option<String>, args: BenchArgs) -> Result<()> {
     if args.json {
         print_json(&report);
     } else {
-        let rate = |r: Option<f64>| r.map(|r| format!("{r:.0}/s")).unwrap_or_else(|| "-".into());
+        let rate = |r: f64| if r > 0.0 { format!("{r:.0}/s") } else { "-".into() };
         println!(
             "mode {:?}: {} transfers, {} accounts, {} workers, batch {}",
             report.mode, report.transfers, report.accounts, report.workers, report.batch_size
