@@ -112,7 +112,7 @@ async fn measure(pool: &PgPool, config: &BenchConfig) -> Result<BenchReport> {
                 })
                 .collect();
             for r in relays {
-                r.await.map_err(|e| Error::invalid(format!("relay task failed: {e}")))??;
+                r.await.map_err(|e| Error::Failed(format!("relay task failed: {e}")))??;
             }
             let s = started.elapsed().as_secs_f64();
             (
@@ -145,7 +145,7 @@ async fn measure(pool: &PgPool, config: &BenchConfig) -> Result<BenchReport> {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             shutdown.cancel();
-            running.await.map_err(|e| Error::invalid(format!("worker failed: {e}")))??;
+            running.await.map_err(|e| Error::Failed(format!("worker failed: {e}")))??;
             let (applied_s, published_s): (f64, f64) = sqlx::query_as(
                 "SELECT extract(epoch FROM (SELECT max(applied_at) FROM transfers) - (SELECT min(created_at) FROM transfers))::float8,
                         extract(epoch FROM (SELECT max(published_at) FROM outbox) - (SELECT min(created_at) FROM transfers))::float8",
@@ -230,7 +230,7 @@ async fn drain_apply(pool: &PgPool, config: &ApplyConfig, workers: usize) -> Res
         })
         .collect();
     for t in tasks {
-        t.await.map_err(|e| Error::invalid(format!("apply task failed: {e}")))??;
+        t.await.map_err(|e| Error::Failed(format!("apply task failed: {e}")))??;
     }
     Ok(())
 }

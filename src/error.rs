@@ -38,6 +38,17 @@ pub enum Error {
     /// SQS failed in a way that is not the event's fault (an outage).
     #[error("SQS error: {0}")]
     Sqs(String),
+
+    /// A write did not change the rows it must have (e.g. a guarded update
+    /// under our own row lock matched fewer rows than claimed). The
+    /// transaction is rolled back rather than committed half-applied.
+    #[error("inconsistent write, rolled back: {0}")]
+    Inconsistent(String),
+
+    /// Anything else that went wrong (a task that panicked, a deadline that
+    /// passed). Exit code 1.
+    #[error("{0}")]
+    Failed(String),
 }
 
 /// How the process ends, per the contract's exit codes.
@@ -62,7 +73,9 @@ impl Error {
         match self {
             Error::Invalid(_) | Error::NotFound { .. } => ExitCode::BadInput,
             Error::NotApplied(_) => ExitCode::NotApplied,
-            Error::Database(_) | Error::Migrate(_) | Error::Sqs(_) => ExitCode::Failure,
+            Error::Database(_) | Error::Migrate(_) | Error::Sqs(_) | Error::Inconsistent(_) | Error::Failed(_) => {
+                ExitCode::Failure
+            }
         }
     }
 }

@@ -108,7 +108,7 @@ async fn run_strategy(pool: &PgPool, strategy: Strategy, workers: usize, increme
         .collect();
     let mut retries = 0;
     for t in tasks {
-        retries += t.await.map_err(|e| crate::Error::invalid(format!("lab task failed: {e}")))??;
+        retries += t.await.map_err(|e| crate::Error::Failed(format!("lab task failed: {e}")))??;
     }
     let elapsed = started.elapsed();
     let actual: i64 =

@@ -59,7 +59,7 @@ pub async fn run(database_url: &Option<String>, args: BenchArgs) -> Result<()> {
         );
     }
     if !report.invariants_ok {
-        return Err(crate::Error::invalid("bench: invariants violated"));
+        return Err(crate::Error::Failed("bench: invariants violated".into()));
     }
     Ok(())
 }

@@ -102,7 +102,7 @@ pub async fn run(database_url: &Option<String>, args: DemoArgs) -> Result<()> {
     show("cancel bob -> carol 200, too late", cancel(&pool, ids[1]).await.map(|c| c.status));
     wait_until_settled(&pool, &raw_ids, deadline).await?;
     shutdown.cancel();
-    worker.await.map_err(|e| Error::Sqs(format!("worker task failed: {e}")))??;
+    worker.await.map_err(|e| Error::Failed(format!("worker task failed: {e}")))??;
     let expected: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE transfer_id = ANY($1)")
         .bind(&raw_ids)
         .fetch_one(&pool)
@@ -199,7 +199,7 @@ async fn wait_until_settled(pool: &PgPool, ids: &[i64], deadline: Instant) -> Re
             return Ok(());
         }
         if Instant::now() >= deadline {
-            return Err(Error::Sqs("timed out waiting for the worker to apply and publish".into()));
+            return Err(Error::Failed("timed out waiting for the worker to apply and publish".into()));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

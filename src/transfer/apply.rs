@@ -369,10 +369,7 @@ async fn apply_claimed(conn: &mut PgConnection, step: Step, claimed: &[Claimed])
         .await?
         .rows_affected();
         if updated as usize != ids.len() {
-            return Err(Error::Database(sqlx::Error::Protocol(format!(
-                "expected to update {} accounts, updated {updated}",
-                ids.len()
-            ))));
+            return Err(Error::Inconsistent(format!("expected to update {} accounts, updated {updated}", ids.len())));
         }
     }
 
@@ -380,10 +377,7 @@ async fn apply_claimed(conn: &mut PgConnection, step: Step, claimed: &[Claimed])
     if applied != claimed.len() {
         // Cannot happen while we hold the row locks; if it does, roll back
         // rather than move money without its state change.
-        return Err(Error::Database(sqlx::Error::Protocol(format!(
-            "guarded update applied {applied} of {} claimed rows",
-            claimed.len()
-        ))));
+        return Err(Error::Inconsistent(format!("guarded update applied {applied} of {} claimed rows", claimed.len())));
     }
     let succeeded = plan.outcomes.iter().filter(|(_, o)| *o == Outcome::Succeeded).count();
     Ok(ApplyCounts { claimed: claimed.len(), succeeded, failed: claimed.len() - succeeded, errored: 0 })
