@@ -85,114 +85,163 @@ pub enum Step {
     Refund,
 }
 
-// Each step's SQL, assembled at compile time from its few differing parts
-// (the columns that say who pays whom, the waiting-state guard, the columns
-// it finishes) so the claim, per-row claim, finish and error bookkeeping of
-// the two steps cannot drift apart.
-macro_rules! step_sql {
-    (claim: $columns:literal, $guard:literal) => {
-        concat!(
-            "SELECT id, ",
-            $columns,
-            ", to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day
-               FROM transfers
-              WHERE ",
-            $guard,
-            " AND next_attempt_at <= now()
-              ORDER BY id
-              LIMIT $1
-                FOR UPDATE SKIP LOCKED"
-        )
-    };
-    (claim_one: $columns:literal, $guard:literal) => {
-        concat!(
-            "SELECT id, ",
-            $columns,
-            ", to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day
-               FROM transfers
-              WHERE id = $1 AND ",
-            $guard,
-            "
-                FOR UPDATE SKIP LOCKED"
-        )
-    };
-    (finish: $set:literal, $guard:literal, $event_prefix:literal, $state_column:literal) => {
-        concat!(
-            "WITH applied AS (
-                 UPDATE transfers t SET ",
-            $set,
-            "
-                   FROM unnest($1::bigint[], $2::text[], $3::text[]) AS o(id, state, reason)
-                  WHERE t.id = o.id AND t.",
-            $guard,
-            "
-              RETURNING t AS row
-             )
-             INSERT INTO outbox (transfer_id, event_type, data)
-             SELECT (a.row).id, e.event_type, transfer_event_data(a.row, e.event_type)
-               FROM applied a
-              CROSS JOIN LATERAL (SELECT '",
-            $event_prefix,
-            "' || lower((a.row).",
-            $state_column,
-            ") AS event_type) e
-              ORDER BY (a.row).id"
-        )
-    };
-    (record_error: $guard:literal) => {
-        concat!(
-            "UPDATE transfers SET attempts = attempts + 1, last_error = $2
-              WHERE id = $1 AND ",
-            $guard,
-            "
-          RETURNING attempts"
-        )
-    };
-}
-
+// Each step's statements, compile-time checked. The two steps' SQL differs
+// only in who pays whom (transfer: from -> to `amount`; refund: to -> from
+// `refund_amount`), the waiting-state guard, and the columns a finish sets.
 impl Step {
     /// The claim of a batch, in id order, skipping rows other workers hold.
-    fn claim_sql(self) -> &'static str {
+    async fn claim(self, conn: &mut PgConnection, limit: i64) -> sqlx::Result<Vec<Claimed>> {
         match self {
             Step::Transfer => {
-                step_sql!(claim: "from_account AS debit_account, to_account AS credit_account, amount", "status = 'PENDING'")
+                sqlx::query_as!(
+                    Claimed,
+                    r#"SELECT id, from_account AS debit_account, to_account AS credit_account, amount,
+                              to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS "day!"
+                         FROM transfers
+                        WHERE status = 'PENDING' AND next_attempt_at <= now()
+                        ORDER BY id
+                        LIMIT $1
+                          FOR UPDATE SKIP LOCKED"#,
+                    limit
+                )
+                .fetch_all(conn)
+                .await
             }
             Step::Refund => {
-                step_sql!(claim: "to_account AS debit_account, from_account AS credit_account, refund_amount AS amount", "refund_status = 'REQUESTED'")
+                sqlx::query_as!(
+                    Claimed,
+                    r#"SELECT id, to_account AS debit_account, from_account AS credit_account,
+                              refund_amount AS "amount!",
+                              to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS "day!"
+                         FROM transfers
+                        WHERE refund_status = 'REQUESTED' AND next_attempt_at <= now()
+                        ORDER BY id
+                        LIMIT $1
+                          FOR UPDATE SKIP LOCKED"#,
+                    limit
+                )
+                .fetch_all(conn)
+                .await
             }
         }
     }
 
     /// The claim of one row by id, for the per-row path.
-    fn claim_one_sql(self) -> &'static str {
+    async fn claim_one(self, conn: &mut PgConnection, id: i64) -> sqlx::Result<Option<Claimed>> {
         match self {
             Step::Transfer => {
-                step_sql!(claim_one: "from_account AS debit_account, to_account AS credit_account, amount", "status = 'PENDING'")
+                sqlx::query_as!(
+                    Claimed,
+                    r#"SELECT id, from_account AS debit_account, to_account AS credit_account, amount,
+                              to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS "day!"
+                         FROM transfers
+                        WHERE id = $1 AND status = 'PENDING'
+                          FOR UPDATE SKIP LOCKED"#,
+                    id
+                )
+                .fetch_optional(conn)
+                .await
             }
             Step::Refund => {
-                step_sql!(claim_one: "to_account AS debit_account, from_account AS credit_account, refund_amount AS amount", "refund_status = 'REQUESTED'")
+                sqlx::query_as!(
+                    Claimed,
+                    r#"SELECT id, to_account AS debit_account, from_account AS credit_account,
+                              refund_amount AS "amount!",
+                              to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS "day!"
+                         FROM transfers
+                        WHERE id = $1 AND refund_status = 'REQUESTED'
+                          FOR UPDATE SKIP LOCKED"#,
+                    id
+                )
+                .fetch_optional(conn)
+                .await
             }
         }
     }
 
     /// Moves rows out of the waiting state, guarded by it, and inserts one
-    /// event per row that changed; `$1` ids, `$2` new states, `$3` reasons.
-    fn finish_sql(self) -> &'static str {
-        match self {
-            Step::Transfer => step_sql!(finish:
-                "status = o.state, failure_reason = o.reason, applied_at = now()",
-                "status = 'PENDING'", "transfer.", "status"),
-            Step::Refund => step_sql!(finish:
-                "refund_status = o.state, refund_failure_reason = o.reason, refund_applied_at = now()",
-                "refund_status = 'REQUESTED'", "refund.", "refund_status"),
-        }
+    /// event per row that changed, in one statement; returns how many. The
+    /// event type follows from the new state.
+    async fn finish(
+        self,
+        conn: &mut PgConnection,
+        ids: &[i64],
+        states: &[String],
+        reasons: &[Option<String>],
+    ) -> sqlx::Result<u64> {
+        let done = match self {
+            Step::Transfer => {
+                sqlx::query!(
+                    "WITH applied AS (
+                         UPDATE transfers t
+                            SET status = o.state, failure_reason = o.reason, applied_at = now()
+                           FROM unnest($1::bigint[], $2::text[], $3::text[]) AS o(id, state, reason)
+                          WHERE t.id = o.id AND t.status = 'PENDING'
+                      RETURNING t AS row
+                     )
+                     INSERT INTO outbox (transfer_id, event_type, data)
+                     SELECT (a.row).id, e.event_type, transfer_event_data(a.row, e.event_type)
+                       FROM applied a
+                      CROSS JOIN LATERAL (SELECT 'transfer.' || lower((a.row).status) AS event_type) e
+                      ORDER BY (a.row).id",
+                    ids,
+                    states,
+                    reasons as &[Option<String>]
+                )
+                .execute(conn)
+                .await?
+            }
+            Step::Refund => {
+                sqlx::query!(
+                    "WITH applied AS (
+                         UPDATE transfers t
+                            SET refund_status = o.state, refund_failure_reason = o.reason, refund_applied_at = now()
+                           FROM unnest($1::bigint[], $2::text[], $3::text[]) AS o(id, state, reason)
+                          WHERE t.id = o.id AND t.refund_status = 'REQUESTED'
+                      RETURNING t AS row
+                     )
+                     INSERT INTO outbox (transfer_id, event_type, data)
+                     SELECT (a.row).id, e.event_type, transfer_event_data(a.row, e.event_type)
+                       FROM applied a
+                      CROSS JOIN LATERAL (SELECT 'refund.' || lower((a.row).refund_status) AS event_type) e
+                      ORDER BY (a.row).id",
+                    ids,
+                    states,
+                    reasons as &[Option<String>]
+                )
+                .execute(conn)
+                .await?
+            }
+        };
+        Ok(done.rows_affected())
     }
 
-    /// Counts an unexpected error against a waiting row (guarded by its state).
-    fn record_error_sql(self) -> &'static str {
+    /// Counts an unexpected error against a waiting row (guarded by its
+    /// state); returns the new attempt count, or None if it is no longer waiting.
+    async fn record_error(self, conn: &mut PgConnection, id: i64, error: &str) -> sqlx::Result<Option<i32>> {
         match self {
-            Step::Transfer => step_sql!(record_error: "status = 'PENDING'"),
-            Step::Refund => step_sql!(record_error: "refund_status = 'REQUESTED'"),
+            Step::Transfer => {
+                sqlx::query_scalar!(
+                    "UPDATE transfers SET attempts = attempts + 1, last_error = $2
+                      WHERE id = $1 AND status = 'PENDING'
+                  RETURNING attempts",
+                    id,
+                    error
+                )
+                .fetch_optional(conn)
+                .await
+            }
+            Step::Refund => {
+                sqlx::query_scalar!(
+                    "UPDATE transfers SET attempts = attempts + 1, last_error = $2
+                      WHERE id = $1 AND refund_status = 'REQUESTED'
+                  RETURNING attempts",
+                    id,
+                    error
+                )
+                .fetch_optional(conn)
+                .await
+            }
         }
     }
 
@@ -208,7 +257,7 @@ impl Step {
 
 /// A claimed row, in money-movement terms: `amount` leaves `debit_account`
 /// for `credit_account` if it succeeds.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 struct Claimed {
     id: i64,
     debit_account: i64,
@@ -218,7 +267,7 @@ struct Claimed {
     day: String,
 }
 
-#[derive(Debug, sqlx::FromRow)]
+#[derive(Debug)]
 struct LockedAccount {
     id: i64,
     balance: i64,
@@ -247,8 +296,7 @@ impl Applier {
     pub async fn run_step(&self, step: Step) -> Result<ApplyCounts> {
         let mut tx = self.pool.begin().await?;
         // SKIP LOCKED: a row another worker holds is simply not ours this time.
-        let claimed: Vec<Claimed> =
-            sqlx::query_as(step.claim_sql()).bind(self.config.batch_size).fetch_all(&mut *tx).await?;
+        let claimed = step.claim(&mut tx, self.config.batch_size).await?;
         if claimed.is_empty() {
             tx.commit().await?;
             return Ok(ApplyCounts::default());
@@ -276,11 +324,10 @@ impl Applier {
     /// `max_attempts`) in another.
     async fn apply_alone(&self, step: Step, id: i64) -> Result<ApplyCounts> {
         let mut tx = self.pool.begin().await?;
-        let claimed: Vec<Claimed> = sqlx::query_as(step.claim_one_sql()).bind(id).fetch_all(&mut *tx).await?;
-        let Some(t) = claimed.first() else {
+        let Some(t) = step.claim_one(&mut tx, id).await? else {
             return Ok(ApplyCounts::default()); // another worker has it, or it is done
         };
-        match apply_claimed(&mut tx, step, &claimed).await {
+        match apply_claimed(&mut tx, step, std::slice::from_ref(&t)).await {
             Ok(counts) => {
                 tx.commit().await?;
                 Ok(counts)
@@ -288,7 +335,7 @@ impl Applier {
             Err(e) if is_transient(&e) => Err(e),
             Err(e) => {
                 tx.rollback().await?;
-                self.record_error(step, t, &e).await
+                self.record_error(step, &t, &e).await
             }
         }
     }
@@ -297,12 +344,7 @@ impl Applier {
         let mut tx = self.pool.begin().await?;
         // The row lock (a plain FOR UPDATE via UPDATE) makes the count exact
         // even if another worker hit the same error at the same time.
-        let attempt: Option<i32> = sqlx::query_scalar(step.record_error_sql())
-            .bind(t.id)
-            .bind(err.to_string())
-            .fetch_optional(&mut *tx)
-            .await?;
-        let Some(attempt) = attempt else {
+        let Some(attempt) = step.record_error(&mut tx, t.id, &err.to_string()).await? else {
             tx.commit().await?;
             return Ok(ApplyCounts::default());
         };
@@ -313,11 +355,14 @@ impl Applier {
         } else {
             let delay = self.config.retry.delay_for_attempt(attempt as u32);
             tracing::warn!(transfer_id = t.id, ?step, attempt, retry_in = ?delay, error = %err, "errored; will retry");
-            sqlx::query("UPDATE transfers SET next_attempt_at = now() + $2 * interval '1 millisecond' WHERE id = $1")
-                .bind(t.id)
-                .bind(delay.as_millis() as i64)
-                .execute(&mut *tx)
-                .await?;
+            let delay_ms = delay.as_millis() as f64;
+            sqlx::query!(
+                "UPDATE transfers SET next_attempt_at = now() + $2 * interval '1 millisecond' WHERE id = $1",
+                t.id,
+                delay_ms
+            )
+            .execute(&mut *tx)
+            .await?;
             counts.errored = 1;
         }
         tx.commit().await?;
@@ -342,11 +387,13 @@ async fn apply_claimed(conn: &mut PgConnection, step: Step, claimed: &[Claimed])
     account_ids.sort_unstable();
     account_ids.dedup();
     // Ascending id order, in one statement: the deadlock-free lock order.
-    let accounts: Vec<LockedAccount> =
-        sqlx::query_as("SELECT id, balance, daily_limit FROM accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE")
-            .bind(&account_ids)
-            .fetch_all(&mut *conn)
-            .await?;
+    let accounts = sqlx::query_as!(
+        LockedAccount,
+        "SELECT id, balance, daily_limit FROM accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+        &account_ids
+    )
+    .fetch_all(&mut *conn)
+    .await?;
 
     // Daily limits bound what leaves an account by transfer; a refund moves
     // money back and is not limited.
@@ -358,13 +405,13 @@ async fn apply_claimed(conn: &mut PgConnection, step: Step, claimed: &[Claimed])
 
     if !plan.deltas.is_empty() {
         let (ids, deltas): (Vec<i64>, Vec<i64>) = plan.deltas.iter().copied().unzip();
-        let updated = sqlx::query(
+        let updated = sqlx::query!(
             "UPDATE accounts a SET balance = a.balance + d.delta
                FROM unnest($1::bigint[], $2::bigint[]) AS d(id, delta)
               WHERE a.id = d.id",
+            &ids,
+            &deltas
         )
-        .bind(&ids)
-        .bind(&deltas)
         .execute(&mut *conn)
         .await?
         .rows_affected();
@@ -389,22 +436,15 @@ async fn apply_claimed(conn: &mut PgConnection, step: Step, claimed: &[Claimed])
 /// event. Returns how many rows it moved.
 async fn finish(conn: &mut PgConnection, step: Step, outcomes: &[(i64, Outcome)]) -> Result<usize> {
     let ids: Vec<i64> = outcomes.iter().map(|(id, _)| *id).collect();
-    let states: Vec<&str> = outcomes.iter().map(|(_, o)| step.state(*o)).collect();
-    let reasons: Vec<Option<&str>> = outcomes
+    let states: Vec<String> = outcomes.iter().map(|(_, o)| step.state(*o).to_owned()).collect();
+    let reasons: Vec<Option<String>> = outcomes
         .iter()
         .map(|(_, o)| match o {
             Outcome::Succeeded => None,
-            Outcome::Failed(r) => Some(*r),
+            Outcome::Failed(r) => Some((*r).to_owned()),
         })
         .collect();
-    let inserted = sqlx::query(step.finish_sql())
-        .bind(&ids)
-        .bind(&states)
-        .bind(&reasons)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
-    Ok(inserted as usize)
+    Ok(step.finish(conn, &ids, &states, &reasons).await? as usize)
 }
 
 /// For source accounts with a daily limit: what already SUCCEEDED from them on
@@ -421,21 +461,21 @@ async fn spent_today(
     }
     let from: Vec<i64> = relevant.iter().map(|t| t.debit_account).collect();
     let days: Vec<String> = relevant.iter().map(|t| t.day.clone()).collect();
-    let rows: Vec<(i64, String, i64)> = sqlx::query_as(
-        "SELECT t.from_account, k.day, COALESCE(sum(t.amount), 0)::bigint
-           FROM (SELECT DISTINCT * FROM unnest($1::bigint[], $2::text[]) AS k(account, day)) k
-           JOIN transfers t
-             ON t.from_account = k.account
-            AND t.status = 'SUCCEEDED'
-            AND t.created_at >= k.day::date AT TIME ZONE 'UTC'
-            AND t.created_at < (k.day::date + 1) AT TIME ZONE 'UTC'
-          GROUP BY 1, 2",
+    let rows = sqlx::query!(
+        r#"SELECT t.from_account, k.day AS "day!", COALESCE(sum(t.amount), 0)::bigint AS "spent!"
+             FROM (SELECT DISTINCT * FROM unnest($1::bigint[], $2::text[]) AS k(account, day)) k
+             JOIN transfers t
+               ON t.from_account = k.account
+              AND t.status = 'SUCCEEDED'
+              AND t.created_at >= k.day::date AT TIME ZONE 'UTC'
+              AND t.created_at < (k.day::date + 1) AT TIME ZONE 'UTC'
+            GROUP BY 1, 2"#,
+        &from,
+        &days
     )
-    .bind(&from)
-    .bind(&days)
     .fetch_all(&mut *conn)
     .await?;
-    Ok(rows.into_iter().map(|(a, d, s)| ((a, d), s)).collect())
+    Ok(rows.into_iter().map(|r| ((r.from_account, r.day), r.spent)).collect())
 }
 
 struct Plan {
