@@ -31,7 +31,7 @@ impl FromStr for AccountId {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Account {
     pub id: i64,
     pub balance: i64,
@@ -54,13 +54,14 @@ pub async fn open<'e>(
             return Err(Error::invalid(format!("daily limit must be > 0, got {limit}")));
         }
     }
-    sqlx::query_as::<_, Account>(
+    sqlx::query_as!(
+        Account,
         "INSERT INTO accounts (id, balance, daily_limit) VALUES ($1, $2, $3)
          RETURNING id, balance, daily_limit",
+        id.0,
+        balance,
+        daily_limit
     )
-    .bind(id.0)
-    .bind(balance)
-    .bind(daily_limit)
     .fetch_one(db)
     .await
     .map_err(|e| match db::violated_constraint(&e) {
@@ -71,8 +72,7 @@ pub async fn open<'e>(
 
 /// Reads an account; an unknown id is [`Error::NotFound`] (exit 2).
 pub async fn show<'e>(db: impl PgExecutor<'e>, id: AccountId) -> Result<Account> {
-    sqlx::query_as::<_, Account>("SELECT id, balance, daily_limit FROM accounts WHERE id = $1")
-        .bind(id.0)
+    sqlx::query_as!(Account, "SELECT id, balance, daily_limit FROM accounts WHERE id = $1", id.0)
         .fetch_optional(db)
         .await?
         .ok_or(Error::NotFound { what: "account", id: id.0 })

@@ -63,7 +63,7 @@ pub async fn serve(addr: SocketAddr, pool: PgPool, shutdown: CancellationToken) 
 async fn respond(path: &str, pool: &PgPool) -> (u16, String) {
     match path {
         "/livez" => (200, "ok\n".into()),
-        "/readyz" | "/healthz" => match sqlx::query("SELECT 1").execute(pool).await {
+        "/readyz" | "/healthz" => match sqlx::query_scalar!("SELECT 1 AS one").fetch_one(pool).await {
             Ok(_) => (200, "ok\n".into()),
             Err(e) => (503, format!("database unavailable: {e}\n")),
         },

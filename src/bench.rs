@@ -10,6 +10,11 @@
 //! - `both`: the `run` process's loop (K apply tasks, K relay tasks) from a
 //!   full queue; both rates, latency = enqueue to published.
 
+//!
+//! Its few queries are runtime-checked on purpose: they are measurement
+//! plumbing over a scratch database (the latency query is chosen per mode),
+//! not part of what the worker runs.
+
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};

@@ -14,6 +14,10 @@
 //! | `advisory` | pg_advisory_xact_lock on a hashed string key (per-user serialization), then read and write |
 //! | `serializable` | SERIALIZABLE transaction; serialization failure (40001): retry with backoff |
 
+//!
+//! Its queries are runtime-checked: `lab_counters` lives only in the scratch
+//! database `lab` creates, not in the schema the query macros check against.
+
 use std::time::{Duration, Instant};
 
 use serde::Serialize;

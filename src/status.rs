@@ -27,7 +27,7 @@ pub struct Status {
 /// How many dead events `status` lists.
 pub const DEAD_SHOWN: i64 = 10;
 
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DeadEvent {
     pub id: i64,
     pub event_id: String,
@@ -40,7 +40,7 @@ pub struct DeadEvent {
 /// The outbox's events, each counted once: `pending` (waiting for the relay),
 /// `held` (pending, but behind a dead event of the same transfer), `dead` and
 /// `published`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct OutboxCounts {
     pub pending: i64,
     pub published: i64,
@@ -50,45 +50,47 @@ pub struct OutboxCounts {
 
 pub async fn read(pool: &PgPool) -> Result<Status> {
     let mut transfers: BTreeMap<String, i64> = TransferStatus::ALL.iter().map(|s| (s.to_string(), 0)).collect();
-    let rows: Vec<(String, i64)> =
-        sqlx::query_as("SELECT status, count(*) FROM transfers GROUP BY status").fetch_all(pool).await?;
-    transfers.extend(rows);
+    let rows =
+        sqlx::query!(r#"SELECT status, count(*) AS "n!" FROM transfers GROUP BY status"#).fetch_all(pool).await?;
+    transfers.extend(rows.into_iter().map(|r| (r.status, r.n)));
 
     let mut refunds: BTreeMap<String, i64> =
         RefundStatus::ALL.iter().filter(|s| **s != RefundStatus::None).map(|s| (s.to_string(), 0)).collect();
-    let rows: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT refund_status, count(*) FROM transfers WHERE refund_status <> 'NONE' GROUP BY refund_status",
+    let rows = sqlx::query!(
+        r#"SELECT refund_status, count(*) AS "n!" FROM transfers WHERE refund_status <> 'NONE' GROUP BY refund_status"#
     )
     .fetch_all(pool)
     .await?;
-    refunds.extend(rows);
+    refunds.extend(rows.into_iter().map(|r| (r.refund_status, r.n)));
 
-    let outbox: OutboxCounts = sqlx::query_as(
-        "SELECT count(*) FILTER (WHERE state = 'pending' AND NOT held) AS pending,
-                count(*) FILTER (WHERE state = 'published') AS published,
-                count(*) FILTER (WHERE state = 'dead') AS dead,
-                count(*) FILTER (WHERE state = 'pending' AND held) AS held
+    let outbox = sqlx::query_as!(
+        OutboxCounts,
+        r#"SELECT count(*) FILTER (WHERE state = 'pending' AND NOT held) AS "pending!",
+                count(*) FILTER (WHERE state = 'published') AS "published!",
+                count(*) FILTER (WHERE state = 'dead') AS "dead!",
+                count(*) FILTER (WHERE state = 'pending' AND held) AS "held!"
            FROM (SELECT o.state,
                         o.state = 'pending' AND EXISTS (
                             SELECT 1 FROM outbox d
                              WHERE d.transfer_id = o.transfer_id AND d.state = 'dead' AND d.id < o.id) AS held
-                   FROM outbox o) x",
+                   FROM outbox o) x"#
     )
     .fetch_one(pool)
     .await?;
 
-    let oldest: f64 = sqlx::query_scalar(
-        "SELECT COALESCE(EXTRACT(EPOCH FROM now() - min(occurred_at))::float8, 0)
-           FROM outbox WHERE state <> 'published'",
+    let oldest = sqlx::query_scalar!(
+        r#"SELECT COALESCE(EXTRACT(EPOCH FROM now() - min(occurred_at))::float8, 0) AS "age!"
+             FROM outbox WHERE state <> 'published'"#
     )
     .fetch_one(pool)
     .await?;
 
-    let dead_events: Vec<DeadEvent> = sqlx::query_as(
-        "SELECT id, event_id::text AS event_id, transfer_id, event_type, attempts, last_error
-           FROM outbox WHERE state = 'dead' ORDER BY id LIMIT $1",
+    let dead_events = sqlx::query_as!(
+        DeadEvent,
+        r#"SELECT id, event_id::text AS "event_id!", transfer_id, event_type, attempts, last_error
+             FROM outbox WHERE state = 'dead' ORDER BY id LIMIT $1"#,
+        DEAD_SHOWN
     )
-    .bind(DEAD_SHOWN)
     .fetch_all(pool)
     .await?;
 

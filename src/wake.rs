@@ -36,7 +36,7 @@ pub async fn notify(conn: &mut sqlx::PgConnection, work: Work) -> sqlx::Result<(
         Work::Refund => "refund",
         Work::Outbox => "outbox",
     };
-    sqlx::query("SELECT pg_notify($1, $2)::text").bind(CHANNEL).bind(payload).execute(conn).await?;
+    sqlx::query!("SELECT pg_notify($1, $2)::text", CHANNEL, payload).fetch_one(conn).await?;
     Ok(())
 }
 

@@ -53,7 +53,8 @@ pub async fn run(database_url: &Option<String>, args: DemoArgs) -> Result<()> {
         .unwrap_or_default();
     println!("== queue {queue_url}");
 
-    let base: i64 = sqlx::query_scalar("SELECT COALESCE(max(id), 0) + 1 FROM accounts").fetch_one(&pool).await?;
+    let base =
+        sqlx::query_scalar!(r#"SELECT COALESCE(max(id), 0) + 1 AS "next!" FROM accounts"#).fetch_one(&pool).await?;
     let (alice, bob, carol) = (AccountId(base), AccountId(base + 1), AccountId(base + 2));
     println!("== accounts");
     for (id, name, balance) in [(alice, "alice", 1_000), (bob, "bob", 500), (carol, "carol", 0)] {
@@ -103,8 +104,7 @@ pub async fn run(database_url: &Option<String>, args: DemoArgs) -> Result<()> {
     wait_until_settled(&pool, &raw_ids, deadline).await?;
     shutdown.cancel();
     worker.await.map_err(|e| Error::Failed(format!("worker task failed: {e}")))??;
-    let expected: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE transfer_id = ANY($1)")
-        .bind(&raw_ids)
+    let expected = sqlx::query_scalar!(r#"SELECT count(*) AS "n!" FROM outbox WHERE transfer_id = ANY($1)"#, &raw_ids)
         .fetch_one(&pool)
         .await?;
 
@@ -139,11 +139,12 @@ pub async fn run(database_url: &Option<String>, args: DemoArgs) -> Result<()> {
         println!("   {name:<5} {}", account::show(&pool, id).await?.balance);
     }
     println!("== outcomes");
-    let outcomes: Vec<OutcomeRow> = sqlx::query_as(
+    let outcomes = sqlx::query_as!(
+        OutcomeRow,
         "SELECT id, from_account, to_account, amount, status, failure_reason, refund_status, refund_amount
            FROM transfers WHERE id = ANY($1) ORDER BY id",
+        &raw_ids
     )
-    .bind(&raw_ids)
     .fetch_all(&pool)
     .await?;
     for t in outcomes {
@@ -161,7 +162,6 @@ pub async fn run(database_url: &Option<String>, args: DemoArgs) -> Result<()> {
     Ok(())
 }
 
-#[derive(sqlx::FromRow)]
 struct OutcomeRow {
     id: i64,
     from_account: i64,
@@ -188,11 +188,11 @@ fn sqs_config(queue_url: String) -> SqsConfig {
 /// Waits until none of `ids` waits for the worker and all their events are published.
 async fn wait_until_settled(pool: &PgPool, ids: &[i64], deadline: Instant) -> Result<()> {
     loop {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT (SELECT count(*) FROM transfers WHERE id = ANY($1) AND (status = 'PENDING' OR refund_status = 'REQUESTED'))
-                  + (SELECT count(*) FROM outbox WHERE transfer_id = ANY($1) AND state <> 'published')",
+        let waiting = sqlx::query_scalar!(
+            r#"SELECT (SELECT count(*) FROM transfers WHERE id = ANY($1) AND (status = 'PENDING' OR refund_status = 'REQUESTED'))
+                    + (SELECT count(*) FROM outbox WHERE transfer_id = ANY($1) AND state <> 'published') AS "n!""#,
+            ids
         )
-        .bind(ids)
         .fetch_one(pool)
         .await?;
         if waiting == 0 {

@@ -73,7 +73,6 @@ pub struct RelayCounts {
     pub unavailable: usize,
 }
 
-#[derive(sqlx::FromRow)]
 struct ClaimedEvent {
     id: i64,
     event_id: String,
@@ -103,10 +102,11 @@ impl Relay {
         // The earliest unpublished event of each transfer, and only when its
         // retry time has come. `state <> 'published'` repeats the partial
         // indexes' predicate so the planner can use them.
-        let claimed: Vec<ClaimedEvent> = sqlx::query_as(
-            r#"SELECT o.id, o.event_id::text AS event_id, o.transfer_id, o.event_type,
-                      o.data::text AS data, o.attempts,
-                      to_char(o.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS occurred_at
+        let claimed = sqlx::query_as!(
+            ClaimedEvent,
+            r#"SELECT o.id, o.event_id::text AS "event_id!", o.transfer_id, o.event_type,
+                      o.data::text AS "data!", o.attempts,
+                      to_char(o.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS "occurred_at!"
                  FROM outbox o
                 WHERE o.state <> 'published' AND o.state = 'pending'
                   AND o.next_attempt_at <= now()
@@ -117,8 +117,8 @@ impl Relay {
                 ORDER BY o.id
                 LIMIT $1
                   FOR UPDATE OF o SKIP LOCKED"#,
+            self.config.batch_size
         )
-        .bind(self.config.batch_size)
         .fetch_all(&mut *tx)
         .await?;
         let mut counts = RelayCounts { claimed: claimed.len(), ..Default::default() };
@@ -155,11 +155,11 @@ impl Relay {
         }
 
         if !published.is_empty() {
-            let n = sqlx::query(
+            let n = sqlx::query!(
                 "UPDATE outbox SET state = 'published', published_at = now(), last_error = NULL
                   WHERE id = ANY($1) AND state = 'pending'",
+                &published
             )
-            .bind(&published)
             .execute(&mut *tx)
             .await?
             .rows_affected();
@@ -168,7 +168,7 @@ impl Relay {
         }
 
         if !rejected_ids.is_empty() {
-            let states: Vec<String> = sqlx::query_scalar(
+            let states = sqlx::query_scalar!(
                 "UPDATE outbox o
                     SET attempts = o.attempts + 1,
                         last_error = r.error,
@@ -177,11 +177,11 @@ impl Relay {
                    FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS r(id, error, delay_ms)
                   WHERE o.id = r.id AND o.state = 'pending'
               RETURNING o.state",
+                &rejected_ids,
+                &rejected_errors,
+                &rejected_delays,
+                self.config.max_attempts
             )
-            .bind(&rejected_ids)
-            .bind(&rejected_errors)
-            .bind(&rejected_delays)
-            .bind(self.config.max_attempts)
             .fetch_all(&mut *tx)
             .await?;
             counts.dead = states.iter().filter(|s| *s == "dead").count();
@@ -193,13 +193,13 @@ impl Relay {
 
         if !unavailable_ids.is_empty() {
             // Not the events' fault: attempts stay as they are.
-            sqlx::query(
+            sqlx::query!(
                 "UPDATE outbox o SET last_error = r.error
                    FROM unnest($1::bigint[], $2::text[]) AS r(id, error)
                   WHERE o.id = r.id",
+                &unavailable_ids,
+                &unavailable_errors
             )
-            .bind(&unavailable_ids)
-            .bind(&unavailable_errors)
             .execute(&mut *tx)
             .await?;
             counts.unavailable = unavailable_ids.len();

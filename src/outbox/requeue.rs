@@ -63,24 +63,25 @@ pub async fn requeue(pool: &PgPool, event: Option<&EventRef>) -> Result<Requeued
     let mut tx = pool.begin().await?;
     // Guarded by state = 'dead'; with no event given, both keys are NULL and
     // every dead event matches.
-    let n = sqlx::query(
+    let n = sqlx::query!(
         "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = now(), last_error = NULL
           WHERE state = 'dead'
-            AND (($1::bigint IS NULL AND $2::uuid IS NULL) OR id = $1 OR event_id = $2::uuid)",
+            AND (($1::bigint IS NULL AND $2::text IS NULL) OR id = $1 OR event_id = $2::text::uuid)",
+        outbox_id,
+        event_id
     )
-    .bind(outbox_id)
-    .bind(event_id)
     .execute(&mut *tx)
     .await?
     .rows_affected();
     if n == 0 {
         if let Some(e) = event {
-            let state: Option<String> =
-                sqlx::query_scalar("SELECT state FROM outbox WHERE id = $1 OR event_id = $2::uuid")
-                    .bind(outbox_id)
-                    .bind(event_id)
-                    .fetch_optional(&mut *tx)
-                    .await?;
+            let state = sqlx::query_scalar!(
+                "SELECT state FROM outbox WHERE id = $1 OR event_id = $2::text::uuid",
+                outbox_id,
+                event_id
+            )
+            .fetch_optional(&mut *tx)
+            .await?;
             tx.rollback().await?;
             return Err(match state {
                 None => Error::invalid(format!("event {e} does not exist")),

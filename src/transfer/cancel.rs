@@ -25,7 +25,7 @@ where
     A: Acquire<'a, Database = Postgres>,
 {
     let mut conn = db.acquire().await?;
-    let cancelled: Option<i64> = sqlx::query_scalar(
+    let cancelled = sqlx::query_scalar!(
         "WITH cancelled AS (
              UPDATE transfers t SET status = 'CANCELLED', applied_at = now()
               WHERE t.id = $1 AND t.status = 'PENDING'
@@ -34,15 +34,15 @@ where
          INSERT INTO outbox (transfer_id, event_type, data)
          SELECT (row).id, 'transfer.cancelled', transfer_event_data(row, 'transfer.cancelled') FROM cancelled
          RETURNING transfer_id",
+        id.0
     )
-    .bind(id.0)
     .fetch_optional(&mut *conn)
     .await?;
     if cancelled.is_some() {
         return Ok(Cancelled { transfer_id: id, status: "CANCELLED".into() });
     }
-    let status: Option<String> =
-        sqlx::query_scalar("SELECT status FROM transfers WHERE id = $1").bind(id.0).fetch_optional(&mut *conn).await?;
+    let status =
+        sqlx::query_scalar!("SELECT status FROM transfers WHERE id = $1", id.0).fetch_optional(&mut *conn).await?;
     Err(match status {
         None => Error::NotFound { what: "transfer", id: id.0 },
         Some(status) => Error::not_applied(format!(

@@ -58,24 +58,7 @@ pub struct Enqueued {
 // this statement's snapshot was taken (DO NOTHING + SELECT would miss it), and
 // its WHERE makes a key reused with other parameters return no row, so that
 // case is detected without writing anything. `xmax = 0` is true only for a
-// freshly inserted row.
-const ENQUEUE_SQL: &str = "
-    INSERT INTO transfers AS t (idempotency_key, from_account, to_account, amount)
-    SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[])
-    ON CONFLICT (idempotency_key) DO UPDATE
-        SET idempotency_key = EXCLUDED.idempotency_key
-        WHERE t.from_account = EXCLUDED.from_account
-          AND t.to_account = EXCLUDED.to_account
-          AND t.amount = EXCLUDED.amount
-    RETURNING t.idempotency_key, t.id, t.status, (t.xmax = 0) AS created";
-
-#[derive(sqlx::FromRow)]
-struct EnqueuedRow {
-    idempotency_key: String,
-    id: i64,
-    status: String,
-    created: bool,
-}
+// freshly inserted row. (The statement is in `insert` below.)
 
 /// Enqueues one transfer, with a pool, a connection, or the producer's own
 /// open transaction (`&mut *tx` or `&mut tx`: then workers see the transfer
@@ -128,13 +111,26 @@ async fn insert(conn: &mut PgConnection, items: &[Item<'_>]) -> Result<Vec<Enque
     check_daily_limits(conn, items).await?;
     let mut out = Vec::with_capacity(items.len());
     for chunk in items.chunks(INSERT_CHUNK) {
-        let rows = sqlx::query_as::<_, EnqueuedRow>(ENQUEUE_SQL)
-            .bind(chunk.iter().map(|i| i.key.clone()).collect::<Vec<_>>())
-            .bind(chunk.iter().map(|i| i.transfer.from.0).collect::<Vec<_>>())
-            .bind(chunk.iter().map(|i| i.transfer.to.0).collect::<Vec<_>>())
-            .bind(chunk.iter().map(|i| i.transfer.amount.get()).collect::<Vec<_>>())
-            .fetch_all(&mut *conn)
-            .await?;
+        let keys: Vec<String> = chunk.iter().map(|i| i.key.clone()).collect();
+        let from: Vec<i64> = chunk.iter().map(|i| i.transfer.from.0).collect();
+        let to: Vec<i64> = chunk.iter().map(|i| i.transfer.to.0).collect();
+        let amounts: Vec<i64> = chunk.iter().map(|i| i.transfer.amount.get()).collect();
+        let rows = sqlx::query!(
+            r#"INSERT INTO transfers AS t (idempotency_key, from_account, to_account, amount)
+               SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[])
+               ON CONFLICT (idempotency_key) DO UPDATE
+                   SET idempotency_key = EXCLUDED.idempotency_key
+                   WHERE t.from_account = EXCLUDED.from_account
+                     AND t.to_account = EXCLUDED.to_account
+                     AND t.amount = EXCLUDED.amount
+               RETURNING t.idempotency_key, t.id, t.status, (t.xmax = 0) AS "created!""#,
+            &keys,
+            &from,
+            &to,
+            &amounts
+        )
+        .fetch_all(&mut *conn)
+        .await?;
         let mut by_key: HashMap<String, Enqueued> = rows
             .into_iter()
             .map(|r| {
@@ -164,13 +160,14 @@ async fn check_daily_limits(conn: &mut PgConnection, items: &[Item<'_>]) -> Resu
     let mut from: Vec<i64> = items.iter().map(|i| i.transfer.from.0).collect();
     from.sort_unstable();
     from.dedup();
-    let limits: HashMap<i64, i64> = sqlx::query_as::<_, (i64, i64)>(
-        "SELECT id, daily_limit FROM accounts WHERE id = ANY($1) AND daily_limit IS NOT NULL",
+    let limits: HashMap<i64, i64> = sqlx::query!(
+        r#"SELECT id, daily_limit AS "daily_limit!" FROM accounts WHERE id = ANY($1) AND daily_limit IS NOT NULL"#,
+        &from
     )
-    .bind(&from)
     .fetch_all(&mut *conn)
     .await?
     .into_iter()
+    .map(|r| (r.id, r.daily_limit))
     .collect();
     if limits.is_empty() {
         return Ok(());
@@ -179,30 +176,30 @@ async fn check_daily_limits(conn: &mut PgConnection, items: &[Item<'_>]) -> Resu
     limited.sort_unstable();
     // In ascending account order (the subquery's ORDER BY), so two bulk
     // enqueues cannot deadlock on each other's locks.
-    sqlx::query(
+    sqlx::query!(
         "SELECT count(pg_advisory_xact_lock(hashtextextended('transfer-worker:daily-limit:' || id, 0)))
            FROM (SELECT id FROM unnest($1::bigint[]) AS id ORDER BY id) ordered",
+        &limited
     )
-    .bind(&limited)
-    .execute(&mut *conn)
+    .fetch_one(&mut *conn)
     .await?;
     // Read after the locks: a fresh snapshot sees every accepted transfer.
-    let mut used: HashMap<i64, i64> = sqlx::query_as::<_, (i64, i64)>(
-        "SELECT from_account, sum(amount)::bigint FROM transfers
-          WHERE from_account = ANY($1) AND status IN ('PENDING', 'SUCCEEDED')
-            AND created_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
-          GROUP BY from_account",
+    let mut used: HashMap<i64, i64> = sqlx::query!(
+        r#"SELECT from_account, sum(amount)::bigint AS "used!" FROM transfers
+            WHERE from_account = ANY($1) AND status IN ('PENDING', 'SUCCEEDED')
+              AND created_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+            GROUP BY from_account"#,
+        &limited
     )
-    .bind(&limited)
     .fetch_all(&mut *conn)
     .await?
     .into_iter()
+    .map(|r| (r.from_account, r.used))
     .collect();
     // A key that already exists is a repeat, not a new acceptance.
-    let keys: Vec<&str> = items.iter().map(|i| i.key.as_str()).collect();
+    let keys: Vec<String> = items.iter().map(|i| i.key.clone()).collect();
     let existing: HashSet<String> =
-        sqlx::query_scalar::<_, String>("SELECT idempotency_key FROM transfers WHERE idempotency_key = ANY($1)")
-            .bind(&keys)
+        sqlx::query_scalar!("SELECT idempotency_key FROM transfers WHERE idempotency_key = ANY($1)", &keys)
             .fetch_all(&mut *conn)
             .await?
             .into_iter()
@@ -308,8 +305,7 @@ pub async fn enqueue_bulk(conn: &mut PgConnection, lines: &[(usize, NewTransfer)
     // name the line instead of a foreign-key constraint.
     let ids: Vec<i64> =
         lines.iter().flat_map(|(_, t)| [t.from.0, t.to.0]).collect::<HashSet<_>>().into_iter().collect();
-    let existing: HashSet<i64> = sqlx::query_scalar::<_, i64>("SELECT id FROM accounts WHERE id = ANY($1)")
-        .bind(&ids)
+    let existing: HashSet<i64> = sqlx::query_scalar!("SELECT id FROM accounts WHERE id = ANY($1)", &ids)
         .fetch_all(&mut *conn)
         .await?
         .into_iter()

@@ -36,16 +36,14 @@ where
 {
     // A transaction of its own, or a savepoint inside the caller's.
     let mut tx = db.begin().await?;
-    let exists: Option<i64> = sqlx::query_scalar("SELECT id FROM transfers WHERE id = $1 FOR UPDATE")
-        .bind(id.0)
-        .fetch_optional(&mut *tx)
-        .await?;
+    let exists =
+        sqlx::query_scalar!("SELECT id FROM transfers WHERE id = $1 FOR UPDATE", id.0).fetch_optional(&mut *tx).await?;
     if exists.is_none() {
         tx.rollback().await?;
         return Err(Error::NotFound { what: "transfer", id: id.0 });
     }
-    let requested: Option<(i64, i64)> = sqlx::query_as(
-        "WITH requested AS (
+    let requested = sqlx::query!(
+        r#"WITH requested AS (
              UPDATE transfers t
                 SET refund_status = 'REQUESTED', refund_amount = COALESCE($2, t.amount),
                     refund_requested_at = now(), attempts = 0, next_attempt_at = now(), last_error = NULL
@@ -56,14 +54,15 @@ where
              INSERT INTO outbox (transfer_id, event_type, data)
              SELECT (row).id, 'refund.requested', transfer_event_data(row, 'refund.requested') FROM requested
          )
-         SELECT (row).id, (row).refund_amount FROM requested",
+         SELECT (row).id AS "id!", (row).refund_amount AS "refund_amount!" FROM requested"#,
+        id.0,
+        amount.map(Amount::get)
     )
-    .bind(id.0)
-    .bind(amount.map(Amount::get))
     .fetch_optional(&mut *tx)
     .await?;
     match requested {
-        Some((id, refund_amount)) => {
+        Some(r) => {
+            let (id, refund_amount) = (r.id, r.refund_amount);
             wake::notify(&mut tx, wake::Work::Refund).await?;
             tx.commit().await?;
             Ok(RefundRequested { transfer_id: TransferId(id), refund_status: "REQUESTED".into(), refund_amount })
@@ -78,14 +77,13 @@ where
 
 /// The error for a refund that did not apply, from the transfer's current state.
 async fn why_not(conn: &mut PgConnection, id: TransferId, amount: Option<Amount>) -> Result<Error> {
-    let current: Option<(String, String, i64)> =
-        sqlx::query_as("SELECT status, refund_status, amount FROM transfers WHERE id = $1")
-            .bind(id.0)
-            .fetch_optional(conn)
-            .await?;
-    let Some((status, refund_status, transfer_amount)) = current else {
+    let current = sqlx::query!("SELECT status, refund_status, amount FROM transfers WHERE id = $1", id.0)
+        .fetch_optional(conn)
+        .await?;
+    let Some(current) = current else {
         return Ok(Error::NotFound { what: "transfer", id: id.0 });
     };
+    let (status, refund_status, transfer_amount) = (current.status, current.refund_status, current.amount);
     if let Some(a) = amount.filter(|a| a.get() > transfer_amount) {
         return Ok(Error::invalid(format!(
             "refund amount {a} exceeds transfer {id}'s amount {transfer_amount}; nothing written"
