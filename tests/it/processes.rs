@@ -216,7 +216,9 @@ async fn the_worker_survives_its_database_connections_being_killed_mid_work() {
     for _ in 0..3 {
         let killed = db
             .scalar(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                // With a timeout, pg_terminate_backend waits until the backend
+                // is gone, so the reconnect check below sees only new ones.
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 10000)) FROM pg_stat_activity
                   WHERE datname = current_database() AND application_name = 'transfer-worker'",
             )
             .await;
