@@ -129,7 +129,7 @@ async fn a_transfer_that_errors_is_retried_with_backoff_then_failed_without_bloc
     let config = ApplyConfig {
         batch_size: 10,
         max_attempts: 3,
-        retry: RetryPolicy { initial: Duration::from_millis(400), max: Duration::from_millis(800), multiplier: 2.0 },
+        retry: RetryPolicy { initial: Duration::from_secs(1), max: Duration::from_secs(1), multiplier: 2.0 },
     };
     let applier = Applier::new(db.pool.clone(), config);
 
@@ -142,6 +142,7 @@ async fn a_transfer_that_errors_is_retried_with_backoff_then_failed_without_bloc
             .unwrap();
     assert_eq!((attempts, status.as_str()), (1, "PENDING"));
     assert!(last_error.unwrap().contains("overflow"));
+    assert_eq!(db.scalar("SELECT count(*) FROM transfers WHERE next_attempt_at > now()").await, 1, "backing off");
     assert_eq!(applier.run_once().await.unwrap().claimed, 0, "backing off: not claimed again at once");
 
     wait_for("the poison transfer to fail for good", Duration::from_secs(10), || async {
