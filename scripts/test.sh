@@ -5,4 +5,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 eval "$(scripts/services.sh)"
+# Each test creates its own database (tw_test_*); drop the previous run's so a
+# long-lived cluster does not grow run after run.
+psql "${DATABASE_URL%/*}/postgres" -qtA -c "SELECT datname FROM pg_database WHERE datname LIKE 'tw\_test\_%'" |
+  while read -r db; do psql "${DATABASE_URL%/*}/postgres" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)"; done
 cargo test --locked -- "$@"
