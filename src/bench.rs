@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 use crate::outbox::relay::{Relay, RelayConfig};
-use crate::outbox::sqs::{Publisher, SqsConfig};
+use crate::outbox::sqs::{create_queue, Publisher, SqsConfig};
 use crate::scratch::ScratchDb;
 use crate::transfer::apply::{Applier, ApplyConfig};
 use crate::worker::{self, WorkerConfig};
@@ -284,17 +284,7 @@ impl ScratchQueue {
         let config = |url: String| SqsConfig { queue_url: url, call_timeout: Duration::from_secs(10), concurrency: 8 };
         let probe = Publisher::from_env(&config(String::new())).await;
         let name = format!("transfer-worker-bench-{}-{:08x}", std::process::id(), rand::random::<u32>());
-        let url = probe
-            .client()
-            .create_queue()
-            .queue_name(name)
-            .send()
-            .await
-            .map_err(|e| {
-                Error::Sqs(format!("cannot create the bench queue: {}", aws_sdk_sqs::error::DisplayErrorContext(&e)))
-            })?
-            .queue_url
-            .unwrap_or_default();
+        let url = create_queue(probe.client(), &name).await?;
         Ok(ScratchQueue { publisher: Publisher::new(probe.client().clone(), &config(url.clone())), url })
     }
 

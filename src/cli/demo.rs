@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::account::{self, AccountId};
 use crate::error::{Error, Result};
-use crate::outbox::sqs::{Publisher, SqsConfig};
+use crate::outbox::sqs::{create_queue, Publisher, SqsConfig};
 use crate::outbox::EventBody;
 use crate::transfer::cancel::cancel;
 use crate::transfer::enqueue::{enqueue, NewTransfer};
@@ -39,18 +39,7 @@ pub async fn run(database_url: &Option<String>, args: DemoArgs) -> Result<()> {
     // A queue of its own, so earlier runs' messages do not mix in.
     let queue_name = format!("transfer-worker-demo-{}.fifo", std::process::id());
     let probe = Publisher::from_env(&sqs_config(String::new())).await;
-    let queue_url = probe
-        .client()
-        .create_queue()
-        .queue_name(&queue_name)
-        .attributes(aws_sdk_sqs::types::QueueAttributeName::FifoQueue, "true")
-        .send()
-        .await
-        .map_err(|e| {
-            Error::Sqs(format!("cannot create the demo queue: {}", aws_sdk_sqs::error::DisplayErrorContext(&e)))
-        })?
-        .queue_url
-        .unwrap_or_default();
+    let queue_url = create_queue(probe.client(), &queue_name).await?;
     println!("== queue {queue_url}");
 
     let base =

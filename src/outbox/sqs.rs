@@ -194,6 +194,21 @@ impl Publisher {
     }
 }
 
+/// Creates the queue `name` (a FIFO queue if it ends in `.fifo`; an existing
+/// one with the same attributes is returned as is) and returns its URL. For
+/// `demo` and `bench`, which use queues of their own.
+pub async fn create_queue(client: &aws_sdk_sqs::Client, name: &str) -> crate::Result<String> {
+    let mut request = client.create_queue().queue_name(name);
+    if name.ends_with(".fifo") {
+        request = request.attributes(aws_sdk_sqs::types::QueueAttributeName::FifoQueue, "true");
+    }
+    let created = request
+        .send()
+        .await
+        .map_err(|e| crate::Error::Sqs(format!("cannot create queue {name}: {}", DisplayErrorContext(&e))))?;
+    created.queue_url.ok_or_else(|| crate::Error::Sqs(format!("SQS returned no URL for queue {name}")))
+}
+
 /// Whether a whole-call error is the content's fault. Only meaningful for a
 /// call that carried one entry: then that entry is too large or malformed.
 /// Everything else (no connection, timeouts, throttling, 5xx, missing queue,
