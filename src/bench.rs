@@ -190,25 +190,42 @@ async fn measure(pool: &PgPool, config: &BenchConfig) -> Result<BenchReport> {
     })
 }
 
-/// Accounts with a large balance, and N random transfers between them, by SQL.
 async fn seed(pool: &PgPool, config: &BenchConfig) -> Result<()> {
+    seed_random(pool, config.accounts as i64, OPENING_BALANCE, config.transfers, 1_000, 42).await
+}
+
+/// Opens accounts `1..=accounts` with `balance` each, then enqueues (by plain
+/// SQL, as any producer may) `transfers` random transfers between them of
+/// 1..=`max_amount` each, drawn from `rng_seed`. Shared by `bench` and the
+/// integration tests.
+pub async fn seed_random(
+    pool: &PgPool,
+    accounts: i64,
+    balance: i64,
+    transfers: usize,
+    max_amount: i64,
+    rng_seed: u64,
+) -> Result<()> {
+    if accounts < 2 {
+        return Err(Error::invalid("at least 2 accounts are needed"));
+    }
     sqlx::query("INSERT INTO accounts (id, balance) SELECT g, $2 FROM generate_series(1, $1::bigint) g")
-        .bind(config.accounts as i64)
-        .bind(OPENING_BALANCE)
+        .bind(accounts)
+        .bind(balance)
         .execute(pool)
         .await?;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
-    let accounts = config.accounts as i64;
-    for chunk_start in (0..config.transfers).step_by(10_000) {
-        let n = (config.transfers - chunk_start).min(10_000);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(rng_seed);
+    for chunk_start in (0..transfers).step_by(10_000) {
+        let n = (transfers - chunk_start).min(10_000);
         let (mut keys, mut from, mut to, mut amount) = (vec![], vec![], vec![], vec![]);
         for i in 0..n {
             let f = rng.gen_range(1..=accounts);
+            // Any other account: an offset of 1..accounts-1, wrapped.
             let t = (f + rng.gen_range(1..accounts) - 1) % accounts + 1;
-            keys.push(format!("bench-{}", chunk_start + i));
+            keys.push(format!("seed-{rng_seed}-{}", chunk_start + i));
             from.push(f);
             to.push(t);
-            amount.push(rng.gen_range(1..=1_000i64));
+            amount.push(rng.gen_range(1..=max_amount));
         }
         sqlx::query(
             "INSERT INTO transfers (idempotency_key, from_account, to_account, amount)

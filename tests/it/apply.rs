@@ -3,7 +3,6 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use rand::{Rng, SeedableRng};
 use transfer_worker::retry::RetryPolicy;
 use transfer_worker::transfer::apply::{Applier, ApplyConfig};
 
@@ -11,39 +10,10 @@ use crate::helpers::{wait_for, TestDb};
 
 /// Opens `accounts` accounts with `balance` each and enqueues `n` random
 /// transfers between them by SQL (some larger than a balance can cover).
+/// Returns each account's opening balance.
 pub async fn seed(db: &TestDb, accounts: i64, balance: i64, n: usize, seed: u64) -> HashMap<i64, i64> {
-    let ids: Vec<i64> = (1..=accounts).collect();
-    sqlx::query("INSERT INTO accounts (id, balance) SELECT id, $2 FROM unnest($1::bigint[]) AS id")
-        .bind(&ids)
-        .bind(balance)
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let (mut from, mut to, mut amount, mut keys) = (vec![], vec![], vec![], vec![]);
-    for i in 0..n {
-        let f = rng.gen_range(1..=accounts);
-        let mut t = rng.gen_range(1..=accounts);
-        while t == f {
-            t = rng.gen_range(1..=accounts);
-        }
-        from.push(f);
-        to.push(t);
-        amount.push(rng.gen_range(1..=balance / 2));
-        keys.push(format!("seed-{seed}-{i}"));
-    }
-    sqlx::query(
-        "INSERT INTO transfers (idempotency_key, from_account, to_account, amount)
-         SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[])",
-    )
-    .bind(&keys)
-    .bind(&from)
-    .bind(&to)
-    .bind(&amount)
-    .execute(&db.pool)
-    .await
-    .unwrap();
-    ids.iter().map(|id| (*id, balance)).collect()
+    transfer_worker::bench::seed_random(&db.pool, accounts, balance, n, balance / 2, seed).await.unwrap();
+    (1..=accounts).map(|id| (id, balance)).collect()
 }
 
 #[tokio::test]
