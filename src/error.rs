@@ -39,6 +39,16 @@ pub enum Error {
     #[error("SQS error: {0}")]
     Sqs(String),
 
+    /// A service we need cannot be reached (the message names it and why).
+    /// Exit code 1.
+    #[error("{0}")]
+    Unavailable(String),
+
+    /// The database's schema is not the one this binary expects (never
+    /// migrated, or migrated by an older version). Exit code 1.
+    #[error("{0}")]
+    SchemaMismatch(String),
+
     /// A write did not change the rows it must have (e.g. a guarded update
     /// under our own row lock matched fewer rows than claimed). The
     /// transaction is rolled back rather than committed half-applied.
@@ -73,9 +83,13 @@ impl Error {
         match self {
             Error::Invalid(_) | Error::NotFound { .. } => ExitCode::BadInput,
             Error::NotApplied(_) => ExitCode::NotApplied,
-            Error::Database(_) | Error::Migrate(_) | Error::Sqs(_) | Error::Inconsistent(_) | Error::Failed(_) => {
-                ExitCode::Failure
-            }
+            Error::Database(_)
+            | Error::Migrate(_)
+            | Error::Sqs(_)
+            | Error::Unavailable(_)
+            | Error::SchemaMismatch(_)
+            | Error::Inconsistent(_)
+            | Error::Failed(_) => ExitCode::Failure,
         }
     }
 }

@@ -17,6 +17,7 @@ mod status;
 use clap::{Parser, Subcommand};
 use sqlx::PgPool;
 
+use crate::db::SessionLimits;
 use crate::error::{Error, ExitCode, Result};
 
 /// Moves money between PostgreSQL accounts and publishes every state change to
@@ -64,7 +65,8 @@ pub enum Command {
 pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Migrate => {
-            let pool = connect(&cli.database_url, 2).await?;
+            let url = require_database_url(&cli.database_url)?;
+            let pool = crate::db::connect(url, 2, SessionLimits::for_migrations()).await?;
             crate::db::migrate(&pool).await?;
             println!("migrations applied");
             Ok(())
@@ -90,9 +92,10 @@ pub(crate) fn require_database_url(database_url: &Option<String>) -> Result<&str
         .ok_or_else(|| Error::invalid("DATABASE_URL is not set (set it, or pass --database-url)"))
 }
 
-/// Opens a pool, with a clear error when DATABASE_URL is missing.
+/// Opens a pool with the default session limits, with a clear error when
+/// DATABASE_URL is missing.
 pub(crate) async fn connect(database_url: &Option<String>, max_connections: u32) -> Result<PgPool> {
-    crate::db::connect(require_database_url(database_url)?, max_connections).await
+    crate::db::connect(require_database_url(database_url)?, max_connections, SessionLimits::default()).await
 }
 
 /// Prints a value as one line of JSON on stdout.

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::Args;
 
+use crate::db::SessionLimits;
 use crate::error::{Error, Result};
 use crate::outbox::relay::RelayConfig;
 use crate::outbox::sqs::{Publisher, SqsConfig};
@@ -55,6 +56,20 @@ pub struct RunArgs {
     /// How long shutdown waits for in-flight work, in ms.
     #[arg(long, env = "TRANSFER_WORKER_SHUTDOWN_TIMEOUT_MS", default_value_t = 30_000)]
     pub shutdown_timeout_ms: u64,
+    /// PostgreSQL `lock_timeout` of the worker's sessions, in ms (0 = none): a
+    /// lock held elsewhere for longer shows up as a logged, retried timeout;
+    /// the transfers it concerns are put off, never counted.
+    #[arg(long, env = "TRANSFER_WORKER_LOCK_TIMEOUT_MS", default_value_t = 5_000)]
+    pub lock_timeout_ms: u64,
+    /// PostgreSQL `statement_timeout` of the worker's sessions, in ms (0 = none);
+    /// set by the worker whatever the database's default is.
+    #[arg(long, env = "TRANSFER_WORKER_STATEMENT_TIMEOUT_MS", default_value_t = 30_000)]
+    pub statement_timeout_ms: u64,
+    /// PostgreSQL `idle_in_transaction_session_timeout` of the worker's
+    /// sessions, in ms (0 = none): a transaction of ours stalled mid-way is
+    /// ended by the server and its locks released.
+    #[arg(long, env = "TRANSFER_WORKER_IDLE_IN_TRANSACTION_TIMEOUT_MS", default_value_t = 60_000)]
+    pub idle_in_transaction_timeout_ms: u64,
     /// Address of the admin HTTP server (/livez, /readyz, /healthz, /metrics).
     #[arg(long, env = "TRANSFER_WORKER_ADMIN_ADDR", default_value = "127.0.0.1:9187")]
     pub admin_addr: SocketAddr,
@@ -92,6 +107,16 @@ impl RunArgs {
         })
     }
 
+    /// The limits every session of the worker sets for itself.
+    pub fn session_limits(&self) -> SessionLimits {
+        let ms = |v: u64| Some(Duration::from_millis(v));
+        SessionLimits {
+            statement_timeout: ms(self.statement_timeout_ms),
+            lock_timeout: ms(self.lock_timeout_ms),
+            idle_in_transaction_timeout: ms(self.idle_in_transaction_timeout_ms),
+        }
+    }
+
     pub fn sqs_config(&self) -> Result<SqsConfig> {
         let queue_url = self
             .queue_url
@@ -113,7 +138,11 @@ pub async fn run(database_url: &Option<String>, args: RunArgs) -> Result<()> {
     let config = args.worker_config()?;
     let sqs = args.sqs_config()?;
     let connections = (config.workers + config.relays + 4) as u32;
-    let pool = super::connect(database_url, connections).await?;
+    let pool =
+        crate::db::connect(super::require_database_url(database_url)?, connections, args.session_limits()).await?;
+    // A database without our schema (or with an older one) would have the
+    // worker retry forever while looking ready: refuse to start instead.
+    crate::db::check_schema(&pool).await?;
     let publisher = Publisher::from_env(&sqs).await;
     let shutdown = crate::shutdown::on_signals();
     let admin = tokio::spawn(crate::admin::serve(args.admin_addr, pool.clone(), shutdown.clone()));

@@ -6,7 +6,7 @@
 //!
 //! 1. **claim** up to `batch_size` rows waiting for the step (transfer
 //!    `status = 'PENDING'`, or `refund_status = 'REQUESTED'`) whose retry time
-//!    has come, in id order, `FOR UPDATE SKIP LOCKED`: concurrent workers
+//!    has come, in id order, `FOR NO KEY UPDATE SKIP LOCKED`: concurrent workers
 //!    (tasks or processes) take disjoint batches and never wait on each
 //!    other's rows;
 //! 2. **lock the accounts** involved in one statement, in ascending id order.
@@ -31,10 +31,11 @@
 //! serialization) count nothing: the pass is simply retried.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use sqlx::{PgConnection, PgPool};
 
-use crate::db;
+use crate::db::{self, Fault};
 use crate::error::{Error, Result};
 use crate::retry::RetryPolicy;
 use crate::transfer::reason;
@@ -64,6 +65,9 @@ pub struct ApplyCounts {
     pub failed: usize,
     /// Hit an unexpected error; attempt counted, retried later.
     pub errored: usize,
+    /// Met contention (a lock held elsewhere, a timeout); retried later,
+    /// not counted.
+    pub put_off: usize,
 }
 
 impl std::ops::AddAssign for ApplyCounts {
@@ -72,6 +76,7 @@ impl std::ops::AddAssign for ApplyCounts {
         self.succeeded += o.succeeded;
         self.failed += o.failed;
         self.errored += o.errored;
+        self.put_off += o.put_off;
     }
 }
 
@@ -101,7 +106,7 @@ impl Step {
                         WHERE status = 'PENDING' AND next_attempt_at <= now()
                         ORDER BY id
                         LIMIT $1
-                          FOR UPDATE SKIP LOCKED"#,
+                          FOR NO KEY UPDATE SKIP LOCKED"#,
                     limit
                 )
                 .fetch_all(conn)
@@ -117,7 +122,7 @@ impl Step {
                         WHERE refund_status = 'REQUESTED' AND next_attempt_at <= now()
                         ORDER BY id
                         LIMIT $1
-                          FOR UPDATE SKIP LOCKED"#,
+                          FOR NO KEY UPDATE SKIP LOCKED"#,
                     limit
                 )
                 .fetch_all(conn)
@@ -136,7 +141,7 @@ impl Step {
                               to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS "day!"
                          FROM transfers
                         WHERE id = $1 AND status = 'PENDING'
-                          FOR UPDATE SKIP LOCKED"#,
+                          FOR NO KEY UPDATE SKIP LOCKED"#,
                     id
                 )
                 .fetch_optional(conn)
@@ -150,7 +155,7 @@ impl Step {
                               to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS "day!"
                          FROM transfers
                         WHERE id = $1 AND refund_status = 'REQUESTED'
-                          FOR UPDATE SKIP LOCKED"#,
+                          FOR NO KEY UPDATE SKIP LOCKED"#,
                     id
                 )
                 .fetch_optional(conn)
@@ -245,6 +250,36 @@ impl Step {
         }
     }
 
+    /// Sets when a waiting row may be tried again (guarded by its state).
+    async fn put_off(self, conn: &mut PgConnection, id: i64, delay: Duration, note: &str) -> sqlx::Result<()> {
+        let delay_ms = delay.as_millis() as f64;
+        match self {
+            Step::Transfer => {
+                sqlx::query!(
+                    "UPDATE transfers SET next_attempt_at = now() + $2 * interval '1 millisecond', last_error = $3
+                      WHERE id = $1 AND status = 'PENDING'",
+                    id,
+                    delay_ms,
+                    note
+                )
+                .execute(conn)
+                .await?
+            }
+            Step::Refund => {
+                sqlx::query!(
+                    "UPDATE transfers SET next_attempt_at = now() + $2 * interval '1 millisecond', last_error = $3
+                      WHERE id = $1 AND refund_status = 'REQUESTED'",
+                    id,
+                    delay_ms,
+                    note
+                )
+                .execute(conn)
+                .await?
+            }
+        };
+        Ok(())
+    }
+
     /// The state names of an outcome for this step.
     fn state(self, outcome: Outcome) -> &'static str {
         match (self, outcome) {
@@ -306,22 +341,31 @@ impl Applier {
                 tx.commit().await?;
                 Ok(counts)
             }
-            Err(e) if is_transient(&e) => Err(e),
-            Err(e) => {
-                tx.rollback().await?;
-                tracing::warn!(error = %e, ?step, rows = claimed.len(), "batch failed; applying its rows one by one");
-                let mut counts = ApplyCounts::default();
-                for t in &claimed {
-                    counts += self.apply_alone(step, t.id).await?;
+            Err(e) => match fault(&e) {
+                // The database itself is in trouble: nothing a row did; the
+                // whole pass is retried with backoff.
+                Fault::Unavailable => Err(e),
+                // A row's fault, or a lock someone else holds too long on
+                // some of the accounts: one by one, so that only the rows
+                // concerned are held back and the others go through.
+                Fault::Row | Fault::Contention => {
+                    tx.rollback().await?;
+                    tracing::warn!(error = %e, ?step, rows = claimed.len(), "batch failed; applying its rows one by one");
+                    let mut counts = ApplyCounts::default();
+                    for t in &claimed {
+                        counts += self.apply_alone(step, t.id).await?;
+                    }
+                    Ok(counts)
                 }
-                Ok(counts)
-            }
+            },
         }
     }
 
-    /// The per-row path: the row in its own transaction; if it fails for a
-    /// non-transient reason, record the attempt (and fail it for good after
-    /// `max_attempts`) in another.
+    /// The per-row path: the row in its own transaction. If that fails
+    /// because of the row itself, the attempt is counted (and the row FAILS
+    /// for good after `max_attempts`); if it fails on contention (a lock
+    /// timeout, a statement timeout, a deadlock), the row is only put off,
+    /// never counted: it is not the transfer's fault.
     async fn apply_alone(&self, step: Step, id: i64) -> Result<ApplyCounts> {
         let mut tx = self.pool.begin().await?;
         let Some(t) = step.claim_one(&mut tx, id).await? else {
@@ -332,18 +376,34 @@ impl Applier {
                 tx.commit().await?;
                 Ok(counts)
             }
-            Err(e) if is_transient(&e) => Err(e),
-            Err(e) => {
-                tx.rollback().await?;
-                self.record_error(step, &t, &e).await
-            }
+            Err(e) => match fault(&e) {
+                Fault::Unavailable => Err(e),
+                Fault::Contention => {
+                    tx.rollback().await?;
+                    self.put_off(step, &t, &e).await
+                }
+                Fault::Row => {
+                    tx.rollback().await?;
+                    self.record_error(step, &t, &e).await
+                }
+            },
         }
+    }
+
+    /// Retries a row that met contention later, without counting an attempt.
+    async fn put_off(&self, step: Step, t: &Claimed, err: &Error) -> Result<ApplyCounts> {
+        let delay = self.config.retry.delay_for_attempt(CONTENTION_RETRY_ATTEMPT);
+        tracing::warn!(transfer_id = t.id, ?step, retry_in = ?delay, error = %err, "contention; put off, not counted");
+        let mut conn = self.pool.acquire().await?;
+        let note = format!("{err} (contention: retried, not counted)");
+        step.put_off(&mut conn, t.id, delay, &note).await?;
+        Ok(ApplyCounts { claimed: 1, put_off: 1, ..Default::default() })
     }
 
     async fn record_error(&self, step: Step, t: &Claimed, err: &Error) -> Result<ApplyCounts> {
         let mut tx = self.pool.begin().await?;
-        // The row lock (a plain FOR UPDATE via UPDATE) makes the count exact
-        // even if another worker hit the same error at the same time.
+        // The row lock taken by the UPDATE makes the count exact even if
+        // another worker hit the same error at the same time.
         let Some(attempt) = step.record_error(&mut tx, t.id, &err.to_string()).await? else {
             tx.commit().await?;
             return Ok(ApplyCounts::default());
@@ -355,14 +415,7 @@ impl Applier {
         } else {
             let delay = self.config.retry.delay_for_attempt(attempt as u32);
             tracing::warn!(transfer_id = t.id, ?step, attempt, retry_in = ?delay, error = %err, "errored; will retry");
-            let delay_ms = delay.as_millis() as f64;
-            sqlx::query!(
-                "UPDATE transfers SET next_attempt_at = now() + $2 * interval '1 millisecond' WHERE id = $1",
-                t.id,
-                delay_ms
-            )
-            .execute(&mut *tx)
-            .await?;
+            step.put_off(&mut tx, t.id, delay, &err.to_string()).await?;
             counts.errored = 1;
         }
         tx.commit().await?;
@@ -370,8 +423,15 @@ impl Applier {
     }
 }
 
-fn is_transient(e: &Error) -> bool {
-    matches!(e, Error::Database(db_err) if db::is_transient(db_err))
+/// A row put off for contention waits about as long as a row on its third
+/// counted error would (400 ms with the default policy, with jitter).
+const CONTENTION_RETRY_ATTEMPT: u32 = 3;
+
+fn fault(e: &Error) -> Fault {
+    match e {
+        Error::Database(db_err) => db::fault(db_err),
+        _ => Fault::Row,
+    }
 }
 
 /// How a claimed row leaves its waiting state.
@@ -387,9 +447,13 @@ async fn apply_claimed(conn: &mut PgConnection, step: Step, claimed: &[Claimed])
     account_ids.sort_unstable();
     account_ids.dedup();
     // Ascending id order, in one statement: the deadlock-free lock order.
+    // FOR NO KEY UPDATE, not FOR UPDATE: a producer whose transaction
+    // inserted a transfer holds a KEY SHARE lock on both accounts (the
+    // foreign-key check) until it commits, and FOR UPDATE would wait for it;
+    // a balance change never touches the key, so the weaker lock suffices.
     let accounts = sqlx::query_as!(
         LockedAccount,
-        "SELECT id, balance, daily_limit FROM accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+        "SELECT id, balance, daily_limit FROM accounts WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
         &account_ids
     )
     .fetch_all(&mut *conn)
@@ -427,7 +491,7 @@ async fn apply_claimed(conn: &mut PgConnection, step: Step, claimed: &[Claimed])
         return Err(Error::Inconsistent(format!("guarded update applied {applied} of {} claimed rows", claimed.len())));
     }
     let succeeded = plan.outcomes.iter().filter(|(_, o)| *o == Outcome::Succeeded).count();
-    Ok(ApplyCounts { claimed: claimed.len(), succeeded, failed: claimed.len() - succeeded, errored: 0 })
+    Ok(ApplyCounts { claimed: claimed.len(), succeeded, failed: claimed.len() - succeeded, ..Default::default() })
 }
 
 /// Moves rows out of the step's waiting state and writes one outbox event
@@ -461,14 +525,20 @@ async fn spent_today(
     }
     let from: Vec<i64> = relevant.iter().map(|t| t.debit_account).collect();
     let days: Vec<String> = relevant.iter().map(|t| t.day.clone()).collect();
+    // The window is the UTC day as timestamps without time zone, turned into
+    // instants by `AT TIME ZONE 'UTC'`: nothing depends on the session's
+    // TimeZone. The sum is capped in numeric before it becomes a bigint, so
+    // a day whose transfers add up past 2^63 reads as "over any limit"
+    // instead of failing the batch with an overflow.
     let rows = sqlx::query!(
-        r#"SELECT t.from_account, k.day AS "day!", COALESCE(sum(t.amount), 0)::bigint AS "spent!"
+        r#"SELECT t.from_account, k.day AS "day!",
+                  LEAST(COALESCE(sum(t.amount), 0), 9223372036854775807)::bigint AS "spent!"
              FROM (SELECT DISTINCT * FROM unnest($1::bigint[], $2::text[]) AS k(account, day)) k
              JOIN transfers t
                ON t.from_account = k.account
               AND t.status = 'SUCCEEDED'
-              AND t.created_at >= k.day::date AT TIME ZONE 'UTC'
-              AND t.created_at < (k.day::date + 1) AT TIME ZONE 'UTC'
+              AND t.created_at >= (k.day::date)::timestamp AT TIME ZONE 'UTC'
+              AND t.created_at < (k.day::date + 1)::timestamp AT TIME ZONE 'UTC'
             GROUP BY 1, 2"#,
         &from,
         &days
@@ -518,8 +588,11 @@ fn decide(
             balance.insert(credit, credited);
             *delta.entry(debit).or_default() -= t.amount;
             *delta.entry(credit).or_default() += t.amount;
-            if let Some(spent) = spent.as_mut() {
-                *spent.entry(spent_key).or_default() += t.amount;
+            // Running totals only where a limit applies, and saturating: an
+            // unlimited account may move any sum in a day.
+            if let (Some(spent), Some(_)) = (spent.as_mut(), limits[&debit]) {
+                let total = spent.entry(spent_key).or_default();
+                *total = total.saturating_add(t.amount);
             }
             Outcome::Succeeded
         };

@@ -185,7 +185,9 @@ async fn check_daily_limits(conn: &mut PgConnection, items: &[Item<'_>]) -> Resu
     .await?;
     // Read after the locks: a fresh snapshot sees every accepted transfer.
     let mut used: HashMap<i64, i64> = sqlx::query!(
-        r#"SELECT from_account, sum(amount)::bigint AS "used!" FROM transfers
+        // Capped in numeric: the day's accepted transfers (SQL producers are
+        // not checked here) may add up past 2^63, which is simply "over".
+        r#"SELECT from_account, LEAST(sum(amount), 9223372036854775807)::bigint AS "used!" FROM transfers
             WHERE from_account = ANY($1) AND status IN ('PENDING', 'SUCCEEDED')
               AND created_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
             GROUP BY from_account"#,

@@ -36,8 +36,9 @@ where
 {
     // A transaction of its own, or a savepoint inside the caller's.
     let mut tx = db.begin().await?;
-    let exists =
-        sqlx::query_scalar!("SELECT id FROM transfers WHERE id = $1 FOR UPDATE", id.0).fetch_optional(&mut *tx).await?;
+    let exists = sqlx::query_scalar!("SELECT id FROM transfers WHERE id = $1 FOR NO KEY UPDATE", id.0)
+        .fetch_optional(&mut *tx)
+        .await?;
     if exists.is_none() {
         tx.rollback().await?;
         return Err(Error::NotFound { what: "transfer", id: id.0 });

@@ -3,8 +3,12 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use transfer_worker::db::SessionLimits;
 use transfer_worker::retry::RetryPolicy;
 use transfer_worker::transfer::apply::{Applier, ApplyConfig};
+use transfer_worker::transfer::cancel::cancel;
+use transfer_worker::transfer::refund::request_refund;
+use transfer_worker::transfer::TransferId;
 
 use crate::helpers::{wait_for, TestDb};
 
@@ -163,4 +167,244 @@ async fn a_sql_enqueued_transfer_over_the_daily_limit_fails_when_applied() {
     assert_eq!(rows[2], ("c".into(), "FAILED".into(), Some("daily_limit_exceeded".into())));
     assert_eq!(rows[3].1, "SUCCEEDED", "incoming money is not limited");
     assert_eq!(db.scalar("SELECT balance FROM accounts WHERE id = 1").await, 1000 - 90 + 5);
+}
+
+/// A pool made the way `run` makes it, with these session limits.
+async fn worker_pool(db: &TestDb, limits: SessionLimits) -> sqlx::PgPool {
+    transfer_worker::db::connect(&db.url, 8, limits).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_producers_open_transaction_does_not_stall_the_worker_on_the_same_accounts() {
+    use transfer_worker::account::AccountId;
+    use transfer_worker::transfer::enqueue::{enqueue, enqueue_bulk, NewTransfer};
+    use transfer_worker::transfer::Amount;
+
+    let db = TestDb::new().await;
+    db.open_account(1, 1_000).await;
+    db.open_account(2, 1_000).await;
+    // Producers that enqueued on accounts 1 and 2 and keep their transactions
+    // open: their foreign-key checks hold KEY SHARE locks on both accounts.
+    let mut sql_producer = db.pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO transfers (idempotency_key, from_account, to_account, amount) VALUES ('open', 1, 2, 5)")
+        .execute(&mut *sql_producer)
+        .await
+        .unwrap();
+    let mut library_producer = db.pool.begin().await.unwrap();
+    let t = NewTransfer::new(AccountId(2), AccountId(1), Amount::new(7).unwrap(), None).unwrap();
+    enqueue(&mut *library_producer, &t).await.unwrap();
+    let mut bulk_producer = db.pool.begin().await.unwrap();
+    enqueue_bulk(&mut bulk_producer, &[(1, t.clone()), (2, t.clone())]).await.unwrap();
+
+    // Committed transfers on the same accounts are applied meanwhile.
+    sqlx::query(
+        "INSERT INTO transfers (idempotency_key, from_account, to_account, amount) VALUES ('c1', 1, 2, 10), ('c2', 2, 1, 3)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let applier = Applier::new(worker_pool(&db, SessionLimits::default()).await, ApplyConfig::default());
+    let c = tokio::time::timeout(Duration::from_secs(10), applier.run_once())
+        .await
+        .expect("the worker must not wait for the producers' transactions")
+        .unwrap();
+    assert_eq!((c.claimed, c.succeeded), (2, 2));
+    // A refund and a cancel do not wait for them either.
+    let c1 = TransferId(db.scalar("SELECT id FROM transfers WHERE idempotency_key = 'c1'").await);
+    tokio::time::timeout(Duration::from_secs(10), request_refund(&db.pool, c1, None)).await.unwrap().unwrap();
+    let c3: i64 = sqlx::query_scalar(
+        "INSERT INTO transfers (idempotency_key, from_account, to_account, amount) VALUES ('c3', 1, 2, 1) RETURNING id",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), cancel(&db.pool, TransferId(c3))).await.unwrap().unwrap();
+    let c = tokio::time::timeout(Duration::from_secs(10), applier.run_once()).await.unwrap().unwrap();
+    assert_eq!(c.succeeded, 1, "the refund completes");
+
+    for producer in [sql_producer, library_producer, bulk_producer] {
+        producer.commit().await.unwrap();
+    }
+    wait_for("the producers' transfers to be applied", Duration::from_secs(10), || async {
+        applier.run_once().await.unwrap();
+        db.scalar("SELECT count(*) FROM transfers WHERE status = 'PENDING'").await == 0
+    })
+    .await;
+    assert_eq!(db.total_balance().await, 2_000);
+}
+
+/// Holds account 1 the way another writer would, and checks that the
+/// transfers touching it are put off (never counted, never FAILED) while the
+/// others go through, then applied once the lock is gone.
+async fn held_account_lock_is_contention_not_the_transfers_fault(limits: SessionLimits, sqlstate: &str) {
+    let db = TestDb::new().await;
+    for id in 1..=4 {
+        db.open_account(id, 1_000).await;
+    }
+    sqlx::query(
+        "INSERT INTO transfers (idempotency_key, from_account, to_account, amount)
+         SELECT 'held-' || g, 1, 2, 1 FROM generate_series(1, 3) g
+         UNION ALL SELECT 'free-' || g, 3, 4, 1 FROM generate_series(1, 3) g",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let mut other_writer = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM accounts WHERE id = 1 FOR UPDATE").execute(&mut *other_writer).await.unwrap();
+
+    let fast = RetryPolicy { initial: Duration::from_millis(20), max: Duration::from_millis(100), multiplier: 2.0 };
+    let config = ApplyConfig { batch_size: 10, max_attempts: 2, retry: fast };
+    let applier = Applier::new(worker_pool(&db, limits).await, config);
+    let c = applier.run_once().await.unwrap();
+    assert_eq!((c.succeeded, c.put_off, c.errored, c.failed), (3, 3, 0, 0), "{c:?}");
+    // Many more passes than max_attempts: still nothing counted.
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let c = applier.run_once().await.unwrap();
+        assert_eq!((c.errored, c.failed), (0, 0), "{c:?}");
+    }
+    let held: Vec<(String, i32, Option<String>)> = sqlx::query_as(
+        "SELECT status, attempts, last_error FROM transfers WHERE idempotency_key LIKE 'held-%' ORDER BY id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    for (status, attempts, last_error) in &held {
+        assert_eq!((status.as_str(), *attempts), ("PENDING", 0));
+        assert!(last_error.as_deref().unwrap_or("").contains("not counted"), "{last_error:?}");
+    }
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM transfers WHERE idempotency_key LIKE 'free-%' AND status = 'SUCCEEDED'").await,
+        3
+    );
+    let log_hint = held[0].2.clone().unwrap();
+    assert!(log_hint.contains(sqlstate) || log_hint.contains("timeout") || log_hint.contains("cancel"), "{log_hint}");
+
+    other_writer.rollback().await.unwrap();
+    wait_for("the held transfers to be applied", Duration::from_secs(10), || async {
+        applier.run_once().await.unwrap();
+        db.scalar("SELECT count(*) FROM transfers WHERE status = 'SUCCEEDED'").await == 6
+    })
+    .await;
+    assert_eq!(db.scalar("SELECT max(attempts)::bigint FROM transfers").await, 0);
+}
+
+#[tokio::test]
+async fn a_lock_timeout_puts_transfers_off_without_counting_and_lets_the_others_through() {
+    let limits = SessionLimits { lock_timeout: Some(Duration::from_millis(200)), ..SessionLimits::default() };
+    held_account_lock_is_contention_not_the_transfers_fault(limits, "55P03").await;
+}
+
+#[tokio::test]
+async fn a_statement_timeout_puts_transfers_off_without_counting_and_lets_the_others_through() {
+    let limits = SessionLimits {
+        lock_timeout: Some(Duration::ZERO),
+        statement_timeout: Some(Duration::from_millis(300)),
+        ..SessionLimits::default()
+    };
+    held_account_lock_is_contention_not_the_transfers_fault(limits, "57014").await;
+}
+
+#[tokio::test]
+async fn the_worker_sets_its_own_timeouts_whatever_the_database_default_is() {
+    let db = TestDb::new().await;
+    let name: String = sqlx::query_scalar("SELECT current_database()").fetch_one(&db.pool).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("ALTER DATABASE {name} SET statement_timeout = '1ms'")))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let pool = worker_pool(&db, SessionLimits::default()).await;
+    let (statement, lock): (String, String) =
+        sqlx::query_as("SELECT current_setting('statement_timeout'), current_setting('lock_timeout')")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!((statement.as_str(), lock.as_str()), ("30s", "5s"));
+}
+
+#[tokio::test]
+async fn daily_totals_that_overflow_a_bigint_mean_over_the_limit_not_an_error() {
+    let db = TestDb::new().await;
+    let big = i64::MAX / 2 + 1;
+    sqlx::query("INSERT INTO accounts (id, balance, daily_limit) VALUES (1, 1000, 100), (2, 0, NULL)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    // Two SUCCEEDED transfers today whose sum is past 2^63 (written by SQL,
+    // as a data fix or a migration from another system might).
+    sqlx::query(
+        "INSERT INTO transfers (idempotency_key, from_account, to_account, amount, status)
+         VALUES ('s1', 1, 2, $1, 'SUCCEEDED'), ('s2', 1, 2, $1, 'SUCCEEDED'), ('p', 1, 2, 1, 'PENDING')",
+    )
+    .bind(big)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let c = Applier::new(db.pool.clone(), ApplyConfig::default()).run_once().await.unwrap();
+    assert_eq!((c.failed, c.errored), (1, 0), "{c:?}");
+    let reason: String = sqlx::query_scalar("SELECT failure_reason FROM transfers WHERE idempotency_key = 'p'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(reason, "daily_limit_exceeded");
+    // At enqueue: exit 3 naming the limit, not exit 1 "bigint out of range".
+    let out = db.cli(&["enqueue", "--from", "1", "--to", "2", "--amount", "1"]).await;
+    assert_eq!(out.code, 3, "{out:?}");
+    assert!(out.stderr.contains("daily limit of account 1 exceeded"), "{}", out.stderr);
+}
+
+#[tokio::test]
+async fn an_unlimited_account_may_move_more_than_i64_max_in_one_batch() {
+    let db = TestDb::new().await;
+    let big = i64::MAX - 10;
+    db.open_account(1, big).await;
+    db.open_account(2, 0).await;
+    // 1 -> 2, 2 -> 1, 1 -> 2: account 1 sends 2 * big in one batch, which
+    // a running daily total for an unlimited account would overflow.
+    sqlx::query(
+        "INSERT INTO transfers (idempotency_key, from_account, to_account, amount)
+         VALUES ('a', 1, 2, $1), ('b', 2, 1, $1), ('c', 1, 2, $1)",
+    )
+    .bind(big)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let c = Applier::new(db.pool.clone(), ApplyConfig::default()).run_once().await.unwrap();
+    assert_eq!((c.succeeded, c.errored), (3, 0), "{c:?}");
+    assert_eq!(db.scalar("SELECT balance FROM accounts WHERE id = 2").await, big);
+}
+
+#[tokio::test]
+async fn the_daily_window_at_apply_is_the_utc_day_whatever_the_session_time_zone() {
+    let db = TestDb::new().await;
+    // sqlx asks for UTC when it connects; a session can still change it.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                sqlx::query("SET TimeZone = 'Pacific/Kiritimati'").execute(conn).await?;
+                Ok(())
+            })
+        })
+        .connect(&db.url)
+        .await
+        .unwrap();
+    let zone: String = sqlx::query_scalar("SELECT current_setting('TimeZone')").fetch_one(&pool).await.unwrap();
+    assert_eq!(zone, "Pacific/Kiritimati", "sessions of this database are 14 h ahead of UTC");
+    sqlx::query("INSERT INTO accounts (id, balance, daily_limit) VALUES (1, 1000, 100), (2, 0, NULL)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    // 60 SUCCEEDED on one UTC day, 60 PENDING accepted on the next: each day
+    // stays under the limit of 100.
+    sqlx::query(
+        "INSERT INTO transfers (idempotency_key, from_account, to_account, amount, status, created_at)
+         VALUES ('yesterday', 1, 2, 60, 'SUCCEEDED', '2026-11-30 10:00:00+00'),
+                ('today', 1, 2, 60, 'PENDING', '2026-12-01 10:00:00+00')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let c = Applier::new(pool.clone(), ApplyConfig::default()).run_once().await.unwrap();
+    assert_eq!(c.succeeded, 1, "{c:?}");
 }

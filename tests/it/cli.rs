@@ -135,3 +135,39 @@ async fn migrate_is_safe_to_run_twice_and_concurrently() {
     assert_eq!(db.cli(&["migrate"]).await.code, 0);
     assert_eq!(db.scalar("SELECT count(*) FROM accounts").await, 0);
 }
+
+#[tokio::test]
+async fn run_refuses_a_database_without_the_schema_and_says_to_migrate() {
+    let db = TestDb::unmigrated().await;
+    let started = std::time::Instant::now();
+    let out = db.cli(&["run", "--queue-url", "http://127.0.0.1:9/queue/q", "--admin-addr", "127.0.0.1:0"]).await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("run `transfer-worker migrate`"), "{}", out.stderr);
+    assert!(started.elapsed() < std::time::Duration::from_secs(20), "it does not retry forever");
+
+    // A database migrated by an older version: the missing migration is named.
+    transfer_worker::db::migrate(&db.pool).await.unwrap();
+    let last = transfer_worker::db::MIGRATOR.iter().map(|m| m.version).max().unwrap();
+    sqlx::query("DELETE FROM _sqlx_migrations WHERE version = $1").bind(last).execute(&db.pool).await.unwrap();
+    let out = db.cli(&["run", "--queue-url", "http://127.0.0.1:9/queue/q", "--admin-addr", "127.0.0.1:0"]).await;
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains(&format!("migration {last}")), "{}", out.stderr);
+    assert!(out.stderr.contains("transfer-worker migrate"), "{}", out.stderr);
+}
+
+#[tokio::test]
+async fn an_unreachable_database_is_reported_with_its_address_and_cause_at_once() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let url = format!("postgres://postgres:s3cret-pw@127.0.0.1:{port}/nowhere");
+    let started = std::time::Instant::now();
+    let out = tokio::process::Command::new(BIN).args(["status"]).env("DATABASE_URL", &url).output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&format!("127.0.0.1:{port}/nowhere")), "names the server: {stderr}");
+    assert!(stderr.to_lowercase().contains("refused"), "names the cause: {stderr}");
+    assert!(!stderr.contains("s3cret-pw"), "never the password: {stderr}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "at once, not after a pool timeout");
+}

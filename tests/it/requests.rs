@@ -59,7 +59,7 @@ async fn worker_holding(
     });
     // Observed, not probed: a SKIP LOCKED probe could itself take the row
     // for an instant and make the worker skip it.
-    wait_until_blocked(db, "%FROM accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE%").await;
+    wait_until_blocked(db, "%FROM accounts WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE%").await;
     (worker, blocker)
 }
 
@@ -107,7 +107,7 @@ where
 async fn a_refund_racing_the_worker_waits_for_it_then_applies_once() {
     let (db, id, result) = race_with_worker(
         |pool, id| async move { request_refund(&pool, id, None).await },
-        "SELECT id FROM transfers WHERE id = $1 FOR UPDATE%",
+        "SELECT id FROM transfers WHERE id = $1 FOR NO KEY UPDATE%",
     )
     .await;
     let r = result.expect("judged on the committed row: SUCCEEDED, so it applies");
