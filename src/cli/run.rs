@@ -100,6 +100,8 @@ impl RunArgs {
                 rejection_retry: retry,
                 outage_retry: retry,
                 poll_interval,
+                // Set from the SQS client's bounds once it exists (see `run`).
+                ..RelayConfig::default()
             },
             poll_interval,
             db_retry: retry,
@@ -143,7 +145,21 @@ pub async fn run(database_url: &Option<String>, args: RunArgs) -> Result<()> {
     // A database without our schema (or with an older one) would have the
     // worker retry forever while looking ready: refuse to start instead.
     crate::db::check_schema(&pool).await?;
-    let publisher = Publisher::from_env(&sqs).await;
+    let mut publisher = Publisher::from_env(&sqs).await;
+    // Whether the queue is FIFO, from SQS itself when it answers; from the
+    // URL otherwise (an SQS outage at start is an outage, not a reason to
+    // refuse to apply transfers).
+    match publisher.check_queue().await {
+        Ok(info) => tracing::info!(queue = %sqs.queue_url, fifo = info.fifo, "queue answered GetQueueAttributes"),
+        Err(e) => tracing::warn!(
+            error = %e, fifo = publisher.is_fifo(),
+            "queue did not answer GetQueueAttributes; FIFO judged from its URL; events wait until SQS answers"
+        ),
+    }
+    let mut config = config;
+    // A claim must outlast the longest send of a pass, with room to spare.
+    let worst = publisher.worst_case_duration(config.relay.batch_size as usize);
+    config.relay.lease = worst * 2 + Duration::from_secs(5);
     let shutdown = crate::shutdown::on_signals();
     let admin = tokio::spawn(crate::admin::serve(args.admin_addr, pool.clone(), shutdown.clone()));
     worker::run(pool.clone(), publisher, config, shutdown).await?;

@@ -2,25 +2,35 @@
 //! what happened, so every event reaches SQS at least once and the events of
 //! one transfer arrive in the order they were written.
 //!
-//! One pass ([`Relay::run_once`]) is one transaction:
+//! One pass ([`Relay::run_once`]) is two short transactions around the network:
 //!
-//! 1. claim up to `batch_size` events with `FOR UPDATE SKIP LOCKED`: only the
-//!    *earliest* unpublished event of each transfer, so two relays (or two
-//!    concurrent `SendMessageBatch` calls) never carry two events of one
-//!    transfer at once, and a dead event holds back only its own transfer;
-//! 2. send them (several calls in flight);
-//! 3. mark the accepted ones published, count a rejection against each
-//!    rejected one (dead after `max_attempts`), leave the unavailable ones as
-//!    they were; commit.
+//! 1. **claim** ([`Relay::claim`], one statement, committed at once): up to
+//!    `batch_size` events, only the *earliest* unpublished event of each
+//!    transfer, whose retry time has come and that nobody holds a live lease
+//!    on; each gets `claimed_until = now() + lease`. Two relays (or two
+//!    concurrent `SendMessageBatch` calls) therefore never carry two events of
+//!    one transfer at once, and a dead event holds back only its own transfer;
+//! 2. **send** ([`Relay::send`]), several calls in flight, with no transaction
+//!    open and no row locked: a slow or hung SQS holds nothing in PostgreSQL
+//!    (no locks, no snapshot holding back vacuum, nothing for
+//!    `idle_in_transaction_session_timeout` to kill);
+//! 3. **record** ([`Relay::record`], one transaction): accepted events become
+//!    published; an event SQS refused for its own content has the attempt
+//!    counted (dead after `max_attempts`); one that failed for another reason
+//!    (throttling, an SQS internal error) is retried later on its own
+//!    backoff, uncounted; after an outage of the whole call, events go back
+//!    as they were. Every update is guarded by the claim's lease: if a slow
+//!    call outlived its lease and another relay claimed the event again, the
+//!    stale outcome is dropped (the event was sent twice, never lost).
 //!
-//! A crash between 2 and 3 rolls the claim back, and the events go out again:
-//! at least once; FIFO queues drop the copy by `MessageDeduplicationId` =
-//! `event_id`, other consumers deduplicate by `event_id`. The claim locks
-//! outbox rows only, never transfers or accounts, so a slow or unreachable SQS
-//! cannot stall the worker; each call is bounded by the SQS call timeout.
+//! A crash between 2 and 3 leaves the lease to expire, and the events go out
+//! again: at least once; FIFO queues drop the copy by `MessageDeduplicationId`
+//! = `event_id`, other consumers deduplicate by `event_id`. Per-transfer order
+//! holds because the next event of a transfer is claimable only once the
+//! previous one is published, i.e. after SQS accepted it.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sqlx::PgPool;
@@ -28,7 +38,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Result;
-use crate::outbox::sqs::{Delivery, Outgoing, Publisher};
+use crate::outbox::sqs::{escape_for_sqs, Delivery, Outgoing, Publisher};
 use crate::outbox::EventBody;
 use crate::retry::RetryPolicy;
 use crate::service::{self, Pass};
@@ -40,12 +50,17 @@ pub struct RelayConfig {
     pub batch_size: i64,
     /// Rejections by SQS before an event is dead (default 5).
     pub max_attempts: i32,
-    /// Delay before a rejected event is retried, by its attempt number.
+    /// Delay before a rejected or deferred event is retried, by its attempt number.
     pub rejection_retry: RetryPolicy,
     /// Backoff while SQS is unavailable (never gives up).
     pub outage_retry: RetryPolicy,
     /// Longest sleep when idle; a NOTIFY from an outbox insert wakes it sooner.
     pub poll_interval: Duration,
+    /// How long a claim is this relay's (default 30 s). It should outlast the
+    /// longest send of a pass ([`Publisher::worst_case_duration`]); if a send
+    /// outlives it, another relay may send the same event again (a duplicate,
+    /// dropped by `event_id`), never lose or reorder one.
+    pub lease: Duration,
 }
 
 impl Default for RelayConfig {
@@ -56,6 +71,7 @@ impl Default for RelayConfig {
             rejection_retry: RetryPolicy::default(),
             outage_retry: RetryPolicy::default(),
             poll_interval: Duration::from_millis(500),
+            lease: Duration::from_secs(30),
         }
     }
 }
@@ -65,22 +81,40 @@ impl Default for RelayConfig {
 pub struct RelayCounts {
     pub claimed: usize,
     pub published: usize,
-    /// Rejected by SQS and left to retry.
+    /// Refused by SQS for their content and left to retry (attempt counted).
     pub rejected: usize,
-    /// Rejected for the last allowed time: now dead.
+    /// Refused for the last allowed time: now dead.
     pub dead: usize,
-    /// Not sent because SQS was unavailable (not counted against them).
+    /// Failed one by one for reasons that are not theirs (throttling, SQS
+    /// internal errors): retried on their own backoff, not counted.
+    pub deferred: usize,
+    /// Not sent because the whole call failed (an outage; not counted).
     pub unavailable: usize,
+    /// Outcomes dropped because the lease had expired and another relay had
+    /// claimed the event again.
+    pub lost_lease: usize,
 }
 
-struct ClaimedEvent {
-    id: i64,
-    event_id: String,
-    transfer_id: i64,
-    event_type: String,
-    data: String,
-    occurred_at: String,
-    attempts: i32,
+/// An event as claimed.
+#[derive(Debug, Clone)]
+pub struct ClaimedEvent {
+    pub id: i64,
+    pub event_id: String,
+    pub transfer_id: i64,
+    pub event_type: String,
+    pub data: String,
+    pub occurred_at: String,
+    pub attempts: i32,
+    pub transient_failures: i32,
+}
+
+/// The events of one claim, and the lease that identifies it.
+#[derive(Debug)]
+pub struct Claim {
+    /// `claimed_until` as PostgreSQL printed it: every outcome is recorded
+    /// only where it still holds.
+    pub lease: String,
+    pub events: Vec<ClaimedEvent>,
 }
 
 pub struct Relay {
@@ -88,83 +122,147 @@ pub struct Relay {
     publisher: Publisher,
     config: RelayConfig,
     wake: Arc<Notify>,
+    /// Leases claimed and not yet recorded, to give back at shutdown.
+    open_leases: Mutex<HashSet<String>>,
 }
 
 impl Relay {
     pub fn new(pool: PgPool, publisher: Publisher, config: RelayConfig, wake: Arc<Notify>) -> Self {
-        Relay { pool, publisher, config, wake }
+        let worst = publisher.worst_case_duration(config.batch_size as usize);
+        if config.lease <= worst {
+            tracing::warn!(
+                lease = ?config.lease, worst_case_send = ?worst,
+                "the relay lease is shorter than a pass's longest send: slow passes may send events twice"
+            );
+        }
+        Relay { pool, publisher, config, wake, open_leases: Mutex::new(HashSet::new()) }
+    }
+
+    pub fn publisher(&self) -> &Publisher {
+        &self.publisher
     }
 
     /// One pass: claim, send, record. Errors are database errors; SQS
     /// trouble shows up in the counts instead.
     pub async fn run_once(&self) -> Result<RelayCounts> {
-        let mut tx = self.pool.begin().await?;
-        // The earliest unpublished event of each transfer, and only when its
-        // retry time has come. `state <> 'published'` repeats the partial
-        // indexes' predicate so the planner can use them.
-        let claimed = sqlx::query_as!(
-            ClaimedEvent,
-            r#"SELECT o.id, o.event_id::text AS "event_id!", o.transfer_id, o.event_type,
-                      o.data::text AS "data!", o.attempts,
-                      to_char(o.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS "occurred_at!"
-                 FROM outbox o
-                WHERE o.state <> 'published' AND o.state = 'pending'
-                  AND o.next_attempt_at <= now()
-                  AND NOT EXISTS (SELECT 1 FROM outbox e
-                                   WHERE e.transfer_id = o.transfer_id
-                                     AND e.state <> 'published'
-                                     AND e.id < o.id)
-                ORDER BY o.id
-                LIMIT $1
-                  FOR UPDATE OF o SKIP LOCKED"#,
-            self.config.batch_size
-        )
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut counts = RelayCounts { claimed: claimed.len(), ..Default::default() };
-        if claimed.is_empty() {
-            tx.commit().await?;
-            return Ok(counts);
+        let claim = self.claim().await?;
+        if claim.events.is_empty() {
+            return Ok(RelayCounts::default());
         }
+        let outcomes = self.send(&claim).await;
+        self.record(claim, &outcomes).await
+    }
 
-        let attempts: HashMap<i64, i32> = claimed.iter().map(|e| (e.id, e.attempts)).collect();
-        let outgoing: Vec<Outgoing> = claimed.into_iter().map(to_outgoing).collect();
-        let outcomes = self.publisher.publish(&outgoing).await;
+    /// Step 1: claims a batch under a fresh lease (committed before return).
+    pub async fn claim(&self) -> Result<Claim> {
+        let lease_ms = self.config.lease.as_millis() as f64;
+        // The earliest unpublished event of each transfer, only when its
+        // retry time has come and no live lease is on it. `state <>
+        // 'published'` repeats the partial indexes' predicate so the planner
+        // can use them. SKIP LOCKED: a concurrent claim's rows are not ours.
+        let rows = sqlx::query!(
+            r#"WITH heads AS (
+                   SELECT o.id FROM outbox o
+                    WHERE o.state <> 'published' AND o.state = 'pending'
+                      AND o.next_attempt_at <= now()
+                      AND (o.claimed_until IS NULL OR o.claimed_until < now())
+                      AND NOT EXISTS (SELECT 1 FROM outbox e
+                                       WHERE e.transfer_id = o.transfer_id
+                                         AND e.state <> 'published'
+                                         AND e.id < o.id)
+                    ORDER BY o.id
+                    LIMIT $1
+                      FOR NO KEY UPDATE OF o SKIP LOCKED
+               )
+               UPDATE outbox o SET claimed_until = now() + $2 * interval '1 millisecond'
+                 FROM heads h
+                WHERE o.id = h.id
+            RETURNING o.id, o.event_id::text AS "event_id!", o.transfer_id, o.event_type,
+                      o.data::text AS "data!", o.attempts, o.transient_failures,
+                      o.claimed_until::text AS "lease!",
+                      to_char(o.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS "occurred_at!""#,
+            self.config.batch_size,
+            lease_ms
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let lease = rows.first().map(|r| r.lease.clone()).unwrap_or_default();
+        let mut events: Vec<ClaimedEvent> = rows
+            .into_iter()
+            .map(|r| ClaimedEvent {
+                id: r.id,
+                event_id: r.event_id,
+                transfer_id: r.transfer_id,
+                event_type: r.event_type,
+                data: r.data,
+                occurred_at: r.occurred_at,
+                attempts: r.attempts,
+                transient_failures: r.transient_failures,
+            })
+            .collect();
+        events.sort_by_key(|e| e.id);
+        if !events.is_empty() {
+            self.open_leases.lock().expect("lease set").insert(lease.clone());
+        }
+        Ok(Claim { lease, events })
+    }
 
+    /// Step 2: sends the claimed events; no transaction is open meanwhile.
+    pub async fn send(&self, claim: &Claim) -> HashMap<i64, Delivery> {
+        let outgoing: Vec<Outgoing> = claim.events.iter().map(to_outgoing).collect();
+        self.publisher.publish(&outgoing).await
+    }
+
+    /// Step 3: records what happened to each event, where the lease still holds.
+    pub async fn record(&self, claim: Claim, outcomes: &HashMap<i64, Delivery>) -> Result<RelayCounts> {
+        let mut counts = RelayCounts { claimed: claim.events.len(), ..Default::default() };
+        let lease = claim.lease.as_str();
         let mut published = Vec::new();
         let (mut rejected_ids, mut rejected_errors, mut rejected_delays) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut deferred_ids, mut deferred_errors, mut deferred_delays) = (Vec::new(), Vec::new(), Vec::new());
         let (mut unavailable_ids, mut unavailable_errors) = (Vec::new(), Vec::new());
-        for e in &outgoing {
-            match outcomes.get(&e.outbox_id) {
-                Some(Delivery::Sent) => published.push(e.outbox_id),
-                Some(Delivery::Rejected(msg)) => {
-                    rejected_ids.push(e.outbox_id);
-                    rejected_errors.push(msg.clone());
-                    let attempt = attempts[&e.outbox_id] as u32 + 1;
+        for e in &claim.events {
+            match outcomes.get(&e.id) {
+                Some(Delivery::Sent) => published.push(e.id),
+                Some(Delivery::Rejected(err)) => {
+                    rejected_ids.push(e.id);
+                    rejected_errors.push(err.to_string());
+                    let attempt = e.attempts as u32 + 1;
                     rejected_delays.push(self.config.rejection_retry.delay_for_attempt(attempt).as_millis() as i64);
+                    tracing::warn!(outbox_id = e.id, transfer_id = e.transfer_id, error = %err, "SQS refused an event");
+                }
+                Some(Delivery::Deferred(err)) => {
+                    deferred_ids.push(e.id);
+                    deferred_errors.push(format!("{err} (not the message's fault: retried, not counted)"));
+                    let n = e.transient_failures as u32 + 1;
+                    deferred_delays.push(self.config.outage_retry.delay_for_attempt(n).as_millis() as i64);
+                    tracing::warn!(outbox_id = e.id, transfer_id = e.transfer_id, error = %err, "SQS failed an event; retrying it later");
                 }
                 Some(Delivery::Unavailable(msg)) => {
-                    unavailable_ids.push(e.outbox_id);
+                    unavailable_ids.push(e.id);
                     unavailable_errors.push(msg.clone());
                 }
                 None => {
-                    unavailable_ids.push(e.outbox_id);
+                    unavailable_ids.push(e.id);
                     unavailable_errors.push("not sent".to_owned());
                 }
             }
         }
 
+        let mut tx = self.pool.begin().await?;
+        let mut recorded = 0;
         if !published.is_empty() {
             let n = sqlx::query!(
-                "UPDATE outbox SET state = 'published', published_at = now(), last_error = NULL
-                  WHERE id = ANY($1) AND state = 'pending'",
-                &published
+                "UPDATE outbox SET state = 'published', published_at = now(), last_error = NULL, claimed_until = NULL
+                  WHERE id = ANY($1) AND state = 'pending' AND claimed_until = $2::text::timestamptz",
+                &published,
+                lease
             )
             .execute(&mut *tx)
             .await?
-            .rows_affected();
-            debug_assert_eq!(n as usize, published.len(), "claimed rows are locked by this pass");
-            counts.published = published.len();
+            .rows_affected() as usize;
+            counts.published = n;
+            recorded += n;
         }
 
         if !rejected_ids.is_empty() {
@@ -173,41 +271,95 @@ impl Relay {
                     SET attempts = o.attempts + 1,
                         last_error = r.error,
                         state = CASE WHEN o.attempts + 1 >= $4 THEN 'dead' ELSE 'pending' END,
-                        next_attempt_at = now() + r.delay_ms * interval '1 millisecond'
+                        next_attempt_at = now() + r.delay_ms * interval '1 millisecond',
+                        claimed_until = NULL
                    FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS r(id, error, delay_ms)
-                  WHERE o.id = r.id AND o.state = 'pending'
+                  WHERE o.id = r.id AND o.state = 'pending' AND o.claimed_until = $5::text::timestamptz
               RETURNING o.state",
                 &rejected_ids,
                 &rejected_errors,
                 &rejected_delays,
-                self.config.max_attempts
+                self.config.max_attempts,
+                lease
             )
             .fetch_all(&mut *tx)
             .await?;
             counts.dead = states.iter().filter(|s| *s == "dead").count();
             counts.rejected = states.len() - counts.dead;
-            for (id, err) in rejected_ids.iter().zip(&rejected_errors) {
-                tracing::warn!(outbox_id = id, error = %err, "SQS rejected an event");
-            }
+            recorded += states.len();
+        }
+
+        if !deferred_ids.is_empty() {
+            let n = sqlx::query!(
+                "UPDATE outbox o
+                    SET transient_failures = o.transient_failures + 1,
+                        last_error = r.error,
+                        next_attempt_at = now() + r.delay_ms * interval '1 millisecond',
+                        claimed_until = NULL
+                   FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS r(id, error, delay_ms)
+                  WHERE o.id = r.id AND o.state = 'pending' AND o.claimed_until = $4::text::timestamptz",
+                &deferred_ids,
+                &deferred_errors,
+                &deferred_delays,
+                lease
+            )
+            .execute(&mut *tx)
+            .await?
+            .rows_affected() as usize;
+            counts.deferred = n;
+            recorded += n;
         }
 
         if !unavailable_ids.is_empty() {
-            // Not the events' fault: attempts stay as they are.
-            sqlx::query!(
-                "UPDATE outbox o SET last_error = r.error
+            // Not the events' fault: attempts stay as they are, and the lease
+            // is given back so that the next pass (after the loop's backoff)
+            // may take them at once.
+            let n = sqlx::query!(
+                "UPDATE outbox o SET last_error = r.error, claimed_until = NULL
                    FROM unnest($1::bigint[], $2::text[]) AS r(id, error)
-                  WHERE o.id = r.id",
+                  WHERE o.id = r.id AND o.state = 'pending' AND o.claimed_until = $3::text::timestamptz",
                 &unavailable_ids,
-                &unavailable_errors
+                &unavailable_errors,
+                lease
             )
             .execute(&mut *tx)
-            .await?;
+            .await?
+            .rows_affected() as usize;
             counts.unavailable = unavailable_ids.len();
+            recorded += n;
             tracing::warn!(events = unavailable_ids.len(), error = %unavailable_errors[0], "SQS unavailable; will retry");
         }
 
         tx.commit().await?;
+        self.open_leases.lock().expect("lease set").remove(&claim.lease);
+        counts.lost_lease = claim.events.len() - recorded;
+        if counts.lost_lease > 0 {
+            tracing::warn!(
+                events = counts.lost_lease,
+                "a send outlived its lease and the events were claimed again: their outcome here is dropped (they may reach SQS twice)"
+            );
+        }
         Ok(counts)
+    }
+
+    /// Gives back the leases of passes that were abandoned (at a shutdown
+    /// deadline), so a restarted worker sends those events at once instead
+    /// of waiting for the leases to expire. Events SQS had in fact accepted
+    /// go out again: a duplicate, never a loss.
+    pub async fn release_open_leases(&self) -> Result<u64> {
+        let leases: Vec<String> = self.open_leases.lock().expect("lease set").drain().collect();
+        if leases.is_empty() {
+            return Ok(0);
+        }
+        let n = sqlx::query!(
+            "UPDATE outbox SET claimed_until = NULL
+              WHERE state = 'pending' AND claimed_until = ANY($1::text[]::timestamptz[])",
+            &leases
+        )
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n)
     }
 
     /// One pass, judged for the loop: how soon the next one should start.
@@ -234,19 +386,23 @@ impl Relay {
     }
 }
 
-fn to_outgoing(e: ClaimedEvent) -> Outgoing {
+/// The contract's message body for an event, escaped for SQS: a producer's
+/// idempotency key may hold characters SQS refuses (U+FFFF, say); they go out
+/// as JSON escapes, so the consumer decodes exactly what the database holds.
+fn to_outgoing(e: &ClaimedEvent) -> Outgoing {
     let body = EventBody {
         event_id: e.event_id.clone(),
         event_type: e.event_type.clone(),
         transfer_id: e.transfer_id,
-        occurred_at: e.occurred_at,
-        data: serde_json::from_str(&e.data).unwrap_or(serde_json::Value::String(e.data)),
+        occurred_at: e.occurred_at.clone(),
+        data: serde_json::from_str(&e.data).unwrap_or_else(|_| serde_json::Value::String(e.data.clone())),
     };
+    let json = serde_json::to_string(&body).expect("an event body always serializes");
     Outgoing {
         outbox_id: e.id,
         transfer_id: e.transfer_id,
-        event_id: e.event_id,
-        event_type: e.event_type,
-        body: serde_json::to_string(&body).expect("an event body always serializes"),
+        event_id: e.event_id.clone(),
+        event_type: e.event_type.clone(),
+        body: escape_for_sqs(&json).into_owned(),
     }
 }

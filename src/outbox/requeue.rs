@@ -64,7 +64,7 @@ pub async fn requeue(pool: &PgPool, event: Option<&EventRef>) -> Result<Requeued
     // Guarded by state = 'dead'; with no event given, both keys are NULL and
     // every dead event matches.
     let n = sqlx::query!(
-        "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = now(), last_error = NULL
+        "UPDATE outbox SET state = 'pending', attempts = 0, transient_failures = 0, next_attempt_at = now(), last_error = NULL, claimed_until = NULL
           WHERE state = 'dead'
             AND (($1::bigint IS NULL AND $2::text IS NULL) OR id = $1 OR event_id = $2::text::uuid)",
         outbox_id,

@@ -1,20 +1,25 @@
 //! Publishing events to SQS with `SendMessageBatch`, and classifying every
-//! failure as the event's fault (a rejection, counted) or not (an outage,
-//! never counted).
+//! failure: the message's own fault (a rejection, counted toward dead), a
+//! per-entry hiccup that is not its fault (throttling, an internal error:
+//! retried later, not counted), or an outage of the whole call (never counted).
 //!
 //! Every response is read entry by entry: `SendMessageBatch` answers HTTP 200
 //! even when some entries failed, and an entry that is not listed as
-//! successful was not sent.
+//! successful was not sent. A per-entry failure is that event's business
+//! only; it never makes the relay back off the others.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::fmt;
 use std::time::Duration;
 
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::BehaviorVersion;
-use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
-use aws_sdk_sqs::operation::send_message_batch::SendMessageBatchError;
-use aws_sdk_sqs::types::{MessageAttributeValue, SendMessageBatchRequestEntry};
+use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata};
+use aws_sdk_sqs::types::{
+    BatchResultErrorEntry, MessageAttributeValue, QueueAttributeName, SendMessageBatchRequestEntry,
+};
 use futures::StreamExt;
 
 /// At most 10 entries per `SendMessageBatch` call.
@@ -26,10 +31,15 @@ pub const MAX_BATCH_ENTRIES: usize = 10;
 /// <https://docs.aws.amazon.com/AWSSimpleQueueService/latest/SQSDeveloperGuide/quotas-messages.html>
 pub const MAX_BATCH_BYTES: usize = 1_048_576;
 
+/// The largest message SQS accepts at all; a queue may set a lower maximum.
+/// <https://docs.aws.amazon.com/AWSSimpleQueueService/latest/SQSDeveloperGuide/quotas-messages.html>
+pub const MAX_MESSAGE_BYTES: usize = 1_048_576;
+
 /// The String message attribute every message carries.
 pub const EVENT_TYPE_ATTRIBUTE: &str = "event_type";
 
-/// One event ready to send.
+/// One event ready to send. `body` and the attribute values must already be
+/// valid for SQS (see [`escape_for_sqs`]).
 #[derive(Debug, Clone)]
 pub struct Outgoing {
     /// `outbox.id`, also the batch entry id.
@@ -47,17 +57,120 @@ impl Outgoing {
     }
 }
 
+/// Whether `c` may appear in an SQS message body or attribute value:
+/// `#x9 | #xA | #xD | #x20-#xD7FF | #xE000-#xFFFD | #x10000-#x10FFFF`.
+/// <https://docs.aws.amazon.com/AWSSimpleQueueService/latest/APIReference/API_SendMessage.html>
+pub fn allowed_in_sqs(c: char) -> bool {
+    matches!(c, '\u{9}' | '\u{A}' | '\u{D}' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'..)
+}
+
+/// Writes every character SQS refuses as a JSON `\uXXXX` escape. Applied to a
+/// serialized JSON document, the result is valid JSON that decodes to exactly
+/// the same value: such characters can only occur inside JSON strings (all of
+/// JSON's own syntax is plain ASCII), and all of them are in the Basic
+/// Multilingual Plane, so one escape each suffices. Applied to an attribute
+/// value, the consumer sees the escape as text.
+pub fn escape_for_sqs(text: &str) -> Cow<'_, str> {
+    if text.chars().all(allowed_in_sqs) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if allowed_in_sqs(c) {
+            out.push(c);
+        } else {
+            out.push_str(&format!("\\u{:04x}", c as u32));
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// A failure SQS reported for one entry of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryError {
+    pub code: String,
+    pub message: String,
+    pub sender_fault: bool,
+}
+
+impl fmt::Display for EntryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (sender fault: {}): {}", self.code, self.sender_fault, self.message)
+    }
+}
+
+impl From<&BatchResultErrorEntry> for EntryError {
+    fn from(e: &BatchResultErrorEntry) -> Self {
+        EntryError {
+            code: e.code().to_owned(),
+            message: e.message().unwrap_or_default().to_owned(),
+            sender_fault: e.sender_fault(),
+        }
+    }
+}
+
+/// Per-entry codes caused by the message itself: sending it again cannot
+/// help, so each counts toward the event's `max_attempts`. LocalStack (and, by
+/// some reports, SQS) flags `InvalidMessageContents` as no sender fault, so
+/// the code decides before the flag does.
+const MESSAGE_FAULT_CODES: &[&str] = &[
+    "InvalidMessageContents",
+    "InvalidParameterValue",
+    "InvalidParameterValueException",
+    "InvalidAttributeName",
+    "InvalidAttributeValue",
+    "MessageTooLong",
+    "MissingParameter",
+    "InvalidBatchEntryId",
+];
+
+/// Per-entry codes that are not the message's fault: throttling, SQS's own
+/// trouble, and KMS (a disabled or throttled key is the queue's set-up).
+fn is_transient_entry_code(code: &str) -> bool {
+    matches!(
+        code,
+        "ThrottlingException"
+            | "Throttling"
+            | "RequestThrottled"
+            | "ServiceUnavailable"
+            | "InternalError"
+            | "InternalFailure"
+            | "ServiceUnavailableException"
+    ) || code.starts_with("KMS.")
+        || code.starts_with("Kms")
+}
+
 /// What happened to one event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Delivery {
     /// SQS accepted it.
     Sent,
-    /// SQS rejected this entry itself (a sender fault, e.g. too large): counts
-    /// as an attempt, and the event is dead after the configured maximum.
-    Rejected(String),
-    /// SQS could not be used (unreachable, timed out, throttled, 5xx, queue
-    /// missing, credentials): never counts against the event.
+    /// SQS refused this entry because of the message itself (or it is larger
+    /// than any SQS message can be): counts as an attempt, and the event is
+    /// dead after the configured maximum.
+    Rejected(EntryError),
+    /// SQS failed this entry for a reason that is not the message's
+    /// (throttling, an internal error): this event is retried later with
+    /// backoff, never counted, and the other events are not held back.
+    Deferred(EntryError),
+    /// The whole call failed (unreachable, timed out, throttled, 5xx, queue
+    /// missing, credentials, a malformed request): an outage, never counted
+    /// against any event, however many the call carried.
     Unavailable(String),
+}
+
+impl Delivery {
+    /// Classifies a per-entry failure: by its code first, then by its
+    /// `SenderFault` flag.
+    pub fn for_entry(error: EntryError) -> Delivery {
+        if MESSAGE_FAULT_CODES.contains(&error.code.as_str()) {
+            Delivery::Rejected(error)
+        } else if is_transient_entry_code(&error.code) || !error.sender_fault {
+            Delivery::Deferred(error)
+        } else {
+            Delivery::Rejected(error)
+        }
+    }
 }
 
 /// How the SQS client behaves.
@@ -71,6 +184,36 @@ pub struct SqsConfig {
     pub concurrency: usize,
 }
 
+/// What `GetQueueAttributes` said about the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueInfo {
+    pub fifo: bool,
+}
+
+/// An SQS client from aws-config's standard chain (env, profile, ...);
+/// LocalStack is just `AWS_ENDPOINT_URL`. Every call is bounded by
+/// `call_timeout` and tried once: the relay owns the retry policy.
+pub async fn client_from_env(call_timeout: Duration) -> aws_sdk_sqs::Client {
+    let timeouts = TimeoutConfig::builder()
+        .connect_timeout(Duration::from_secs(3).min(call_timeout))
+        .operation_attempt_timeout(call_timeout)
+        .operation_timeout(call_timeout)
+        .build();
+    let sdk_config = aws_config::defaults(BehaviorVersion::latest())
+        .timeout_config(timeouts)
+        .retry_config(RetryConfig::standard().with_max_attempts(1))
+        .load()
+        .await;
+    aws_sdk_sqs::Client::new(&sdk_config)
+}
+
+/// Whether a queue URL names a FIFO queue: its last path segment ends in
+/// `.fifo` (a trailing `/`, a query string or a fragment do not hide it).
+pub fn url_names_fifo_queue(url: &str) -> bool {
+    let path = url.split(['?', '#']).next().unwrap_or(url);
+    path.trim_end_matches('/').rsplit('/').next().is_some_and(|name| name.ends_with(".fifo"))
+}
+
 /// Sends events to one queue.
 #[derive(Clone)]
 pub struct Publisher {
@@ -78,42 +221,67 @@ pub struct Publisher {
     queue_url: String,
     fifo: bool,
     concurrency: usize,
+    call_timeout: Duration,
 }
 
 impl Publisher {
-    /// Builds a client from aws-config's standard chain (env, profile, ...);
-    /// LocalStack is just `AWS_ENDPOINT_URL`.
+    /// Builds a client from the environment (see [`client_from_env`]).
     pub async fn from_env(config: &SqsConfig) -> Self {
-        let timeouts = TimeoutConfig::builder()
-            .connect_timeout(Duration::from_secs(3))
-            .operation_attempt_timeout(config.call_timeout)
-            .operation_timeout(config.call_timeout)
-            .build();
-        let sdk_config = aws_config::defaults(BehaviorVersion::latest())
-            .timeout_config(timeouts)
-            // One attempt per call: the relay owns the retry policy (with
-            // backoff and without holding its claim for long).
-            .retry_config(RetryConfig::standard().with_max_attempts(1))
-            .load()
-            .await;
-        Publisher::new(aws_sdk_sqs::Client::new(&sdk_config), config)
+        Publisher::new(client_from_env(config.call_timeout).await, config)
     }
 
+    /// A publisher on `client`; whether the queue is FIFO is read from its
+    /// URL until [`Publisher::check_queue`] asks SQS.
     pub fn new(client: aws_sdk_sqs::Client, config: &SqsConfig) -> Self {
         Publisher {
             client,
-            fifo: config.queue_url.ends_with(".fifo"),
+            fifo: url_names_fifo_queue(&config.queue_url),
             queue_url: config.queue_url.clone(),
             concurrency: config.concurrency.max(1),
+            call_timeout: config.call_timeout,
         }
+    }
+
+    /// Overrides what the URL said about the queue being FIFO.
+    pub fn with_fifo(mut self, fifo: bool) -> Self {
+        self.fifo = fifo;
+        self
+    }
+
+    /// Asks SQS for the queue's `FifoQueue` attribute and believes it over
+    /// the URL. An error (SQS unreachable, the queue missing) is returned for
+    /// the caller to report; it changes nothing here.
+    pub async fn check_queue(&mut self) -> Result<QueueInfo, String> {
+        let out = self
+            .client
+            .get_queue_attributes()
+            .queue_url(&self.queue_url)
+            .attribute_names(QueueAttributeName::FifoQueue)
+            .send()
+            .await
+            .map_err(|e| format!("GetQueueAttributes on {}: {}", self.queue_url, DisplayErrorContext(&e)))?;
+        let fifo = out.attributes().and_then(|a| a.get(&QueueAttributeName::FifoQueue)).is_some_and(|v| v == "true");
+        self.fifo = fifo;
+        Ok(QueueInfo { fifo })
     }
 
     pub fn client(&self) -> &aws_sdk_sqs::Client {
         &self.client
     }
 
+    pub fn queue_url(&self) -> &str {
+        &self.queue_url
+    }
+
     pub fn is_fifo(&self) -> bool {
         self.fifo
+    }
+
+    /// The longest [`Publisher::publish`] of `events` events can take: its
+    /// calls go `concurrency` at a time, each bounded by the call timeout.
+    pub fn worst_case_duration(&self, events: usize) -> Duration {
+        let calls = events.div_ceil(MAX_BATCH_ENTRIES).max(1);
+        self.call_timeout * calls.div_ceil(self.concurrency) as u32
     }
 
     /// Sends `events` in batches of at most 10 entries and 1 MiB, several
@@ -123,17 +291,33 @@ impl Publisher {
     /// any order. (The relay claims only the earliest unpublished event of
     /// each transfer.)
     pub async fn publish(&self, events: &[Outgoing]) -> HashMap<i64, Delivery> {
+        // An event larger than any SQS message is refused here, without a
+        // call: it is that event's fault, and alone it would fail the call.
+        let (sendable, too_large): (Vec<&Outgoing>, Vec<&Outgoing>) =
+            events.iter().partition(|e| e.size() <= MAX_MESSAGE_BYTES);
+        let mut outcomes: HashMap<i64, Delivery> = too_large
+            .into_iter()
+            .map(|e| {
+                let error = EntryError {
+                    code: "MessageTooLong".into(),
+                    message: format!("{} bytes, more than SQS's maximum of {MAX_MESSAGE_BYTES}", e.size()),
+                    sender_fault: true,
+                };
+                (e.outbox_id, Delivery::Rejected(error))
+            })
+            .collect();
         // The calls are built first and then driven: a closure inside the
         // stream would make this future's `Send` unprovable for spawned tasks.
-        let calls: Vec<_> = batches(events).into_iter().map(|batch| self.send_batch(batch)).collect();
+        let calls: Vec<_> = batches(&sendable).into_iter().map(|batch| self.send_batch(batch)).collect();
         let results: Vec<Vec<(i64, Delivery)>> =
             futures::stream::iter(calls).buffer_unordered(self.concurrency).collect().await;
-        results.into_iter().flatten().collect()
+        outcomes.extend(results.into_iter().flatten());
+        outcomes
     }
 
-    async fn send_batch(&self, batch: &[Outgoing]) -> Vec<(i64, Delivery)> {
+    async fn send_batch(&self, batch: Vec<&Outgoing>) -> Vec<(i64, Delivery)> {
         let mut entries = Vec::with_capacity(batch.len());
-        for e in batch {
+        for e in &batch {
             let mut entry = SendMessageBatchRequestEntry::builder()
                 .id(e.outbox_id.to_string())
                 .message_body(&e.body)
@@ -141,7 +325,7 @@ impl Publisher {
                     EVENT_TYPE_ATTRIBUTE,
                     MessageAttributeValue::builder()
                         .data_type("String")
-                        .string_value(&e.event_type)
+                        .string_value(escape_for_sqs(&e.event_type))
                         .build()
                         .expect("data_type is set"),
                 );
@@ -164,31 +348,31 @@ impl Publisher {
                     }
                 }
                 for failed in out.failed() {
-                    let msg = format!("{}: {}", failed.code(), failed.message().unwrap_or(""));
-                    let delivery =
-                        if failed.sender_fault() { Delivery::Rejected(msg) } else { Delivery::Unavailable(msg) };
                     if let Ok(id) = failed.id().parse() {
-                        outcomes.insert(id, delivery);
+                        outcomes.insert(id, Delivery::for_entry(EntryError::from(failed)));
                     }
                 }
                 batch
                     .iter()
                     .map(|e| {
-                        let d = outcomes
-                            .remove(&e.outbox_id)
-                            .unwrap_or_else(|| Delivery::Unavailable("SQS returned no result for this entry".into()));
+                        let d = outcomes.remove(&e.outbox_id).unwrap_or_else(|| {
+                            Delivery::Deferred(EntryError {
+                                code: "NoResult".into(),
+                                message: "SQS returned no result for this entry".into(),
+                                sender_fault: false,
+                            })
+                        });
                         (e.outbox_id, d)
                     })
                     .collect()
             }
             Err(err) => {
-                let msg = format!("{}", DisplayErrorContext(&err));
-                let delivery = if batch.len() == 1 && is_entry_fault(&err) {
-                    Delivery::Rejected(msg)
-                } else {
-                    Delivery::Unavailable(msg)
-                };
-                batch.iter().map(|e| (e.outbox_id, delivery.clone())).collect()
+                // Whatever the call's error says, it is not one event's fault:
+                // a misconfiguration that fails a batch of one would fail a
+                // batch of ten just the same.
+                let code = err.code().map(|c| format!("{c}: ")).unwrap_or_default();
+                let msg = format!("{code}{}", DisplayErrorContext(&err));
+                batch.iter().map(|e| (e.outbox_id, Delivery::Unavailable(msg.clone()))).collect()
             }
         }
     }
@@ -209,25 +393,10 @@ pub async fn create_queue(client: &aws_sdk_sqs::Client, name: &str) -> crate::Re
     created.queue_url.ok_or_else(|| crate::Error::Sqs(format!("SQS returned no URL for queue {name}")))
 }
 
-/// Whether a whole-call error is the content's fault. Only meaningful for a
-/// call that carried one entry: then that entry is too large or malformed.
-/// Everything else (no connection, timeouts, throttling, 5xx, missing queue,
-/// credentials) is an outage.
-fn is_entry_fault(err: &SdkError<SendMessageBatchError>) -> bool {
-    match err.as_service_error() {
-        Some(SendMessageBatchError::BatchRequestTooLong(_)) => true,
-        Some(other) => matches!(
-            other.code(),
-            Some("InvalidMessageContents" | "InvalidParameterValue" | "InvalidAttributeValue" | "InvalidAttributeName")
-        ),
-        None => false,
-    }
-}
-
 /// Splits events into batches of at most [`MAX_BATCH_ENTRIES`] entries and
 /// [`MAX_BATCH_BYTES`]; an event too large on its own goes alone (and SQS
 /// rejects it, which counts against that event only).
-fn batches(events: &[Outgoing]) -> Vec<&[Outgoing]> {
+fn batches<'a>(events: &[&'a Outgoing]) -> Vec<Vec<&'a Outgoing>> {
     let mut out = Vec::new();
     let mut start = 0;
     let mut bytes = 0;
@@ -235,14 +404,14 @@ fn batches(events: &[Outgoing]) -> Vec<&[Outgoing]> {
         let size = e.size();
         let full = i - start == MAX_BATCH_ENTRIES || (i > start && bytes + size > MAX_BATCH_BYTES);
         if full {
-            out.push(&events[start..i]);
+            out.push(events[start..i].to_vec());
             start = i;
             bytes = 0;
         }
         bytes += size;
     }
     if start < events.len() {
-        out.push(&events[start..]);
+        out.push(events[start..].to_vec());
     }
     out
 }
@@ -263,18 +432,54 @@ mod tests {
 
     #[test]
     fn batches_hold_at_most_ten_entries_and_one_mebibyte() {
+        let sizes_of = |events: &[Outgoing]| {
+            let refs: Vec<&Outgoing> = events.iter().collect();
+            batches(&refs).iter().map(|b| b.iter().map(|e| e.size()).collect::<Vec<_>>()).collect::<Vec<_>>()
+        };
         let small: Vec<_> = (0..25).map(|i| event(i, 100)).collect();
-        let sizes: Vec<usize> = batches(&small).iter().map(|b| b.len()).collect();
-        assert_eq!(sizes, vec![10, 10, 5]);
+        assert_eq!(sizes_of(&small).iter().map(Vec::len).collect::<Vec<_>>(), vec![10, 10, 5]);
 
         let large: Vec<_> = (0..5).map(|i| event(i, 400_000)).collect();
-        let b = batches(&large);
-        assert!(b.iter().all(|b| b.iter().map(Outgoing::size).sum::<usize>() <= MAX_BATCH_BYTES));
-        assert_eq!(b.iter().map(|b| b.len()).sum::<usize>(), 5);
-
-        let oversize = vec![event(1, 10), event(2, 2_000_000), event(3, 10)];
-        let b = batches(&oversize);
-        assert_eq!(b.iter().map(|b| b.len()).collect::<Vec<_>>(), vec![1, 1, 1]);
+        let b = sizes_of(&large);
+        assert!(b.iter().all(|b| b.iter().sum::<usize>() <= MAX_BATCH_BYTES));
+        assert_eq!(b.iter().map(Vec::len).sum::<usize>(), 5);
         assert!(batches(&[]).is_empty());
+    }
+
+    #[test]
+    fn characters_sqs_refuses_become_json_escapes_that_decode_to_the_same_string() {
+        let original = "k\u{FFFF}\u{FFFE}-\u{1}-\u{B}-é-\u{1F600}-\u{D7FF}-\u{E000}";
+        let json = serde_json::to_string(&serde_json::json!({ "key": original })).unwrap();
+        assert!(!json.chars().all(allowed_in_sqs), "serde_json leaves U+FFFF as is: {json:?}");
+        let safe = escape_for_sqs(&json);
+        assert!(safe.chars().all(allowed_in_sqs), "{safe:?}");
+        assert!(safe.contains("\\uffff") && safe.contains("\\ufffe"), "{safe}");
+        let decoded: serde_json::Value = serde_json::from_str(&safe).unwrap();
+        assert_eq!(decoded["key"], original);
+        assert!(matches!(escape_for_sqs("plain ascii"), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn per_entry_failures_are_classified_by_code_then_by_sender_fault() {
+        let entry = |code: &str, sender_fault| EntryError { code: code.into(), message: String::new(), sender_fault };
+        // LocalStack's answer to a body with U+FFFF: the message's fault, whatever the flag.
+        assert!(matches!(Delivery::for_entry(entry("InvalidMessageContents", false)), Delivery::Rejected(_)));
+        assert!(matches!(Delivery::for_entry(entry("InvalidParameterValue", true)), Delivery::Rejected(_)));
+        assert!(matches!(Delivery::for_entry(entry("ThrottlingException", true)), Delivery::Deferred(_)));
+        assert!(matches!(Delivery::for_entry(entry("InternalError", false)), Delivery::Deferred(_)));
+        assert!(matches!(Delivery::for_entry(entry("KMS.DisabledException", true)), Delivery::Deferred(_)));
+        assert!(matches!(Delivery::for_entry(entry("SomethingNew", true)), Delivery::Rejected(_)));
+        assert!(matches!(Delivery::for_entry(entry("SomethingNew", false)), Delivery::Deferred(_)));
+    }
+
+    #[test]
+    fn a_fifo_queue_is_recognised_from_its_url_whatever_trails_it() {
+        let base = "http://127.0.0.1:4566/queue/us-east-1/000000000000/events";
+        assert!(url_names_fifo_queue(&format!("{base}.fifo")));
+        assert!(url_names_fifo_queue(&format!("{base}.fifo/")));
+        assert!(url_names_fifo_queue(&format!("{base}.fifo?x=1")));
+        assert!(url_names_fifo_queue("https://sqs.eu-west-1.amazonaws.com/123456789012/orders.fifo//"));
+        assert!(!url_names_fifo_queue(base));
+        assert!(!url_names_fifo_queue("http://host.fifo/queue/events"));
     }
 }

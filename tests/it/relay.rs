@@ -8,7 +8,7 @@ use std::time::Duration;
 use aws_sdk_sqs::types::QueueAttributeName;
 use tokio::sync::Notify;
 use transfer_worker::outbox::relay::{Relay, RelayConfig};
-use transfer_worker::outbox::sqs::Publisher;
+use transfer_worker::outbox::sqs::{Delivery, Publisher};
 use transfer_worker::retry::RetryPolicy;
 
 use crate::helpers::{sqs_config, wait_for, TestDb, TestQueue};
@@ -60,16 +60,20 @@ async fn add_event(db: &TestDb, transfer_id: i64, event_type: &str) -> String {
     .unwrap()
 }
 
-fn relay(db: &TestDb, publisher: Publisher, batch_size: i64, max_attempts: i32) -> Relay {
+fn relay_config(batch_size: i64, max_attempts: i32) -> RelayConfig {
     let fast = RetryPolicy { initial: Duration::from_millis(10), max: Duration::from_millis(50), multiplier: 2.0 };
-    let config = RelayConfig {
+    RelayConfig {
         batch_size,
         max_attempts,
         rejection_retry: fast,
         outage_retry: fast,
         poll_interval: Duration::from_millis(50),
-    };
-    Relay::new(db.pool.clone(), publisher, config, Arc::new(Notify::new()))
+        lease: Duration::from_secs(30),
+    }
+}
+
+fn relay(db: &TestDb, publisher: Publisher, batch_size: i64, max_attempts: i32) -> Relay {
+    Relay::new(db.pool.clone(), publisher, relay_config(batch_size, max_attempts), Arc::new(Notify::new()))
 }
 
 /// A publisher whose endpoint is a closed port: SQS "unreachable".
@@ -235,20 +239,38 @@ async fn a_rejected_entry_is_retried_alone_then_dead_and_holds_only_its_own_tran
     assert!(!received.iter().any(|e| e.event_id == later_of_1));
 }
 
+fn relay_with_lease(db: &TestDb, publisher: Publisher, lease: Duration) -> Relay {
+    let mut r = relay_config(100, 5);
+    r.lease = lease;
+    Relay::new(db.pool.clone(), publisher, r, Arc::new(Notify::new()))
+}
+
 #[tokio::test]
-async fn events_go_out_again_after_a_crash_between_send_and_commit_and_fifo_drops_the_copy() {
+async fn events_go_out_again_after_a_crash_between_send_and_record_and_fifo_drops_the_copy() {
     let db = TestDb::new().await;
     let fifo = TestQueue::new(true).await;
     let standard = TestQueue::new(false).await;
     seed_events(&db, 5, 1, |t| format!("k-{t}")).await;
     for queue in [&fifo, &standard] {
         sqlx::query("UPDATE outbox SET state = 'pending', published_at = NULL").execute(&db.pool).await.unwrap();
-        let r = relay(&db, queue.publisher().await, 100, 5);
-        assert_eq!(r.run_once().await.unwrap().published, 5);
-        // What the database looks like when the process died after SQS
-        // accepted the batch but before the relay's commit.
-        sqlx::query("UPDATE outbox SET state = 'pending', published_at = NULL").execute(&db.pool).await.unwrap();
-        assert_eq!(r.run_once().await.unwrap().published, 5, "sent again: at least once");
+        let crashed = relay_with_lease(&db, queue.publisher().await, Duration::from_secs(1));
+        // SQS accepted the batch, then the process died before recording it.
+        let claim = crashed.claim().await.unwrap();
+        let outcomes = crashed.send(&claim).await;
+        assert_eq!(outcomes.len(), 5);
+        drop((claim, outcomes, crashed));
+
+        let next = relay_with_lease(&db, queue.publisher().await, Duration::from_secs(1));
+        assert_eq!(next.run_once().await.unwrap().claimed, 0, "a live lease keeps the events off other relays");
+        wait_for(
+            "the dead relay's lease to expire and the events to go out again",
+            Duration::from_secs(10),
+            || async {
+                next.run_once().await.unwrap();
+                pending(&db).await == 0
+            },
+        )
+        .await;
     }
     let from_fifo = fifo.receive(5, Duration::from_secs(2)).await;
     assert_eq!(from_fifo.len(), 5, "FIFO deduplicates by event_id");
@@ -256,6 +278,36 @@ async fn events_go_out_again_after_a_crash_between_send_and_commit_and_fifo_drop
     assert_eq!(from_standard.len(), 10, "a standard queue gets the copy");
     let distinct: HashSet<&str> = from_standard.iter().map(|e| e.event_id.as_str()).collect();
     assert_eq!(distinct.len(), 5, "consumers deduplicate by event_id");
+}
+
+#[tokio::test]
+async fn a_send_that_outlives_its_lease_is_resent_by_another_relay_and_its_late_outcome_is_dropped() {
+    let db = TestDb::new().await;
+    let queue = TestQueue::new(true).await;
+    let written = seed_events(&db, 4, 2, |t| format!("k-{t}")).await;
+    let slow = relay_with_lease(&db, queue.publisher().await, Duration::from_millis(500));
+    let claim = slow.claim().await.unwrap();
+    assert_eq!(claim.events.len(), 4, "the first event of each transfer");
+    let outcomes = slow.send(&claim).await;
+    // The slow relay's lease runs out before it records; another relay
+    // claims the same events again and publishes everything, in order.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let other = relay_with_lease(&db, queue.publisher().await, Duration::from_secs(30));
+    wait_for("the other relay to publish everything", Duration::from_secs(10), || async {
+        other.run_once().await.unwrap();
+        pending(&db).await == 0
+    })
+    .await;
+    let late = slow.record(claim, &outcomes).await.unwrap();
+    assert_eq!((late.published, late.lost_lease), (0, 4), "the stale outcome changes nothing");
+    assert_eq!(db.scalar("SELECT count(*) FROM outbox WHERE state = 'published'").await, 8);
+
+    let received = queue.receive(8, Duration::from_secs(2)).await;
+    let mut per_transfer: HashMap<i64, Vec<String>> = HashMap::new();
+    for e in received {
+        per_transfer.entry(e.transfer_id).or_default().push(e.event_id);
+    }
+    assert_eq!(per_transfer, written, "each event once (FIFO dedup), per-transfer order kept");
 }
 
 #[tokio::test]
@@ -306,8 +358,25 @@ async fn requeue_brings_a_dead_event_back_and_it_goes_out_before_the_events_it_h
     assert_eq!(db.cli(&["outbox", "requeue"]).await.json(), serde_json::json!({"requeued": 0}));
 }
 
+/// A black hole: accepts connections and never answers. Returns its address
+/// and a counter of connections it accepted.
+async fn black_hole() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = hole.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hole.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(s);
+        }
+    });
+    (addr, accepted)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hung_sqs_never_holds_locks_on_transfers_or_accounts() {
+async fn a_hung_sqs_holds_no_transaction_and_no_lock_while_the_relay_waits_on_it() {
     use transfer_worker::transfer::apply::{Applier, ApplyConfig};
     use transfer_worker::transfer::cancel::cancel;
     use transfer_worker::transfer::refund::request_refund;
@@ -316,15 +385,7 @@ async fn a_hung_sqs_never_holds_locks_on_transfers_or_accounts() {
     let db = TestDb::new().await;
     let queue = TestQueue::new(false).await;
     seed_events(&db, 5, 1, |t| format!("k-{t}")).await;
-    // A black hole: accepts connections and never answers.
-    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = hole.local_addr().unwrap();
-    let _holder = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((s, _)) = hole.accept().await {
-            held.push(s);
-        }
-    });
+    let (addr, accepted) = black_hole().await;
     let conf = queue.client.config().to_builder().endpoint_url(format!("http://{addr}")).build();
     let mut config = sqs_config(&queue.url);
     config.call_timeout = Duration::from_secs(8);
@@ -334,11 +395,20 @@ async fn a_hung_sqs_never_holds_locks_on_transfers_or_accounts() {
         async move { hung.run_once().await.unwrap() }
     });
     wait_for("the relay to be inside its send", Duration::from_secs(5), || async {
-        db.scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state = 'idle in transaction'")
-            .await
-            > 0
+        accepted.load(std::sync::atomic::Ordering::SeqCst) > 0
     })
     .await;
+    // Claimed under a lease, with no transaction open anywhere.
+    assert_eq!(db.scalar("SELECT count(*) FROM outbox WHERE claimed_until > now()").await, 5);
+    assert_eq!(
+        db.scalar(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND state LIKE 'idle in transaction%'"
+        )
+        .await,
+        0,
+        "no transaction is held open across the SQS call"
+    );
 
     // Meanwhile the worker applies new transfers on the same accounts, and
     // requests on the very transfers whose events the relay holds go through.
@@ -360,10 +430,126 @@ async fn a_hung_sqs_never_holds_locks_on_transfers_or_accounts() {
     .unwrap();
     cancel(&db.pool, TransferId(n3)).await.unwrap();
     assert!(applier.run_once().await.unwrap().succeeded >= 1, "the refund completes");
-    // All of that finished while the relay was still inside its SQS call:
-    // nothing waited for it.
+    // VACUUM is not held back either: no snapshot of ours is open.
+    sqlx::query("VACUUM outbox").execute(&db.pool).await.unwrap();
     assert!(!in_flight.is_finished(), "the relay was still waiting on SQS all along");
 
     let c = in_flight.await.unwrap();
     assert_eq!((c.unavailable, c.dead), (5, 0), "a timeout is an outage, not a rejection");
+    assert_eq!(db.scalar("SELECT count(*) FROM outbox WHERE claimed_until IS NOT NULL").await, 0, "leases given back");
+    assert_eq!(db.scalar("SELECT count(*) FROM outbox WHERE attempts > 0").await, 0);
+}
+
+#[tokio::test]
+async fn a_body_sqs_would_refuse_is_escaped_and_decodes_to_exactly_what_the_database_holds() {
+    let db = TestDb::new().await;
+    let queue = TestQueue::new(true).await;
+    // A SQL producer's key with characters SQS refuses in a message.
+    let key = "order-\u{FFFF}-\u{FFFE}-\u{1}-end";
+    let written = seed_events(&db, 3, 1, |t| if t == 2 { key.to_string() } else { format!("k-{t}") }).await;
+    let stored: String =
+        sqlx::query_scalar("SELECT idempotency_key FROM transfers WHERE id = 2").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(stored, key);
+    let r = relay(&db, queue.publisher().await, 100, 1);
+    let c = r.run_once().await.unwrap();
+    assert_eq!((c.published, c.rejected, c.dead, c.deferred, c.unavailable), (3, 0, 0, 0, 0), "{c:?}");
+    let received = queue.receive(3, Duration::from_secs(1)).await;
+    let got: HashSet<String> = received.iter().map(|e| e.event_id.clone()).collect();
+    assert_eq!(got, written.values().flatten().cloned().collect());
+    let of_2 = received.iter().find(|e| e.transfer_id == 2).unwrap();
+    assert_eq!(of_2.data["idempotency_key"], key, "the consumer decodes exactly the stored key");
+}
+
+#[tokio::test]
+async fn sqs_refusing_one_entry_backs_off_that_event_only_never_the_pass() {
+    let db = TestDb::new().await;
+    let queue = TestQueue::new(false).await;
+    seed_events(&db, 3, 1, |t| format!("k-{t}")).await;
+    // What LocalStack answers for a body with U+FFFF (had it not been
+    // escaped): a per-entry InvalidMessageContents with SenderFault false.
+    let publisher = queue.publisher().await;
+    let poisoned = transfer_worker::outbox::sqs::Outgoing {
+        outbox_id: 1,
+        transfer_id: 1,
+        event_id: "e-1".into(),
+        event_type: "transfer.succeeded".into(),
+        body: "{\"k\":\"\u{FFFF}\"}".into(),
+    };
+    let fine = transfer_worker::outbox::sqs::Outgoing { outbox_id: 2, body: "{}".into(), ..poisoned.clone() };
+    let outcomes = publisher.publish(&[poisoned, fine]).await;
+    assert_eq!(outcomes[&2], Delivery::Sent);
+    match &outcomes[&1] {
+        Delivery::Rejected(e) => assert_eq!(e.code, "InvalidMessageContents", "{e}"),
+        other => panic!("the message's own fault, counted: {other:?}"),
+    }
+
+    // In the running relay, with a long outage backoff: an event SQS refuses
+    // (too large for this queue) never delays other transfers' events.
+    let small = TestQueue::with_attributes(false, &[(QueueAttributeName::MaximumMessageSize, "1024")]).await;
+    let db = TestDb::new().await;
+    let huge_key = "k".repeat(1100);
+    seed_events(&db, 3, 1, |t| if t == 1 { huge_key.clone() } else { format!("k-{t}") }).await;
+    let mut config = relay_config(100, 1_000);
+    config.outage_retry =
+        RetryPolicy { initial: Duration::from_secs(30), max: Duration::from_secs(30), multiplier: 2.0 };
+    config.poll_interval = Duration::from_millis(100);
+    let wake = Arc::new(Notify::new());
+    let r = Arc::new(Relay::new(db.pool.clone(), small.publisher().await, config, wake.clone()));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(r.clone().run(stop.clone()));
+    wait_for("the others to be published", Duration::from_secs(5), || async {
+        db.scalar("SELECT count(*) FROM outbox WHERE state = 'published'").await == 2
+    })
+    .await;
+    for t in 2..=3 {
+        add_event(&db, t, "refund.requested").await;
+    }
+    wake.notify_waiters();
+    wait_for("new events of other transfers, at once", Duration::from_secs(3), || async {
+        db.scalar("SELECT count(*) FROM outbox WHERE state = 'published'").await == 4
+    })
+    .await;
+    let (attempts, error): (i32, String) =
+        sqlx::query_as("SELECT attempts, last_error FROM outbox WHERE transfer_id = 1")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(attempts >= 1, "the refused event's attempts are counted");
+    assert!(error.contains("InvalidParameterValue"), "{error}");
+    stop.cancel();
+    running.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_whole_call_error_is_never_counted_even_for_a_batch_of_one() {
+    let db = TestDb::new().await;
+    let queue = TestQueue::new(true).await;
+    seed_events(&db, 1, 1, |t| format!("k-{t}")).await;
+    // A misconfiguration: FIFO attributes left off for a FIFO queue. SQS
+    // fails the whole call (InvalidParameterValue), however many entries.
+    let misconfigured = queue.publisher().await.with_fifo(false);
+    let r = relay(&db, misconfigured, 100, 1);
+    for _ in 0..3 {
+        let c = r.run_once().await.unwrap();
+        assert_eq!((c.claimed, c.unavailable, c.rejected, c.dead), (1, 1, 0, 0), "{c:?}");
+    }
+    assert_eq!(db.scalar("SELECT count(*) FROM outbox WHERE state = 'pending' AND attempts = 0").await, 1);
+}
+
+#[tokio::test]
+async fn a_fifo_queue_url_with_a_trailing_slash_keeps_the_fifo_attributes() {
+    let db = TestDb::new().await;
+    let queue = TestQueue::new(true).await;
+    seed_events(&db, 2, 1, |t| format!("k-{t}")).await;
+    let with_slash = Publisher::new(queue.client.clone(), &sqs_config(&format!("{}/", queue.url)));
+    assert!(with_slash.is_fifo());
+    let c = relay(&db, with_slash, 100, 1).run_once().await.unwrap();
+    assert_eq!(c.published, 2, "{c:?}");
+    // `receive` checks MessageGroupId and MessageDeduplicationId on FIFO queues.
+    assert_eq!(queue.receive(2, Duration::from_secs(1)).await.len(), 2);
+
+    // And SQS's own word is taken over the URL's.
+    let mut asked = Publisher::new(queue.client.clone(), &sqs_config(&queue.url)).with_fifo(false);
+    assert!(asked.check_queue().await.unwrap().fifo);
+    assert!(asked.is_fifo());
 }
