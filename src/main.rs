@@ -1,5 +1,8 @@
-//! The `transfer-worker` binary: parse, run, map the outcome to an exit code.
-//! Everything else is in the library.
+//! The `transfer-worker` binary: parse, set up logging, run, map the outcome
+//! to an exit code. Everything else is in the library.
+
+use std::io::{IsTerminal, Write};
+use std::time::Duration;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
@@ -11,18 +14,28 @@ fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn")))
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: a log file gets no escape codes.
+        .with_ansi(std::io::stderr().is_terminal())
+        // If stderr's reader goes away, log lines are dropped; the fallback
+        // (an `eprintln!` of the write error) would panic the task that logged.
+        .log_internal_errors(false)
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            let _ = writeln!(std::io::stderr(), "error: cannot start the async runtime: {e}");
             return std::process::ExitCode::from(1);
         }
     };
-    match runtime.block_on(cli::run(cli)) {
+    let result = runtime.block_on(cli::run(cli));
+    // Tasks still running (an abandoned SQS call, a blocked read) are not
+    // waited for beyond this: the process is done.
+    runtime.shutdown_timeout(Duration::from_millis(500));
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            // Not eprintln!: it panics if stderr is closed.
+            let _ = writeln!(std::io::stderr(), "error: {e}");
             std::process::ExitCode::from(cli::exit_code(&e) as u8)
         }
     }

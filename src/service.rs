@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use tokio::sync::Notify;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::retry::RetryPolicy;
@@ -63,5 +64,76 @@ pub async fn run_loop<F>(
             _ = tokio::time::sleep(delay) => {}
             _ = &mut notified, if wake_early => {}
         }
+    }
+}
+
+/// Waits until `shutdown` is cancelled, or until one of `tasks` ends first.
+/// Background tasks run until shutdown, so one that ends before it has
+/// panicked (or returned by mistake): the process must not stay up, looking
+/// ready, while a part of it is gone. Returns what ended and why, for the
+/// caller to stop the rest and exit non-zero (so that an orchestrator
+/// restarts it).
+pub async fn watch(shutdown: &CancellationToken, tasks: &mut [(&str, &mut JoinSet<()>)]) -> Option<String> {
+    let ended = futures::future::select_all(tasks.iter_mut().map(|(name, set)| {
+        let name = *name;
+        Box::pin(async move {
+            match set.join_next().await {
+                Some(Err(e)) if e.is_panic() => Some(format!("{name} panicked: {}", panic_message(e.into_panic()))),
+                Some(Err(e)) => Some(format!("{name} was cancelled: {e}")),
+                Some(Ok(())) => Some(format!("{name} stopped on its own")),
+                // An empty set never ends anything: wait for shutdown.
+                None => std::future::pending().await,
+            }
+        })
+    }));
+    tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => None,
+        (why, _, _) = ended => {
+            // Tasks end when shutdown is asked for: that is not a death.
+            if shutdown.is_cancelled() {
+                if let Some(why) = why.filter(|w| !w.ends_with("stopped on its own")) {
+                    tracing::error!(%why, "a task failed while stopping");
+                }
+                None
+            } else {
+                why
+            }
+        }
+    }
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_task_that_panics_before_shutdown_is_reported() {
+        let shutdown = CancellationToken::new();
+        let mut steady = JoinSet::new();
+        let token = shutdown.clone();
+        steady.spawn(async move { token.cancelled().await });
+        let mut failing = JoinSet::new();
+        failing.spawn(async { panic!("boom in a pass") });
+        let why = watch(&shutdown, &mut [("apply task", &mut steady), ("relay task", &mut failing)]).await;
+        assert_eq!(why.as_deref(), Some("relay task panicked: boom in a pass"));
+    }
+
+    #[tokio::test]
+    async fn shutdown_ends_the_watch_quietly() {
+        let shutdown = CancellationToken::new();
+        let mut steady = JoinSet::new();
+        let token = shutdown.clone();
+        steady.spawn(async move { token.cancelled().await });
+        shutdown.cancel();
+        assert_eq!(watch(&shutdown, &mut [("apply task", &mut steady)]).await, None);
     }
 }

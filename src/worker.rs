@@ -1,22 +1,32 @@
-//! The `run` process: apply tasks, relay tasks and the wake-up listener, and
-//! their orderly shutdown.
+//! The `run` process: apply tasks, relay tasks and the wake-up listener, their
+//! supervision, and their orderly, bounded shutdown.
 //!
-//! Shutdown order matters for "nothing half-done": first the apply tasks stop
-//! claiming and finish (commit or roll back) the batch they hold; then the
-//! relay finishes its pass and drains what those last batches wrote, within
-//! the shutdown bound; whatever is left stays pending in the outbox and goes
-//! out on the next start. Nothing is lost at any point, since every step is a
-//! committed transaction.
+//! Supervision: every task runs until shutdown. One that ends before (a
+//! panic) stops the process with an error, so the orchestrator restarts it
+//! rather than leaving a replica up and ready that no longer applies or
+//! relays anything.
+//!
+//! Shutdown, within `shutdown_timeout` of the signal whatever SQS and
+//! PostgreSQL are doing:
+//! 1. the apply tasks stop claiming and finish (commit or roll back) the
+//!    batch they hold;
+//! 2. the relay finishes its pass and drains what those last batches wrote;
+//! 3. at the deadline, whatever still runs is abandoned: an apply task's
+//!    transaction rolls back (its transfers are claimed again by the next
+//!    worker); a relay's claimed events have their leases given back (they go
+//!    out again, possibly a second time, never zero times).
+//!
+//! Nothing is lost at any point, since every step is a committed transaction.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::PgPool;
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::outbox::relay::{Relay, RelayConfig};
 use crate::outbox::sqs::Publisher;
 use crate::retry::RetryPolicy;
@@ -37,7 +47,7 @@ pub struct WorkerConfig {
     pub poll_interval: Duration,
     /// Backoff while the database is unavailable.
     pub db_retry: RetryPolicy,
-    /// How long shutdown waits for in-flight work before giving up on it.
+    /// How long shutdown waits for in-flight work before abandoning it.
     pub shutdown_timeout: Duration,
 }
 
@@ -55,13 +65,30 @@ impl Default for WorkerConfig {
     }
 }
 
+/// How the worker stopped after a shutdown request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Stopped {
+    /// Apply tasks still inside a pass at the deadline (their transactions rolled back).
+    pub abandoned_apply_tasks: usize,
+    /// Relay tasks still inside a pass at the deadline.
+    pub abandoned_relay_tasks: usize,
+    /// Events whose leases were given back at the deadline.
+    pub leases_released: u64,
+}
+
 /// Runs until `shutdown` is cancelled, then stops in order (see module docs).
-pub async fn run(pool: PgPool, publisher: Publisher, config: WorkerConfig, shutdown: CancellationToken) -> Result<()> {
+/// An `Err` means a task died (see "Supervision"): the process should exit non-zero.
+pub async fn run(
+    pool: PgPool,
+    publisher: Publisher,
+    config: WorkerConfig,
+    shutdown: CancellationToken,
+) -> Result<Stopped> {
     let wakers = Wakers::default();
-    let background = TaskTracker::new();
+    let mut background = JoinSet::new();
     background.spawn(wakers.clone().listen(pool.clone(), shutdown.clone()));
 
-    let appliers = TaskTracker::new();
+    let mut appliers = JoinSet::new();
     for task in 0..config.workers.max(1) {
         let applier = Arc::new(Applier::new(pool.clone(), config.apply.clone()));
         let (shutdown, wake, batch_size) = (shutdown.clone(), wakers.work.clone(), config.apply.batch_size);
@@ -79,37 +106,92 @@ pub async fn run(pool: PgPool, publisher: Publisher, config: WorkerConfig, shutd
             })
         }));
     }
-    appliers.close();
 
     // The relay stops only after the apply tasks, so it can drain their last events.
     let relay_stop = CancellationToken::new();
     let relay = Arc::new(Relay::new(pool.clone(), publisher, config.relay.clone(), wakers.outbox.clone()));
-    let relays = TaskTracker::new();
+    let mut relays = JoinSet::new();
     for _ in 0..config.relays.max(1) {
-        let (relay, stop) = (relay.clone(), relay_stop.clone());
-        relays.spawn(relay.run(stop));
+        relays.spawn(relay.clone().run(relay_stop.clone()));
     }
-    relays.close();
     tracing::info!(workers = config.workers, relays = config.relays, "worker running");
 
-    shutdown.cancelled().await;
+    let died = service::watch(
+        &shutdown,
+        &mut [("an apply task", &mut appliers), ("a relay task", &mut relays), ("the LISTEN task", &mut background)],
+    )
+    .await;
+    if let Some(why) = died {
+        shutdown.cancel();
+        relay_stop.cancel();
+        tracing::error!(%why, "a worker task died; stopping the process so that it is restarted");
+        appliers.abort_all();
+        relays.abort_all();
+        background.abort_all();
+        let _ = tokio::time::timeout(Duration::from_secs(1), relay.release_open_leases()).await;
+        return Err(Error::Failed(format!("{why}; the worker stopped")));
+    }
+
     let deadline = Instant::now() + config.shutdown_timeout;
-    if tokio::time::timeout_at(deadline, appliers.wait()).await.is_err() {
+    let mut stopped = Stopped::default();
+    if !join_until(&mut appliers, deadline, "apply task").await {
+        stopped.abandoned_apply_tasks = appliers.len();
         tracing::warn!(
             tasks = appliers.len(),
-            "apply tasks still running at the shutdown deadline; their transactions roll back"
+            "shutdown deadline: abandoning apply tasks mid-pass; their open transactions roll back and their \
+             transfers stay PENDING for the next worker (a COMMIT already sent may have landed: either way nothing is half-applied)"
         );
+        appliers.abort_all();
     }
     relay_stop.cancel();
-    if tokio::time::timeout_at(deadline, relays.wait()).await.is_err() {
-        tracing::warn!(tasks = relays.len(), "relay still sending at the shutdown deadline; its events stay pending");
-    } else {
+    // An idle relay stops at once when told; give it that moment even when
+    // the apply tasks used up the whole bound.
+    let relay_deadline = deadline.max(Instant::now() + Duration::from_millis(200));
+    if join_until(&mut relays, relay_deadline, "relay task").await {
         drain(&relay, deadline).await;
+    } else {
+        stopped.abandoned_relay_tasks = relays.len();
+        relays.abort_all();
     }
-    background.close();
-    let _ = tokio::time::timeout(Duration::from_secs(1), background.wait()).await;
-    tracing::info!("worker stopped");
-    Ok(())
+    // Whatever the relay still had claimed (an abandoned send, a drain cut
+    // short) goes back now rather than when its lease expires.
+    match tokio::time::timeout(Duration::from_secs(1), relay.release_open_leases()).await {
+        Ok(Ok(n)) => stopped.leases_released = n,
+        Ok(Err(e)) => tracing::warn!(error = %e, "could not give back the relay's leases; they expire on their own"),
+        Err(_) => tracing::warn!("giving back the relay's leases timed out; they expire on their own"),
+    }
+    if stopped.abandoned_relay_tasks > 0 || stopped.leases_released > 0 {
+        tracing::warn!(
+            tasks = stopped.abandoned_relay_tasks,
+            events = stopped.leases_released,
+            "shutdown deadline: the relay was stopped mid-pass; its claimed events stay pending and go out on the next start \
+             (one SQS had already accepted goes out twice; consumers drop it by event_id)"
+        );
+    }
+    background.abort_all();
+    // Wait for the aborted tasks to be dropped, so their transactions are
+    // released before the caller closes the pool.
+    let cleanup = async {
+        while appliers.join_next().await.is_some() {}
+        while relays.join_next().await.is_some() {}
+        while background.join_next().await.is_some() {}
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(500), cleanup).await;
+    tracing::info!(?stopped, "worker stopped");
+    Ok(stopped)
+}
+
+/// Waits for every task of `set` until `deadline`; true if they all ended.
+/// A task that panics while stopping is logged and counted as ended.
+async fn join_until(set: &mut JoinSet<()>, deadline: Instant, what: &str) -> bool {
+    loop {
+        match tokio::time::timeout_at(deadline, set.join_next()).await {
+            Ok(None) => return true,
+            Ok(Some(Ok(()))) => {}
+            Ok(Some(Err(e))) => tracing::error!(error = %e, "{what} failed while stopping"),
+            Err(_) => return false,
+        }
+    }
 }
 
 /// Publishes what is pending until nothing is, SQS is unavailable, or the deadline.

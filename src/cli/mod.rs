@@ -98,9 +98,12 @@ pub(crate) async fn connect(database_url: &Option<String>, max_connections: u32)
     crate::db::connect(require_database_url(database_url)?, max_connections, SessionLimits::default()).await
 }
 
-/// Prints a value as one line of JSON on stdout.
+/// Prints a value as one line of JSON on stdout. (Not `println!`, which
+/// panics when stdout's reader has gone away, e.g. `| head -1`.)
 pub(crate) fn print_json(value: &impl serde::Serialize) {
-    println!("{}", serde_json::to_string(value).expect("CLI output always serializes"));
+    use std::io::Write;
+    let line = serde_json::to_string(value).expect("CLI output always serializes");
+    let _ = writeln!(std::io::stdout(), "{line}");
 }
 
 /// The process's exit code for an error.

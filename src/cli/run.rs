@@ -136,9 +136,14 @@ impl RunArgs {
     }
 }
 
+/// How long `run` waits at start for the queue to answer `GetQueueAttributes`.
+const QUEUE_CHECK_TIMEOUT: Duration = Duration::from_secs(3);
+
 pub async fn run(database_url: &Option<String>, args: RunArgs) -> Result<()> {
-    let config = args.worker_config()?;
+    let mut config = args.worker_config()?;
     let sqs = args.sqs_config()?;
+    // Signals first: a SIGTERM during start-up must stop it too.
+    let shutdown = crate::shutdown::on_signals();
     let connections = (config.workers + config.relays + 4) as u32;
     let pool =
         crate::db::connect(super::require_database_url(database_url)?, connections, args.session_limits()).await?;
@@ -149,21 +154,28 @@ pub async fn run(database_url: &Option<String>, args: RunArgs) -> Result<()> {
     // Whether the queue is FIFO, from SQS itself when it answers; from the
     // URL otherwise (an SQS outage at start is an outage, not a reason to
     // refuse to apply transfers).
-    match publisher.check_queue().await {
-        Ok(info) => tracing::info!(queue = %sqs.queue_url, fifo = info.fifo, "queue answered GetQueueAttributes"),
-        Err(e) => tracing::warn!(
+    let queue_check = match tokio::time::timeout(QUEUE_CHECK_TIMEOUT, publisher.check_queue()).await {
+        Ok(Ok(info)) => {
+            tracing::info!(queue = %sqs.queue_url, fifo = info.fifo, "queue answered GetQueueAttributes");
+            Ok(info)
+        }
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(format!("GetQueueAttributes on {}: no answer within {QUEUE_CHECK_TIMEOUT:?}", sqs.queue_url)),
+    };
+    if let Err(e) = &queue_check {
+        tracing::warn!(
             error = %e, fifo = publisher.is_fifo(),
-            "queue did not answer GetQueueAttributes; FIFO judged from its URL; events wait until SQS answers"
-        ),
+            "the queue did not answer; FIFO judged from its URL; events wait until SQS answers"
+        );
     }
-    let mut config = config;
     // A claim must outlast the longest send of a pass, with room to spare.
     let worst = publisher.worst_case_duration(config.relay.batch_size as usize);
     config.relay.lease = worst * 2 + Duration::from_secs(5);
-    let shutdown = crate::shutdown::on_signals();
     let admin = tokio::spawn(crate::admin::serve(args.admin_addr, pool.clone(), shutdown.clone()));
-    worker::run(pool.clone(), publisher, config, shutdown).await?;
+    let result = worker::run(pool.clone(), publisher, config, shutdown).await;
     admin.abort();
-    pool.close().await;
-    Ok(())
+    // Connections still busy (an abandoned query) are not waited for: the
+    // process exit closes them, and PostgreSQL rolls back what they held.
+    let _ = tokio::time::timeout(Duration::from_secs(1), pool.close()).await;
+    result.map(|_| ())
 }

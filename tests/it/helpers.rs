@@ -79,10 +79,10 @@ impl TestDb {
         CliOutput::from(child.wait_with_output().await.expect("wait for transfer-worker"))
     }
 
-    /// Starts `transfer-worker run` as a separate process on this database.
-    pub fn spawn_worker(&self, queue_url: &str, extra: &[&str]) -> Child {
-        Command::new(BIN)
-            .arg("run")
+    /// `transfer-worker run` on this database, ready to adjust and spawn.
+    pub fn worker_command(&self, queue_url: &str, extra: &[&str]) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("run")
             .args(["--poll-interval-ms", "100", "--backoff-max-ms", "1000"])
             .env("TRANSFER_WORKER_ADMIN_ADDR", "127.0.0.1:0")
             .args(extra)
@@ -90,9 +90,13 @@ impl TestDb {
             .env("SQS_QUEUE_URL", queue_url)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn transfer-worker run")
+            .stderr(Stdio::inherit());
+        cmd
+    }
+
+    /// Starts `transfer-worker run` as a separate process on this database.
+    pub fn spawn_worker(&self, queue_url: &str, extra: &[&str]) -> Child {
+        self.worker_command(queue_url, extra).spawn().expect("spawn transfer-worker run")
     }
 
     pub async fn open_account(&self, id: i64, balance: i64) {

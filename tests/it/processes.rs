@@ -240,3 +240,133 @@ async fn the_worker_survives_its_database_connections_being_killed_mid_work() {
     db.assert_invariants(20_000, &opening).await;
     assert_one_event_per_transfer(&db, &queue, 3_000).await;
 }
+
+/// A TCP endpoint that accepts connections and never answers: SQS hung.
+async fn black_hole_endpoint() -> String {
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = hole.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hole.accept().await {
+            held.push(s);
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_sqs_hangs_stops_within_the_shutdown_timeout_and_loses_nothing() {
+    let db = TestDb::new().await;
+    let queue = TestQueue::new(true).await;
+    let opening = seed(&db, 10, 1_000, 50, 41).await;
+    let hole = black_hole_endpoint().await;
+    let mut cmd = db.worker_command(&queue.url, &["--sqs-timeout-ms", "20000", "--shutdown-timeout-ms", "2000"]);
+    cmd.env("AWS_ENDPOINT_URL", &hole).env("RUST_LOG", "info");
+    let mut w = KillOnDrop(cmd.spawn().unwrap());
+    wait_for("transfers applied and the relay inside its SQS call", Duration::from_secs(30), || async {
+        finished(&db).await == 50 && db.scalar("SELECT count(*) FROM outbox WHERE claimed_until > now()").await > 0
+    })
+    .await;
+    let asked = std::time::Instant::now();
+    signal(&w.0, "TERM");
+    let status = wait_exit(&mut w.0, Duration::from_secs(15)).await;
+    let took = asked.elapsed();
+    assert_eq!(status.code(), Some(0), "a graceful stop, nothing lost");
+    assert!(took < Duration::from_millis(3_500), "stopped within about a second of the 2 s bound: {took:?}");
+    db.assert_invariants(10_000, &opening).await;
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM outbox WHERE state = 'pending' AND attempts = 0 AND claimed_until IS NULL")
+            .await,
+        50,
+        "the abandoned events are pending, uncounted, and their leases given back"
+    );
+    // The next worker (SQS healthy again) publishes them at once.
+    let mut again = KillOnDrop(db.spawn_worker(&queue.url, &[]));
+    wait_for("everything published by the next worker", Duration::from_secs(30), || db.settled()).await;
+    signal(&again.0, "TERM");
+    assert!(wait_exit(&mut again.0, Duration::from_secs(30)).await.success());
+    assert_one_event_per_transfer(&db, &queue, 50).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_stops_the_worker_at_once() {
+    let db = TestDb::new().await;
+    let queue = TestQueue::new(true).await;
+    seed(&db, 10, 1_000, 20, 42).await;
+    let hole = black_hole_endpoint().await;
+    let mut cmd = db.worker_command(&queue.url, &["--sqs-timeout-ms", "60000", "--shutdown-timeout-ms", "60000"]);
+    cmd.env("AWS_ENDPOINT_URL", &hole);
+    let mut w = KillOnDrop(cmd.spawn().unwrap());
+    wait_for("the relay inside its SQS call", Duration::from_secs(30), || async {
+        db.scalar("SELECT count(*) FROM outbox WHERE claimed_until > now()").await > 0
+    })
+    .await;
+    signal(&w.0, "TERM");
+    // The first signal waits for the hung call (up to its 60 s bound) ...
+    let deadline = std::time::Instant::now() + Duration::from_millis(500);
+    while std::time::Instant::now() < deadline {
+        assert!(w.0.try_wait().unwrap().is_none(), "the first signal waits for in-flight work");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // ... the second means now.
+    let asked = std::time::Instant::now();
+    signal(&w.0, "TERM");
+    let status = wait_exit(&mut w.0, Duration::from_secs(10)).await;
+    assert!(asked.elapsed() < Duration::from_secs(2), "{:?}", asked.elapsed());
+    assert_eq!(status.code(), Some(143), "128 + SIGTERM");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_a_batch_waits_on_a_lock_abandons_it_in_time_and_it_is_applied_later() {
+    let db = TestDb::new().await;
+    let queue = TestQueue::new(true).await;
+    let opening = seed(&db, 10, 1_000, 30, 43).await;
+    // Another writer holds every account: the worker's batch waits on it
+    // (no lock or statement timeout for this worker).
+    let mut other_writer = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM accounts FOR UPDATE").execute(&mut *other_writer).await.unwrap();
+    let args = ["--lock-timeout-ms", "0", "--statement-timeout-ms", "0", "--shutdown-timeout-ms", "1500"];
+    let mut w = KillOnDrop(db.spawn_worker(&queue.url, &args));
+    wait_for("the worker's batch to wait on the lock", Duration::from_secs(30), || async {
+        db.scalar(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND application_name = 'transfer-worker' AND wait_event_type = 'Lock'",
+        )
+        .await
+            > 0
+    })
+    .await;
+    let asked = std::time::Instant::now();
+    signal(&w.0, "TERM");
+    let status = wait_exit(&mut w.0, Duration::from_secs(15)).await;
+    assert_eq!(status.code(), Some(0));
+    assert!(asked.elapsed() < Duration::from_millis(3_000), "{:?}", asked.elapsed());
+    other_writer.rollback().await.unwrap();
+    assert_eq!(finished(&db).await, 0, "the abandoned batch rolled back");
+    db.assert_invariants(10_000, &opening).await;
+
+    let mut again = KillOnDrop(db.spawn_worker(&queue.url, &[]));
+    wait_for("the transfers applied by the next worker", Duration::from_secs(30), || db.settled()).await;
+    signal(&again.0, "TERM");
+    assert!(wait_exit(&mut again.0, Duration::from_secs(30)).await.success());
+    db.assert_invariants(10_000, &opening).await;
+    assert_one_event_per_transfer(&db, &queue, 30).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_log_reader_went_away_keeps_working_and_still_stops_on_sigterm() {
+    let db = TestDb::new().await;
+    let queue = TestQueue::new(true).await;
+    let opening = seed(&db, 10, 1_000, 300, 44).await;
+    let mut cmd = db.worker_command(&queue.url, &["--batch-size", "5"]);
+    // Debug logs every batch: plenty of writes to a pipe nobody reads.
+    cmd.env("RUST_LOG", "debug").stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    drop(child.stderr.take());
+    let mut w = KillOnDrop(child);
+    wait_for("everything applied and published", Duration::from_secs(60), || db.settled()).await;
+    assert!(w.0.try_wait().unwrap().is_none(), "still running");
+    signal(&w.0, "TERM");
+    assert_eq!(wait_exit(&mut w.0, Duration::from_secs(10)).await.code(), Some(0));
+    db.assert_invariants(10_000, &opening).await;
+}
