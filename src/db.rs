@@ -42,7 +42,9 @@ impl SessionLimits {
         SessionLimits { statement_timeout: Some(Duration::ZERO), ..SessionLimits::default() }
     }
 
-    fn apply(&self, options: PgConnectOptions) -> PgConnectOptions {
+    /// These limits as connection options (sent at connect, so they hold for
+    /// every session of a pool).
+    pub fn apply(&self, options: PgConnectOptions) -> PgConnectOptions {
         let ms = |d: Duration| format!("{}ms", d.as_millis());
         let mut settings = Vec::new();
         if let Some(d) = self.statement_timeout {

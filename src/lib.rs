@@ -11,6 +11,8 @@
 //!   shares; [`wake`] LISTEN/NOTIFY; [`shutdown`] signals; [`retry`] backoff;
 //! - [`db`]: pool, migrations, error classification; [`error`]: the error type
 //!   and exit codes; [`status`]: the `status` command's counts;
+//! - [`admin`]: the probes and metrics server; [`health`]: what it reports;
+//!   [`maintenance`]: periodic upkeep (the state counters);
 //! - [`lab`]: the concurrency-strategy experiment; [`bench`]: the benchmark;
 //!   both on a [`scratch`] database;
 //! - [`cli`]: the command line, one file per command.
@@ -21,7 +23,9 @@ pub mod bench;
 pub mod cli;
 pub mod db;
 pub mod error;
+pub mod health;
 pub mod lab;
+pub mod maintenance;
 pub mod outbox;
 pub mod retry;
 pub mod scratch;

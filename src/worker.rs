@@ -27,6 +27,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
+use crate::health::Health;
 use crate::outbox::relay::{Relay, RelayConfig};
 use crate::outbox::sqs::Publisher;
 use crate::retry::RetryPolicy;
@@ -84,9 +85,22 @@ pub async fn run(
     config: WorkerConfig,
     shutdown: CancellationToken,
 ) -> Result<Stopped> {
+    run_with_health(pool, publisher, config, Arc::new(Health::new(shutdown))).await
+}
+
+/// [`run`], reporting to `health` (which the admin server reads); shutdown
+/// is `health`'s token.
+pub async fn run_with_health(
+    pool: PgPool,
+    publisher: Publisher,
+    config: WorkerConfig,
+    health: Arc<Health>,
+) -> Result<Stopped> {
+    let shutdown = health.shutdown_token();
     let wakers = Wakers::default();
     let mut background = JoinSet::new();
     background.spawn(wakers.clone().listen(pool.clone(), shutdown.clone()));
+    background.spawn(crate::maintenance::run(pool.clone(), shutdown.clone(), config.db_retry));
 
     let mut appliers = JoinSet::new();
     for task in 0..config.workers.max(1) {
@@ -109,7 +123,9 @@ pub async fn run(
 
     // The relay stops only after the apply tasks, so it can drain their last events.
     let relay_stop = CancellationToken::new();
-    let relay = Arc::new(Relay::new(pool.clone(), publisher, config.relay.clone(), wakers.outbox.clone()));
+    let relay = Arc::new(
+        Relay::new(pool.clone(), publisher, config.relay.clone(), wakers.outbox.clone()).with_health(health.clone()),
+    );
     let mut relays = JoinSet::new();
     for _ in 0..config.relays.max(1) {
         relays.spawn(relay.clone().run(relay_stop.clone()));
@@ -118,7 +134,11 @@ pub async fn run(
 
     let died = service::watch(
         &shutdown,
-        &mut [("an apply task", &mut appliers), ("a relay task", &mut relays), ("the LISTEN task", &mut background)],
+        &mut [
+            ("an apply task", &mut appliers),
+            ("a relay task", &mut relays),
+            ("a background task (LISTEN, upkeep)", &mut background),
+        ],
     )
     .await;
     if let Some(why) = died {

@@ -1,12 +1,14 @@
 //! `run`: the worker process. Every knob is a flag with an env-var twin.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
 
 use crate::db::SessionLimits;
 use crate::error::{Error, Result};
+use crate::health::Health;
 use crate::outbox::relay::RelayConfig;
 use crate::outbox::sqs::{Publisher, SqsConfig};
 use crate::retry::RetryPolicy;
@@ -145,8 +147,8 @@ pub async fn run(database_url: &Option<String>, args: RunArgs) -> Result<()> {
     // Signals first: a SIGTERM during start-up must stop it too.
     let shutdown = crate::shutdown::on_signals();
     let connections = (config.workers + config.relays + 4) as u32;
-    let pool =
-        crate::db::connect(super::require_database_url(database_url)?, connections, args.session_limits()).await?;
+    let url = super::require_database_url(database_url)?;
+    let pool = crate::db::connect(url, connections, args.session_limits()).await?;
     // A database without our schema (or with an older one) would have the
     // worker retry forever while looking ready: refuse to start instead.
     crate::db::check_schema(&pool).await?;
@@ -171,11 +173,17 @@ pub async fn run(database_url: &Option<String>, args: RunArgs) -> Result<()> {
     // A claim must outlast the longest send of a pass, with room to spare.
     let worst = publisher.worst_case_duration(config.relay.batch_size as usize);
     config.relay.lease = worst * 2 + Duration::from_secs(5);
-    let admin = tokio::spawn(crate::admin::serve(args.admin_addr, pool.clone(), shutdown.clone()));
-    let result = worker::run(pool.clone(), publisher, config, shutdown).await;
+    let health = Arc::new(Health::new(shutdown));
+    if let Ok(info) = &queue_check {
+        health.sqs_answered(format!("queue answered GetQueueAttributes at start; FIFO: {}", info.fifo));
+    }
+    let admin_pool = crate::admin::pool(crate::db::parse_url(url)?);
+    let admin = tokio::spawn(crate::admin::serve(args.admin_addr, admin_pool.clone(), health.clone()));
+    let result = worker::run_with_health(pool.clone(), publisher, config, health).await;
     admin.abort();
     // Connections still busy (an abandoned query) are not waited for: the
     // process exit closes them, and PostgreSQL rolls back what they held.
-    let _ = tokio::time::timeout(Duration::from_secs(1), pool.close()).await;
+    let _ =
+        tokio::time::timeout(Duration::from_secs(1), async { tokio::join!(pool.close(), admin_pool.close()) }).await;
     result.map(|_| ())
 }

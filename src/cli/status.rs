@@ -14,6 +14,9 @@ pub struct StatusArgs {
 }
 
 pub async fn run(pool: &PgPool, args: StatusArgs) -> Result<()> {
+    // Fold the counters' deltas first, so that the read stays small even
+    // when no worker has been running to do it.
+    crate::status::compact_counts(pool).await?;
     let status = crate::status::read(pool).await?;
     if args.json {
         print_json(&status);

@@ -38,6 +38,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Result;
+use crate::health::Health;
 use crate::outbox::sqs::{escape_for_sqs, Delivery, Outgoing, Publisher};
 use crate::outbox::EventBody;
 use crate::retry::RetryPolicy;
@@ -124,6 +125,8 @@ pub struct Relay {
     wake: Arc<Notify>,
     /// Leases claimed and not yet recorded, to give back at shutdown.
     open_leases: Mutex<HashSet<String>>,
+    /// Where to say how SQS last answered (for `/readyz`).
+    health: Option<Arc<Health>>,
 }
 
 impl Relay {
@@ -135,7 +138,13 @@ impl Relay {
                 "the relay lease is shorter than a pass's longest send: slow passes may send events twice"
             );
         }
-        Relay { pool, publisher, config, wake, open_leases: Mutex::new(HashSet::new()) }
+        Relay { pool, publisher, config, wake, open_leases: Mutex::new(HashSet::new()), health: None }
+    }
+
+    /// Reports how SQS answers each pass to `health`.
+    pub fn with_health(mut self, health: Arc<Health>) -> Self {
+        self.health = Some(health);
+        self
     }
 
     pub fn publisher(&self) -> &Publisher {
@@ -246,6 +255,13 @@ impl Relay {
                     unavailable_ids.push(e.id);
                     unavailable_errors.push("not sent".to_owned());
                 }
+            }
+        }
+
+        if let Some(health) = &self.health {
+            match unavailable_errors.first() {
+                Some(e) => health.sqs_unavailable(e.clone()),
+                None => health.sqs_answered("SendMessageBatch answered"),
             }
         }
 

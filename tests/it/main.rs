@@ -1,6 +1,7 @@
 //! Integration tests: one binary, real PostgreSQL and real LocalStack (started
 //! by `scripts/test.sh`), a fresh database and queue per test.
 
+mod admin;
 mod apply;
 mod cli;
 mod enqueue;
