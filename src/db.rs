@@ -222,3 +222,36 @@ pub fn fault(err: &sqlx::Error) -> Fault {
 pub fn is_transient(err: &sqlx::Error) -> bool {
     fault(err) != Fault::Row
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Migrations released before this rule existed; changing them now would
+    /// change their checksums and fail `migrate` on every deployed database.
+    const GRANDFATHERED: i64 = 20261122000003;
+
+    /// A CHECK added to an existing (possibly large) table must be added `NOT
+    /// VALID` and validated in a later migration: otherwise the deploy holds
+    /// an ACCESS EXCLUSIVE lock on the table for a full scan. (Both in one
+    /// migration would not help: it runs in one transaction, which keeps the
+    /// exclusive lock until the VALIDATE is done.)
+    #[test]
+    fn checks_on_existing_tables_are_added_not_valid_and_validated_later() {
+        for m in MIGRATOR.iter().filter(|m| m.version > GRANDFATHERED) {
+            let sql = m.sql.as_str().to_uppercase();
+            for statement in sql.split(';') {
+                let statement = statement.split_whitespace().collect::<Vec<_>>().join(" ");
+                if statement.contains("ALTER TABLE")
+                    && statement.contains("ADD CONSTRAINT")
+                    && statement.contains(" CHECK")
+                {
+                    assert!(statement.contains("NOT VALID"), "migration {}: {statement}", m.version);
+                }
+                if statement.contains("VALIDATE CONSTRAINT") {
+                    assert!(!sql.contains("NOT VALID"), "migration {}: validate in a later migration", m.version);
+                }
+            }
+        }
+    }
+}

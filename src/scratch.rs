@@ -1,5 +1,5 @@
-//! A throw-away database on the same server as DATABASE_URL, for `lab` and
-//! `bench`: they create, measure and drop their own tables and rows without
+//! A throw-away database on the same server as DATABASE_URL, for `lab`,
+//! `bench` and `demo`: they create, measure and drop their own tables and rows without
 //! touching the real ones.
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -26,6 +26,11 @@ impl ScratchDb {
         let pool =
             PgPoolOptions::new().max_connections(max_connections).connect_with(admin.clone().database(&name)).await?;
         Ok(ScratchDb { pool, admin, name })
+    }
+
+    /// The database's name.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// Closes the pool and drops the database.

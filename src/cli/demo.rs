@@ -1,6 +1,11 @@
 //! `demo`: the whole flow on the local services, printed for a newcomer.
 //!
-//! It migrates, opens three fresh accounts, enqueues transfers (one without
+//! It works on a scratch database of its own on the same server as
+//! `DATABASE_URL` (created, migrated, dropped at the end) and a queue of its
+//! own: pointed at real data, it must not apply a real pending transfer, nor
+//! publish its events to a queue nobody reads.
+//!
+//! It opens three fresh accounts, enqueues transfers (one without
 //! funds, one repeated with the same idempotency key, one cancelled while
 //! still pending), runs the worker in this process, then asks for a partial
 //! refund, a duplicate refund and a cancel that comes too late, waits until
@@ -18,6 +23,7 @@ use crate::account::{self, AccountId};
 use crate::error::{Error, Result};
 use crate::outbox::sqs::{create_queue, Publisher, SqsConfig};
 use crate::outbox::EventBody;
+use crate::scratch::ScratchDb;
 use crate::transfer::cancel::cancel;
 use crate::transfer::enqueue::{enqueue, NewTransfer};
 use crate::transfer::refund::request_refund;
@@ -32,7 +38,16 @@ pub struct DemoArgs {
 }
 
 pub async fn run(database_url: &Option<String>, args: DemoArgs) -> Result<()> {
-    let pool = super::connect(database_url, 10).await?;
+    let url = super::require_database_url(database_url)?;
+    let scratch = ScratchDb::create(url, "transfer_worker_demo", 12).await?;
+    println!("== scratch database {} (dropped at the end; the one DATABASE_URL names is not touched)", scratch.name());
+    let result = demo(&scratch.pool, args).await;
+    scratch.drop().await?;
+    result
+}
+
+async fn demo(pool: &PgPool, args: DemoArgs) -> Result<()> {
+    let pool = pool.clone();
     crate::db::migrate(&pool).await?;
     let deadline = Instant::now() + Duration::from_secs(args.timeout_s);
 

@@ -172,7 +172,7 @@ pub async fn run(database_url: &Option<String>, args: RunArgs) -> Result<()> {
     }
     // A claim must outlast the longest send of a pass, with room to spare.
     let worst = publisher.worst_case_duration(config.relay.batch_size as usize);
-    config.relay.lease = worst * 2 + Duration::from_secs(5);
+    config.relay.lease = worst + Duration::from_secs(5);
     let health = Arc::new(Health::new(shutdown));
     if let Ok(info) = &queue_check {
         health.sqs_answered(format!("queue answered GetQueueAttributes at start; FIFO: {}", info.fifo));

@@ -57,7 +57,8 @@ pub struct RelayConfig {
     pub outage_retry: RetryPolicy,
     /// Longest sleep when idle; a NOTIFY from an outbox insert wakes it sooner.
     pub poll_interval: Duration,
-    /// How long a claim is this relay's (default 30 s). It should outlast the
+    /// How long a claim is this relay's (default 60 s; `run` sets it from the
+    /// SQS call bounds). It should outlast the
     /// longest send of a pass ([`Publisher::worst_case_duration`]); if a send
     /// outlives it, another relay may send the same event again (a duplicate,
     /// dropped by `event_id`), never lose or reorder one.
@@ -72,7 +73,7 @@ impl Default for RelayConfig {
             rejection_retry: RetryPolicy::default(),
             outage_retry: RetryPolicy::default(),
             poll_interval: Duration::from_millis(500),
-            lease: Duration::from_secs(30),
+            lease: Duration::from_secs(60),
         }
     }
 }

@@ -54,3 +54,30 @@ async fn bench_reports_rates_latency_and_invariants_for_each_mode() {
     assert_eq!(bad.code, 2);
     assert_eq!(db.scalar("SELECT count(*) FROM transfers").await, 0, "bench never touches the real database's rows");
 }
+
+#[tokio::test]
+async fn demo_runs_on_a_scratch_database_and_never_touches_the_one_it_was_pointed_at() {
+    let db = TestDb::new().await;
+    db.open_account(1, 100).await;
+    db.open_account(2, 0).await;
+    sqlx::query("INSERT INTO transfers (idempotency_key, from_account, to_account, amount) VALUES ('real', 1, 2, 10)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let out = db.cli(&["demo"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("events received from SQS"), "{}", out.stdout);
+    assert!(out.stdout.contains("refund.completed"), "{}", out.stdout);
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM transfers WHERE status = 'PENDING'").await,
+        1,
+        "the real transfer is left alone"
+    );
+    assert_eq!(db.scalar("SELECT count(*) FROM outbox").await, 0, "no event written to the real database");
+    assert_eq!(db.scalar("SELECT count(*) FROM accounts").await, 2);
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM pg_database WHERE datname LIKE 'transfer\\_worker\\_demo\\_%'").await,
+        0,
+        "the scratch database is dropped"
+    );
+}
