@@ -223,47 +223,34 @@ impl CappedStream {
         CappedStream { stream, _permit: permit, idle: Box::pin(tokio::time::sleep(IDLE_TIMEOUT)) }
     }
 
-    fn progressed(&mut self) {
-        self.idle.as_mut().reset(tokio::time::Instant::now() + IDLE_TIMEOUT);
-    }
-
-    fn check_idle(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
-        match self.idle.as_mut().poll(cx) {
-            Poll::Ready(()) => Err(io::Error::new(io::ErrorKind::TimedOut, "admin connection idle")),
-            Poll::Pending => Ok(()),
+    /// Passes an I/O result through, restarting the idle clock on progress
+    /// and failing the connection once it has been idle too long.
+    fn watch<T>(&mut self, cx: &mut Context<'_>, poll: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        match poll {
+            Poll::Ready(r) => {
+                self.idle.as_mut().reset(tokio::time::Instant::now() + IDLE_TIMEOUT);
+                Poll::Ready(r)
+            }
+            Poll::Pending => match self.idle.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "admin connection idle"))),
+                Poll::Pending => Poll::Pending,
+            },
         }
     }
 }
 
 impl AsyncRead for CappedStream {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match Pin::new(&mut self.stream).poll_read(cx, buf) {
-            Poll::Ready(r) => {
-                self.progressed();
-                Poll::Ready(r)
-            }
-            Poll::Pending => match self.check_idle(cx) {
-                Ok(()) => Poll::Pending,
-                Err(e) => Poll::Ready(Err(e)),
-            },
-        }
+        let poll = Pin::new(&mut self.stream).poll_read(cx, buf);
+        self.watch(cx, poll)
     }
 }
 
 impl AsyncWrite for CappedStream {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match Pin::new(&mut self.stream).poll_write(cx, buf) {
-            Poll::Ready(r) => {
-                self.progressed();
-                Poll::Ready(r)
-            }
-            Poll::Pending => match self.check_idle(cx) {
-                Ok(()) => Poll::Pending,
-                Err(e) => Poll::Ready(Err(e)),
-            },
-        }
+        let poll = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.watch(cx, poll)
     }
-
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_flush(cx)
     }
