@@ -84,6 +84,10 @@ pub async fn connect(database_url: &str, max_connections: u32, limits: SessionLi
     Ok(PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10))
+        // No ping before each use: it is a round trip per transaction, and a
+        // connection that died is found by the first statement anyway, whose
+        // error every caller already retries as transient.
+        .test_before_acquire(false)
         .connect_lazy_with(options))
 }
 

@@ -23,8 +23,11 @@ impl ScratchDb {
         let mut conn = admin.connect().await?;
         // Names are ours (prefix, digits, hex): safe to splice into DDL.
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await?;
-        let pool =
-            PgPoolOptions::new().max_connections(max_connections).connect_with(admin.clone().database(&name)).await?;
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .test_before_acquire(false)
+            .connect_with(admin.clone().database(&name))
+            .await?;
         Ok(ScratchDb { pool, admin, name })
     }
 

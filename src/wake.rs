@@ -1,9 +1,11 @@
 //! Wake-ups: LISTEN/NOTIFY, with polling as the fallback.
 //!
-//! Statement-level triggers (see the migration) NOTIFY `transfer_worker_work`
-//! with the table name when transfers or outbox rows are inserted; one
-//! listener connection per process turns that into a [`Notify`] for the apply
-//! tasks or the relay. Why both: NOTIFY makes a new transfer start within
+//! A statement-level trigger (see the migrations) NOTIFYs `transfer_worker_work`
+//! when transfers are inserted, and `refund`, `cancel` and `outbox requeue`
+//! notify explicitly; one listener connection per process turns that into a
+//! [`Notify`] for the apply tasks or the relay. Events the worker itself
+//! writes wake its relay in-process (no NOTIFY: it would take PostgreSQL's
+//! cluster-wide notify lock at every commit of the hot path). Why both: NOTIFY makes a new transfer start within
 //! milliseconds instead of a poll interval, and costs one notification per
 //! statement, not per row; polling covers what NOTIFY cannot promise (a
 //! notification sent while the listener was reconnecting is lost, and rows
@@ -23,9 +25,10 @@ pub const CHANNEL: &str = "transfer_worker_work";
 /// What there is to do, as the NOTIFY payload says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Work {
-    /// A refund was requested: the apply tasks.
+    /// A refund was requested: the apply tasks (and the relay, for its
+    /// `refund.requested` event).
     Refund,
-    /// Events were put back to pending: the relay.
+    /// Events were written or put back to pending by another process: the relay.
     Outbox,
 }
 
@@ -84,6 +87,7 @@ impl Wakers {
                 };
                 match next {
                     Ok(Some(n)) if n.payload() == "outbox" => self.outbox.notify_waiters(),
+                    Ok(Some(n)) if n.payload() == "refund" => self.wake_all(),
                     Ok(Some(_)) => self.work.notify_waiters(),
                     // The connection dropped; try_recv reconnects on the next call.
                     Ok(None) => self.wake_all(),

@@ -104,7 +104,8 @@ pub async fn run_with_health(
 
     let mut appliers = JoinSet::new();
     for task in 0..config.workers.max(1) {
-        let applier = Arc::new(Applier::new(pool.clone(), config.apply.clone()));
+        let applier =
+            Arc::new(Applier::new(pool.clone(), config.apply.clone()).waking_on_events(wakers.outbox.clone()));
         let (shutdown, wake, batch_size) = (shutdown.clone(), wakers.work.clone(), config.apply.batch_size);
         appliers.spawn(service::run_loop(shutdown, wake, config.poll_interval, config.db_retry, move || {
             let applier = applier.clone();

@@ -34,6 +34,11 @@ pub struct RunArgs {
     /// Unexpected errors before a transfer FAILS with reason processing_error.
     #[arg(long, env = "TRANSFER_WORKER_MAX_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub max_attempts: u32,
+    /// Times a batch may leave a transfer for a later pass because another
+    /// batch holds one of its accounts, before it waits for them in lock
+    /// order (0: always wait).
+    #[arg(long, env = "TRANSFER_WORKER_MAX_SKIPS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub max_skips: u32,
     /// Relay tasks in this process.
     #[arg(long, env = "TRANSFER_WORKER_RELAYS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub relays: u32,
@@ -95,7 +100,12 @@ impl RunArgs {
         Ok(WorkerConfig {
             workers: self.workers as usize,
             relays: self.relays as usize,
-            apply: ApplyConfig { batch_size: self.batch_size.into(), max_attempts: self.max_attempts as i32, retry },
+            apply: ApplyConfig {
+                batch_size: self.batch_size.into(),
+                max_attempts: self.max_attempts as i32,
+                retry,
+                max_skips: self.max_skips,
+            },
             relay: RelayConfig {
                 batch_size: self.relay_batch_size.into(),
                 max_attempts: self.relay_max_attempts as i32,

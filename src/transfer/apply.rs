@@ -30,10 +30,12 @@
 //! in `last_error`. Transient failures (connection lost, deadlock,
 //! serialization) count nothing: the pass is simply retried.
 
-use std::collections::HashMap;
-use std::time::Duration;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use sqlx::{PgConnection, PgPool};
+use tokio::sync::Notify;
 
 use crate::db::{self, Fault};
 use crate::error::{Error, Result};
@@ -49,11 +51,15 @@ pub struct ApplyConfig {
     pub max_attempts: i32,
     /// Delay before a transfer that hit an unexpected error is tried again.
     pub retry: RetryPolicy,
+    /// How many times a batch may leave a row for later because another
+    /// batch holds one of its accounts, before the row waits for them in lock
+    /// order (default 3). 0: every batch waits for all its accounts.
+    pub max_skips: u32,
 }
 
 impl Default for ApplyConfig {
     fn default() -> Self {
-        ApplyConfig { batch_size: 100, max_attempts: 5, retry: RetryPolicy::default() }
+        ApplyConfig { batch_size: 100, max_attempts: 5, retry: RetryPolicy::default(), max_skips: 3 }
     }
 }
 
@@ -68,6 +74,9 @@ pub struct ApplyCounts {
     /// Met contention (a lock held elsewhere, a timeout); retried later,
     /// not counted.
     pub put_off: usize,
+    /// Left PENDING by this pass because another batch held one of their
+    /// accounts (taken by a later pass; never counted).
+    pub skipped: usize,
 }
 
 impl std::ops::AddAssign for ApplyCounts {
@@ -77,6 +86,7 @@ impl std::ops::AddAssign for ApplyCounts {
         self.failed += o.failed;
         self.errored += o.errored;
         self.put_off += o.put_off;
+        self.skipped += o.skipped;
     }
 }
 
@@ -95,7 +105,7 @@ pub enum Step {
 // `refund_amount`), the waiting-state guard, and the columns a finish sets.
 impl Step {
     /// The claim of a batch, in id order, skipping rows other workers hold.
-    async fn claim(self, conn: &mut PgConnection, limit: i64) -> sqlx::Result<Vec<Claimed>> {
+    async fn claim(self, conn: &mut PgConnection, limit: i64, floor: i64) -> sqlx::Result<Vec<Claimed>> {
         match self {
             Step::Transfer => {
                 sqlx::query_as!(
@@ -103,11 +113,12 @@ impl Step {
                     r#"SELECT id, from_account AS debit_account, to_account AS credit_account, amount,
                               to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS "day!"
                          FROM transfers
-                        WHERE status = 'PENDING' AND next_attempt_at <= now()
+                        WHERE status = 'PENDING' AND next_attempt_at <= now() AND id >= $2
                         ORDER BY id
                         LIMIT $1
                           FOR NO KEY UPDATE SKIP LOCKED"#,
-                    limit
+                    limit,
+                    floor
                 )
                 .fetch_all(conn)
                 .await
@@ -119,11 +130,12 @@ impl Step {
                               refund_amount AS "amount!",
                               to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS "day!"
                          FROM transfers
-                        WHERE refund_status = 'REQUESTED' AND next_attempt_at <= now()
+                        WHERE refund_status = 'REQUESTED' AND next_attempt_at <= now() AND id >= $2
                         ORDER BY id
                         LIMIT $1
                           FOR NO KEY UPDATE SKIP LOCKED"#,
-                    limit
+                    limit,
+                    floor
                 )
                 .fetch_all(conn)
                 .await
@@ -173,6 +185,7 @@ impl Step {
         ids: &[i64],
         states: &[String],
         reasons: &[Option<String>],
+        event_ids: &[String],
     ) -> sqlx::Result<u64> {
         let done = match self {
             Step::Transfer => {
@@ -180,18 +193,19 @@ impl Step {
                     "WITH applied AS (
                          UPDATE transfers t
                             SET status = o.state, failure_reason = o.reason, applied_at = now()
-                           FROM unnest($1::bigint[], $2::text[], $3::text[]) AS o(id, state, reason)
+                           FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[]) AS o(id, state, reason, event_id)
                           WHERE t.id = o.id AND t.status = 'PENDING'
-                      RETURNING t AS row
+                      RETURNING t AS row, o.event_id
                      )
-                     INSERT INTO outbox (transfer_id, event_type, data)
-                     SELECT (a.row).id, e.event_type, transfer_event_data(a.row, e.event_type)
+                     INSERT INTO outbox (event_id, transfer_id, event_type, data)
+                     SELECT a.event_id::uuid, (a.row).id, e.event_type, transfer_event_data(a.row, e.event_type)
                        FROM applied a
                       CROSS JOIN LATERAL (SELECT 'transfer.' || lower((a.row).status) AS event_type) e
                       ORDER BY (a.row).id",
                     ids,
                     states,
-                    reasons as &[Option<String>]
+                    reasons as &[Option<String>],
+                    event_ids
                 )
                 .execute(conn)
                 .await?
@@ -201,18 +215,19 @@ impl Step {
                     "WITH applied AS (
                          UPDATE transfers t
                             SET refund_status = o.state, refund_failure_reason = o.reason, refund_applied_at = now()
-                           FROM unnest($1::bigint[], $2::text[], $3::text[]) AS o(id, state, reason)
+                           FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[]) AS o(id, state, reason, event_id)
                           WHERE t.id = o.id AND t.refund_status = 'REQUESTED'
-                      RETURNING t AS row
+                      RETURNING t AS row, o.event_id
                      )
-                     INSERT INTO outbox (transfer_id, event_type, data)
-                     SELECT (a.row).id, e.event_type, transfer_event_data(a.row, e.event_type)
+                     INSERT INTO outbox (event_id, transfer_id, event_type, data)
+                     SELECT a.event_id::uuid, (a.row).id, e.event_type, transfer_event_data(a.row, e.event_type)
                        FROM applied a
                       CROSS JOIN LATERAL (SELECT 'refund.' || lower((a.row).refund_status) AS event_type) e
                       ORDER BY (a.row).id",
                     ids,
                     states,
-                    reasons as &[Option<String>]
+                    reasons as &[Option<String>],
+                    event_ids
                 )
                 .execute(conn)
                 .await?
@@ -312,18 +327,98 @@ struct LockedAccount {
 pub struct Applier {
     pool: PgPool,
     config: ApplyConfig,
+    /// Where each step's next claim starts scanning (see [`ClaimFloor`]).
+    floors: std::sync::Mutex<[ClaimFloor; 2]>,
+    /// Woken after a batch that wrote events commits: the relay of this
+    /// process, which then need not wait for a NOTIFY or its poll.
+    events_written: Option<Arc<Notify>>,
+    /// Per step, how often each row was skipped for a held account.
+    skips: std::sync::Mutex<[HashMap<i64, u32>; 2]>,
+    /// Passes run, to look for refunds every so often during a backlog.
+    passes: std::sync::atomic::AtomicU64,
 }
+
+/// During a backlog of transfers, one pass in this many also looks for refunds.
+const REFUND_EVERY: u64 = 8;
+
+/// Bound on the skip bookkeeping.
+const MAX_TRACKED_SKIPS: usize = 100_000;
+
+/// Where a claim starts in the pending index. Rows a batch moves out of
+/// PENDING leave dead entries at the head of the partial index until vacuum
+/// removes them, and a claim from the start walks past all of them: with a
+/// large backlog that walk grows with every batch. While batches come back
+/// full, the next claim starts at the lowest id the last one took; anything
+/// below was done, put off, or held by another worker then. Rows that become
+/// claimable below the floor (a retry time passing, a batch rolled back, a
+/// producer committing late) are found when the floor resets: as soon as a
+/// claim comes back short, and at least every [`FLOOR_TTL`].
+#[derive(Debug, Clone, Copy)]
+struct ClaimFloor {
+    id: i64,
+    since: Instant,
+}
+
+/// The longest a claim floor stands before a claim scans from the start again.
+const FLOOR_TTL: Duration = Duration::from_secs(1);
 
 impl Applier {
     pub fn new(pool: PgPool, config: ApplyConfig) -> Self {
-        Applier { pool, config }
+        let start = ClaimFloor { id: 0, since: Instant::now() };
+        Applier {
+            pool,
+            config,
+            floors: std::sync::Mutex::new([start, start]),
+            events_written: None,
+            skips: std::sync::Mutex::new([HashMap::new(), HashMap::new()]),
+            passes: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Wakes `notify` whenever a batch that wrote events commits.
+    pub fn waking_on_events(mut self, notify: Arc<Notify>) -> Self {
+        self.events_written = Some(notify);
+        self
+    }
+
+    fn floor(&self, step: Step) -> i64 {
+        let floors = self.floors.lock().expect("floor lock");
+        let f = floors[step as usize];
+        if f.id > 0 && f.since.elapsed() < FLOOR_TTL {
+            f.id
+        } else {
+            0
+        }
+    }
+
+    fn set_floor(&self, step: Step, claimed: &[Claimed], limit: i64) {
+        let mut floors = self.floors.lock().expect("floor lock");
+        let f = &mut floors[step as usize];
+        match claimed.iter().map(|t| t.id).min() {
+            Some(lowest) if claimed.len() as i64 >= limit => {
+                if f.id == 0 || f.since.elapsed() >= FLOOR_TTL {
+                    f.since = Instant::now();
+                }
+                f.id = lowest;
+            }
+            _ => f.id = 0,
+        }
     }
 
     /// One pass of each step: a batch of transfers, then a batch of refunds.
     /// An `Err` is a transient database failure; what committed before it stays.
+    ///
+    /// While transfers come in full batches (a backlog), refunds are looked
+    /// for on every [`REFUND_EVERY`]th pass only: each look is three round
+    /// trips, and the next pass comes at once anyway. Otherwise every pass
+    /// looks, so a refund never waits behind an idle worker.
     pub async fn run_once(&self) -> Result<ApplyCounts> {
         let mut counts = self.run_step(Step::Transfer).await?;
-        counts += self.run_step(Step::Refund).await?;
+        let backlog = counts.claimed as i64 >= self.config.batch_size;
+        let pass = self.passes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if !backlog || pass % REFUND_EVERY == 0 {
+            counts += self.run_step(Step::Refund).await?;
+        }
         Ok(counts)
     }
 
@@ -331,14 +426,20 @@ impl Applier {
     pub async fn run_step(&self, step: Step) -> Result<ApplyCounts> {
         let mut tx = self.pool.begin().await?;
         // SKIP LOCKED: a row another worker holds is simply not ours this time.
-        let claimed = step.claim(&mut tx, self.config.batch_size).await?;
+        let claimed = step.claim(&mut tx, self.config.batch_size, self.floor(step)).await?;
+        self.set_floor(step, &claimed, self.config.batch_size);
         if claimed.is_empty() {
             tx.commit().await?;
             return Ok(ApplyCounts::default());
         }
-        match apply_claimed(&mut tx, step, &claimed).await {
-            Ok(counts) => {
+        let must_wait = self.must_wait(step, &claimed);
+        let locking =
+            if self.config.max_skips == 0 { Locking::Wait } else { Locking::SkipLocked { must_wait: &must_wait } };
+        match apply_claimed(&mut tx, step, &claimed, locking).await {
+            Ok((counts, skipped)) => {
                 tx.commit().await?;
+                self.events_committed();
+                self.note_skips(step, &claimed, &skipped);
                 Ok(counts)
             }
             Err(e) => match fault(&e) {
@@ -371,9 +472,10 @@ impl Applier {
         let Some(t) = step.claim_one(&mut tx, id).await? else {
             return Ok(ApplyCounts::default()); // another worker has it, or it is done
         };
-        match apply_claimed(&mut tx, step, std::slice::from_ref(&t)).await {
-            Ok(counts) => {
+        match apply_claimed(&mut tx, step, std::slice::from_ref(&t), Locking::Wait).await {
+            Ok((counts, _)) => {
                 tx.commit().await?;
+                self.events_committed();
                 Ok(counts)
             }
             Err(e) => match fault(&e) {
@@ -387,6 +489,37 @@ impl Applier {
                     self.record_error(step, &t, &e).await
                 }
             },
+        }
+    }
+
+    /// The claimed rows that were skipped `max_skips` times already: this
+    /// time they wait for their accounts.
+    fn must_wait(&self, step: Step, claimed: &[Claimed]) -> HashSet<i64> {
+        let skips = self.skips.lock().expect("skips lock");
+        let max = self.config.max_skips;
+        claimed.iter().filter(|t| skips[step as usize].get(&t.id).is_some_and(|n| *n >= max)).map(|t| t.id).collect()
+    }
+
+    fn note_skips(&self, step: Step, claimed: &[Claimed], skipped: &[i64]) {
+        let mut skips = self.skips.lock().expect("skips lock");
+        let map = &mut skips[step as usize];
+        let skipped: HashSet<i64> = skipped.iter().copied().collect();
+        for t in claimed.iter().filter(|t| !skipped.contains(&t.id)) {
+            map.remove(&t.id);
+        }
+        if map.len() > MAX_TRACKED_SKIPS {
+            // Rows that other workers applied since: forget them all; the
+            // worst case is a few more skips before a row waits its turn.
+            map.clear();
+        }
+        for id in skipped {
+            *map.entry(id).or_default() += 1;
+        }
+    }
+
+    fn events_committed(&self) {
+        if let Some(n) = &self.events_written {
+            n.notify_waiters();
         }
     }
 
@@ -441,23 +574,87 @@ enum Outcome {
     Failed(&'static str),
 }
 
+/// How a batch takes its accounts' row locks.
+#[derive(Debug, Clone, Copy)]
+enum Locking<'a> {
+    /// Wait for every account, in ascending id order (the per-row path).
+    Wait,
+    /// Take the accounts nobody holds (`SKIP LOCKED`) and apply only the rows
+    /// whose accounts were all taken; the others stay PENDING for a later
+    /// pass. Rows in `must_wait` (skipped too often already) wait their turn
+    /// instead, so that a hot account cannot starve them.
+    SkipLocked { must_wait: &'a HashSet<i64> },
+}
+
 /// Steps 2 to 4 for rows claimed (locked) by the caller's transaction.
-async fn apply_claimed(conn: &mut PgConnection, step: Step, claimed: &[Claimed]) -> Result<ApplyCounts> {
-    let mut account_ids: Vec<i64> = claimed.iter().flat_map(|t| [t.debit_account, t.credit_account]).collect();
-    account_ids.sort_unstable();
-    account_ids.dedup();
-    // Ascending id order, in one statement: the deadlock-free lock order.
+/// Returns the counts and the ids of the rows skipped because another
+/// transaction held one of their accounts.
+async fn apply_claimed(
+    conn: &mut PgConnection,
+    step: Step,
+    claimed: &[Claimed],
+    locking: Locking<'_>,
+) -> Result<(ApplyCounts, Vec<i64>)> {
+    let accounts_of = |rows: &mut dyn Iterator<Item = &Claimed>| {
+        let mut ids: Vec<i64> = rows.flat_map(|t| [t.debit_account, t.credit_account]).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    };
     // FOR NO KEY UPDATE, not FOR UPDATE: a producer whose transaction
     // inserted a transfer holds a KEY SHARE lock on both accounts (the
     // foreign-key check) until it commits, and FOR UPDATE would wait for it;
     // a balance change never touches the key, so the weaker lock suffices.
-    let accounts = sqlx::query_as!(
-        LockedAccount,
-        "SELECT id, balance, daily_limit FROM accounts WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
-        &account_ids
-    )
-    .fetch_all(&mut *conn)
-    .await?;
+    //
+    // Deadlock freedom: every lock a transaction *waits* for is taken in
+    // ascending id order, in one statement, before it takes any lock with
+    // SKIP LOCKED (which never waits). So no transaction ever waits while
+    // holding a lock with a higher id than the one it waits for.
+    let (waited, skip_locked): (Vec<i64>, Vec<i64>) = match locking {
+        Locking::Wait => (accounts_of(&mut claimed.iter()), Vec::new()),
+        Locking::SkipLocked { must_wait } => {
+            let waited = accounts_of(&mut claimed.iter().filter(|t| must_wait.contains(&t.id)));
+            let rest =
+                accounts_of(&mut claimed.iter()).into_iter().filter(|a| waited.binary_search(a).is_err()).collect();
+            (waited, rest)
+        }
+    };
+    let mut accounts = Vec::with_capacity(waited.len() + skip_locked.len());
+    if !waited.is_empty() {
+        accounts.extend(
+            sqlx::query_as!(
+                LockedAccount,
+                "SELECT id, balance, daily_limit FROM accounts WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
+                &waited
+            )
+            .fetch_all(&mut *conn)
+            .await?,
+        );
+    }
+    if !skip_locked.is_empty() {
+        accounts.extend(
+            sqlx::query_as!(
+                LockedAccount,
+                "SELECT id, balance, daily_limit FROM accounts WHERE id = ANY($1) ORDER BY id
+                   FOR NO KEY UPDATE SKIP LOCKED",
+                &skip_locked
+            )
+            .fetch_all(&mut *conn)
+            .await?,
+        );
+    }
+    let held: HashSet<i64> = accounts.iter().map(|a| a.id).collect();
+    let (ready, skipped): (Vec<Claimed>, Vec<Claimed>) = match locking {
+        Locking::Wait => (claimed.to_vec(), Vec::new()),
+        Locking::SkipLocked { .. } => {
+            claimed.iter().cloned().partition(|t| held.contains(&t.debit_account) && held.contains(&t.credit_account))
+        }
+    };
+    let skipped: Vec<i64> = skipped.into_iter().map(|t| t.id).collect();
+    if ready.is_empty() {
+        return Ok((ApplyCounts { claimed: claimed.len(), skipped: skipped.len(), ..Default::default() }, skipped));
+    }
+    let claimed = ready.as_slice();
 
     // Daily limits bound what leaves an account by transfer; a refund moves
     // money back and is not limited.
@@ -484,6 +681,8 @@ async fn apply_claimed(conn: &mut PgConnection, step: Step, claimed: &[Claimed])
         }
     }
 
+    add_spent(conn, &plan.spent).await?;
+
     let applied = finish(conn, step, &plan.outcomes).await?;
     if applied != claimed.len() {
         // Cannot happen while we hold the row locks; if it does, roll back
@@ -491,7 +690,14 @@ async fn apply_claimed(conn: &mut PgConnection, step: Step, claimed: &[Claimed])
         return Err(Error::Inconsistent(format!("guarded update applied {applied} of {} claimed rows", claimed.len())));
     }
     let succeeded = plan.outcomes.iter().filter(|(_, o)| *o == Outcome::Succeeded).count();
-    Ok(ApplyCounts { claimed: claimed.len(), succeeded, failed: claimed.len() - succeeded, ..Default::default() })
+    let counts = ApplyCounts {
+        claimed: claimed.len() + skipped.len(),
+        succeeded,
+        failed: claimed.len() - succeeded,
+        skipped: skipped.len(),
+        ..Default::default()
+    };
+    Ok((counts, skipped))
 }
 
 /// Moves rows out of the step's waiting state and writes one outbox event
@@ -508,11 +714,15 @@ async fn finish(conn: &mut PgConnection, step: Step, outcomes: &[(i64, Outcome)]
             Outcome::Failed(r) => Some((*r).to_owned()),
         })
         .collect();
-    Ok(step.finish(conn, &ids, &states, &reasons).await? as usize)
+    // Time-ordered ids (UUIDv7): each new one lands at the right edge of the
+    // event_id index instead of on a random page of it.
+    let event_ids: Vec<String> = outcomes.iter().map(|_| uuid::Uuid::now_v7().to_string()).collect();
+    Ok(step.finish(conn, &ids, &states, &reasons, &event_ids).await? as usize)
 }
 
 /// For source accounts with a daily limit: what already SUCCEEDED from them on
-/// the UTC days the claimed transfers were accepted on.
+/// the UTC days the claimed transfers were accepted on, from the running
+/// totals (O(1) per account and day, whatever the day's traffic).
 async fn spent_today(
     conn: &mut PgConnection,
     claimed: &[Claimed],
@@ -525,33 +735,48 @@ async fn spent_today(
     }
     let from: Vec<i64> = relevant.iter().map(|t| t.debit_account).collect();
     let days: Vec<String> = relevant.iter().map(|t| t.day.clone()).collect();
-    // The window is the UTC day as timestamps without time zone, turned into
-    // instants by `AT TIME ZONE 'UTC'`: nothing depends on the session's
-    // TimeZone. The sum is capped in numeric before it becomes a bigint, so
-    // a day whose transfers add up past 2^63 reads as "over any limit"
-    // instead of failing the batch with an overflow.
     let rows = sqlx::query!(
-        r#"SELECT t.from_account, k.day AS "day!",
-                  LEAST(COALESCE(sum(t.amount), 0), 9223372036854775807)::bigint AS "spent!"
+        r#"SELECT s.account_id, k.day AS "day!", s.spent
              FROM (SELECT DISTINCT * FROM unnest($1::bigint[], $2::text[]) AS k(account, day)) k
-             JOIN transfers t
-               ON t.from_account = k.account
-              AND t.status = 'SUCCEEDED'
-              AND t.created_at >= (k.day::date)::timestamp AT TIME ZONE 'UTC'
-              AND t.created_at < (k.day::date + 1)::timestamp AT TIME ZONE 'UTC'
-            GROUP BY 1, 2"#,
+             JOIN daily_spent s ON s.account_id = k.account AND s.day = k.day::date"#,
         &from,
         &days
     )
     .fetch_all(&mut *conn)
     .await?;
-    Ok(rows.into_iter().map(|r| ((r.from_account, r.day), r.spent)).collect())
+    Ok(rows.into_iter().map(|r| ((r.account_id, r.day), r.spent)).collect())
+}
+
+/// Adds what succeeded to the running daily totals of limited accounts. The
+/// caller holds those accounts' row locks, which serializes every writer of
+/// an account's total; the sum saturates instead of overflowing.
+async fn add_spent(conn: &mut PgConnection, increments: &[((i64, String), i64)]) -> Result<()> {
+    if increments.is_empty() {
+        return Ok(());
+    }
+    let accounts: Vec<i64> = increments.iter().map(|((a, _), _)| *a).collect();
+    let days: Vec<String> = increments.iter().map(|((_, d), _)| d.clone()).collect();
+    let amounts: Vec<i64> = increments.iter().map(|(_, n)| *n).collect();
+    sqlx::query!(
+        "INSERT INTO daily_spent AS s (account_id, day, spent)
+         SELECT account, day::date, amount FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS i(account, day, amount)
+         ON CONFLICT (account_id, day) DO UPDATE
+            SET spent = LEAST(s.spent::numeric + EXCLUDED.spent, 9223372036854775807)::bigint",
+        &accounts,
+        &days,
+        &amounts
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 struct Plan {
     outcomes: Vec<(i64, Outcome)>,
     /// Net balance change per account, for accounts that change.
     deltas: Vec<(i64, i64)>,
+    /// What succeeded per limited account and UTC day, for the running totals.
+    spent: Vec<((i64, String), i64)>,
 }
 
 /// Step 3: decides each row in id order against running balances, and
@@ -566,6 +791,7 @@ fn decide(
     let mut balance: HashMap<i64, i64> = accounts.iter().map(|a| (a.id, a.balance)).collect();
     let limits: HashMap<i64, Option<i64>> = accounts.iter().map(|a| (a.id, a.daily_limit)).collect();
     let mut delta: HashMap<i64, i64> = HashMap::new();
+    let mut added: HashMap<(i64, String), i64> = HashMap::new();
     let mut outcomes = Vec::with_capacity(claimed.len());
     for t in claimed {
         let (debit, credit) = (t.debit_account, t.credit_account);
@@ -591,7 +817,9 @@ fn decide(
             // Running totals only where a limit applies, and saturating: an
             // unlimited account may move any sum in a day.
             if let (Some(spent), Some(_)) = (spent.as_mut(), limits[&debit]) {
-                let total = spent.entry(spent_key).or_default();
+                let total = spent.entry(spent_key.clone()).or_default();
+                *total = total.saturating_add(t.amount);
+                let total = added.entry(spent_key).or_default();
                 *total = total.saturating_add(t.amount);
             }
             Outcome::Succeeded
@@ -600,7 +828,9 @@ fn decide(
     }
     let mut deltas: Vec<(i64, i64)> = delta.into_iter().filter(|(_, d)| *d != 0).collect();
     deltas.sort_unstable();
-    Ok(Plan { outcomes, deltas })
+    let mut spent: Vec<((i64, String), i64)> = added.into_iter().collect();
+    spent.sort_unstable();
+    Ok(Plan { outcomes, deltas, spent })
 }
 
 #[cfg(test)]

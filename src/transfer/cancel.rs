@@ -12,6 +12,7 @@ use sqlx::{Acquire, Postgres};
 
 use crate::error::{Error, Result};
 use crate::transfer::TransferId;
+use crate::wake;
 
 /// What `cancel` prints.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -39,6 +40,8 @@ where
     .fetch_optional(&mut *conn)
     .await?;
     if cancelled.is_some() {
+        // Its event was written by this process: wake the workers' relays.
+        wake::notify(&mut conn, wake::Work::Outbox).await?;
         return Ok(Cancelled { transfer_id: id, status: "CANCELLED".into() });
     }
     let status =

@@ -184,19 +184,26 @@ async fn check_daily_limits(conn: &mut PgConnection, items: &[Item<'_>]) -> Resu
     .fetch_one(&mut *conn)
     .await?;
     // Read after the locks: a fresh snapshot sees every accepted transfer.
+    // Accepted today = what SUCCEEDED (the worker's running total, O(1)) plus
+    // what is still PENDING (a partial index holding only pending rows), so
+    // the check costs the same for an account with 100k transfers today as
+    // for one with none. Capped in numeric: SQL producers are not checked
+    // here, and their transfers may add up past 2^63, which is simply "over".
     let mut used: HashMap<i64, i64> = sqlx::query!(
-        // Capped in numeric: the day's accepted transfers (SQL producers are
-        // not checked here) may add up past 2^63, which is simply "over".
-        r#"SELECT from_account, LEAST(sum(amount), 9223372036854775807)::bigint AS "used!" FROM transfers
-            WHERE from_account = ANY($1) AND status IN ('PENDING', 'SUCCEEDED')
-              AND created_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
-            GROUP BY from_account"#,
+        r#"SELECT a.id AS "account!",
+                  LEAST(COALESCE((SELECT s.spent FROM daily_spent s
+                                   WHERE s.account_id = a.id AND s.day = (now() AT TIME ZONE 'UTC')::date), 0)::numeric
+                        + COALESCE((SELECT sum(t.amount) FROM transfers t
+                                     WHERE t.from_account = a.id AND t.status = 'PENDING'
+                                       AND t.created_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'), 0),
+                        9223372036854775807)::bigint AS "used!"
+             FROM unnest($1::bigint[]) AS a(id)"#,
         &limited
     )
     .fetch_all(&mut *conn)
     .await?
     .into_iter()
-    .map(|r| (r.from_account, r.used))
+    .map(|r| (r.account, r.used))
     .collect();
     // A key that already exists is a repeat, not a new acceptance.
     let keys: Vec<String> = items.iter().map(|i| i.key.clone()).collect();

@@ -28,25 +28,25 @@ async fn eight_concurrent_apply_tasks_apply_each_of_2000_transfers_exactly_once(
         .map(|_| {
             let applier = Applier::new(db.pool.clone(), ApplyConfig { batch_size: 25, ..ApplyConfig::default() });
             tokio::spawn(async move {
-                let mut claimed = 0;
+                let mut applied = 0;
                 loop {
                     let c = applier.run_once().await.unwrap();
                     if c.claimed == 0 {
-                        return claimed;
+                        return applied;
                     }
-                    claimed += c.claimed;
+                    applied += c.succeeded + c.failed;
                 }
             })
         })
         .collect();
-    let mut claimed = 0;
+    let mut applied = 0;
     let mut tasks_that_worked = 0;
     for t in tasks {
         let n = t.await.unwrap();
-        claimed += n;
+        applied += n;
         tasks_that_worked += (n > 0) as usize;
     }
-    assert_eq!(claimed, 2_000, "every transfer claimed exactly once across tasks");
+    assert_eq!(applied, 2_000, "every transfer applied exactly once across tasks");
     assert!(tasks_that_worked >= 2, "the work was actually shared");
     assert_eq!(db.scalar("SELECT count(*) FROM transfers WHERE status = 'PENDING'").await, 0);
     assert!(db.scalar("SELECT count(*) FROM transfers WHERE status = 'FAILED'").await > 0, "some lacked funds");
@@ -103,6 +103,7 @@ async fn a_transfer_that_errors_is_retried_with_backoff_then_failed_without_bloc
     let config = ApplyConfig {
         batch_size: 10,
         max_attempts: 3,
+        max_skips: 3,
         retry: RetryPolicy { initial: Duration::from_secs(1), max: Duration::from_secs(1), multiplier: 2.0 },
     };
     let applier = Applier::new(db.pool.clone(), config);
@@ -253,7 +254,9 @@ async fn held_account_lock_is_contention_not_the_transfers_fault(limits: Session
     sqlx::query("SELECT 1 FROM accounts WHERE id = 1 FOR UPDATE").execute(&mut *other_writer).await.unwrap();
 
     let fast = RetryPolicy { initial: Duration::from_millis(20), max: Duration::from_millis(100), multiplier: 2.0 };
-    let config = ApplyConfig { batch_size: 10, max_attempts: 2, retry: fast };
+    // max_skips 0: batches wait for held accounts (and time out) rather than
+    // leaving their rows for later; skipping has a test of its own.
+    let config = ApplyConfig { batch_size: 10, max_attempts: 2, retry: fast, max_skips: 0 };
     let applier = Applier::new(worker_pool(&db, limits).await, config);
     let c = applier.run_once().await.unwrap();
     assert_eq!((c.succeeded, c.put_off, c.errored, c.failed), (3, 3, 0, 0), "{c:?}");
@@ -330,16 +333,33 @@ async fn daily_totals_that_overflow_a_bigint_mean_over_the_limit_not_an_error() 
         .execute(&db.pool)
         .await
         .unwrap();
-    // Two SUCCEEDED transfers today whose sum is past 2^63 (written by SQL,
-    // as a data fix or a migration from another system might).
+    // Two PENDING transfers today (written by SQL, which is not checked at
+    // enqueue) whose sum is past 2^63.
     sqlx::query(
-        "INSERT INTO transfers (idempotency_key, from_account, to_account, amount, status)
-         VALUES ('s1', 1, 2, $1, 'SUCCEEDED'), ('s2', 1, 2, $1, 'SUCCEEDED'), ('p', 1, 2, 1, 'PENDING')",
+        "INSERT INTO transfers (idempotency_key, from_account, to_account, amount)
+         VALUES ('s1', 1, 2, $1), ('s2', 1, 2, $1)",
     )
     .bind(big)
     .execute(&db.pool)
     .await
     .unwrap();
+    // At enqueue: exit 3 naming the limit, not exit 1 "bigint out of range".
+    let out = db.cli(&["enqueue", "--from", "1", "--to", "2", "--amount", "1"]).await;
+    assert_eq!(out.code, 3, "{out:?}");
+    assert!(out.stderr.contains("daily limit of account 1 exceeded"), "{}", out.stderr);
+
+    // At apply: a running total at the top of the range saturates instead of
+    // failing the batch with an overflow.
+    sqlx::query("DELETE FROM transfers").execute(&db.pool).await.unwrap();
+    sqlx::query("INSERT INTO daily_spent VALUES (1, (now() AT TIME ZONE 'UTC')::date, $1)")
+        .bind(i64::MAX - 5)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO transfers (idempotency_key, from_account, to_account, amount) VALUES ('p', 1, 2, 10)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
     let c = Applier::new(db.pool.clone(), ApplyConfig::default()).run_once().await.unwrap();
     assert_eq!((c.failed, c.errored), (1, 0), "{c:?}");
     let reason: String = sqlx::query_scalar("SELECT failure_reason FROM transfers WHERE idempotency_key = 'p'")
@@ -347,10 +367,38 @@ async fn daily_totals_that_overflow_a_bigint_mean_over_the_limit_not_an_error() 
         .await
         .unwrap();
     assert_eq!(reason, "daily_limit_exceeded");
-    // At enqueue: exit 3 naming the limit, not exit 1 "bigint out of range".
-    let out = db.cli(&["enqueue", "--from", "1", "--to", "2", "--amount", "1"]).await;
-    assert_eq!(out.code, 3, "{out:?}");
-    assert!(out.stderr.contains("daily limit of account 1 exceeded"), "{}", out.stderr);
+}
+
+#[tokio::test]
+async fn what_the_worker_applied_counts_toward_the_days_limit_at_the_next_enqueue() {
+    let db = TestDb::new().await;
+    sqlx::query("INSERT INTO accounts (id, balance, daily_limit) VALUES (1, 1000, 100), (2, 0, NULL)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let enq = |amount: &'static str| {
+        let db = &db;
+        async move { db.cli(&["enqueue", "--from", "1", "--to", "2", "--amount", amount]).await }
+    };
+    let applier = Applier::new(db.pool.clone(), ApplyConfig::default());
+    assert_eq!(enq("30").await.code, 0);
+    assert_eq!(applier.run_once().await.unwrap().succeeded, 1);
+    assert_eq!(enq("30").await.code, 0);
+    assert_eq!(applier.run_once().await.unwrap().succeeded, 1);
+    let spent: i64 =
+        sqlx::query_scalar("SELECT spent FROM daily_spent WHERE account_id = 1").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(spent, 60, "the running total of what succeeded today");
+    assert_eq!(enq("30").await.code, 0, "60 applied + 30 = 90 <= 100");
+    let over = enq("20").await;
+    assert_eq!(over.code, 3, "60 applied + 30 pending + 20 > 100: {over:?}");
+    assert!(over.stderr.contains("90 already accepted today"), "{}", over.stderr);
+    // An unlimited account keeps no running total.
+    sqlx::query("INSERT INTO transfers (idempotency_key, from_account, to_account, amount) VALUES ('u', 2, 1, 5)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    applier.run_once().await.unwrap();
+    assert_eq!(db.scalar("SELECT count(*) FROM daily_spent WHERE account_id = 2").await, 0);
 }
 
 #[tokio::test]
@@ -396,15 +444,90 @@ async fn the_daily_window_at_apply_is_the_utc_day_whatever_the_session_time_zone
         .await
         .unwrap();
     // 60 SUCCEEDED on one UTC day, 60 PENDING accepted on the next: each day
-    // stays under the limit of 100.
+    // stays under the limit of 100. (In Kiritimati, both are on December 1st.)
+    sqlx::query("INSERT INTO daily_spent VALUES (1, '2026-11-30', 60)").execute(&pool).await.unwrap();
     sqlx::query(
         "INSERT INTO transfers (idempotency_key, from_account, to_account, amount, status, created_at)
-         VALUES ('yesterday', 1, 2, 60, 'SUCCEEDED', '2026-11-30 10:00:00+00'),
-                ('today', 1, 2, 60, 'PENDING', '2026-12-01 10:00:00+00')",
+         VALUES ('today', 1, 2, 60, 'PENDING', '2026-12-01 10:00:00+00')",
     )
     .execute(&pool)
     .await
     .unwrap();
     let c = Applier::new(pool.clone(), ApplyConfig::default()).run_once().await.unwrap();
     assert_eq!(c.succeeded, 1, "{c:?}");
+    let days: Vec<String> =
+        sqlx::query_scalar("SELECT day::text FROM daily_spent ORDER BY day").fetch_all(&pool).await.unwrap();
+    assert_eq!(days, ["2026-11-30", "2026-12-01"], "counted on its UTC day");
+}
+
+#[tokio::test]
+async fn a_batch_takes_the_accounts_it_can_and_a_row_skipped_too_often_waits_its_turn() {
+    let db = TestDb::new().await;
+    for id in 1..=4 {
+        db.open_account(id, 1_000).await;
+    }
+    sqlx::query(
+        "INSERT INTO transfers (idempotency_key, from_account, to_account, amount)
+         VALUES ('held', 1, 2, 1), ('free-1', 3, 4, 1), ('free-2', 4, 3, 1)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    // Another batch (or writer) holds account 1.
+    let mut other = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM accounts WHERE id = 1 FOR NO KEY UPDATE").execute(&mut *other).await.unwrap();
+
+    let limits = SessionLimits { lock_timeout: Some(Duration::from_millis(300)), ..SessionLimits::default() };
+    let fast = RetryPolicy { initial: Duration::from_millis(10), max: Duration::from_millis(20), multiplier: 2.0 };
+    let applier = Applier::new(
+        worker_pool(&db, limits).await,
+        ApplyConfig { batch_size: 10, max_attempts: 2, retry: fast, max_skips: 2 },
+    );
+    let started = std::time::Instant::now();
+    let c = applier.run_once().await.unwrap();
+    assert_eq!((c.succeeded, c.skipped, c.put_off), (2, 1, 0), "{c:?}");
+    assert!(started.elapsed() < Duration::from_millis(250), "the batch did not wait for account 1");
+    let c = applier.run_once().await.unwrap();
+    assert_eq!((c.skipped, c.put_off), (1, 0), "skipped a second time: {c:?}");
+    // Skipped max_skips times: now it waits in lock order (and here, with
+    // the lock held for good, times out and is put off, uncounted).
+    let c = applier.run_once().await.unwrap();
+    assert_eq!((c.skipped, c.put_off, c.errored), (0, 1, 0), "{c:?}");
+    other.rollback().await.unwrap();
+    wait_for("the held transfer to be applied", Duration::from_secs(10), || async {
+        applier.run_once().await.unwrap();
+        db.scalar("SELECT count(*) FROM transfers WHERE status = 'SUCCEEDED'").await == 3
+    })
+    .await;
+    assert_eq!(db.scalar("SELECT max(attempts)::bigint FROM transfers").await, 0);
+}
+
+#[tokio::test]
+async fn a_hot_account_touched_by_every_transfer_ends_with_exact_balances() {
+    let db = TestDb::new().await;
+    db.open_account(1, 1_000_000).await;
+    for id in 2..=20 {
+        db.open_account(id, 1_000).await;
+    }
+    sqlx::query(
+        "INSERT INTO transfers (idempotency_key, from_account, to_account, amount)
+         SELECT 'h-' || g, CASE WHEN g % 2 = 0 THEN 1 ELSE 2 + g % 19 END,
+                CASE WHEN g % 2 = 0 THEN 2 + g % 19 ELSE 1 END, 1 + g % 7
+           FROM generate_series(1, 3000) g",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let opening: HashMap<i64, i64> = (1..=20).map(|id| (id, if id == 1 { 1_000_000 } else { 1_000 })).collect();
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let applier = Applier::new(db.pool.clone(), ApplyConfig { batch_size: 50, ..ApplyConfig::default() });
+            tokio::spawn(async move { while applier.run_once().await.unwrap().claimed > 0 {} })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(db.scalar("SELECT count(*) FROM transfers WHERE status = 'PENDING'").await, 0);
+    db.assert_invariants(1_000_000 + 19_000, &opening).await;
 }

@@ -52,7 +52,9 @@ async fn worker_holding(
 ) -> (tokio::task::JoinHandle<()>, sqlx::Transaction<'static, sqlx::Postgres>) {
     let mut blocker = db.pool.begin().await.unwrap();
     sqlx::query("SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE").bind(account).execute(&mut *blocker).await.unwrap();
-    let applier = Applier::new(db.pool.clone(), ApplyConfig::default());
+    // max_skips 0: the batch waits for the held account instead of leaving
+    // the transfer for later, so it holds the transfer's row lock meanwhile.
+    let applier = Applier::new(db.pool.clone(), ApplyConfig { max_skips: 0, ..ApplyConfig::default() });
     // The transfer step only, so a refund requested meanwhile stays REQUESTED.
     let worker = tokio::spawn(async move {
         applier.run_step(Step::Transfer).await.unwrap();
