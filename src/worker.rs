@@ -32,7 +32,7 @@ use crate::outbox::relay::{Relay, RelayConfig};
 use crate::outbox::sqs::Publisher;
 use crate::retry::RetryPolicy;
 use crate::service::{self, Pass};
-use crate::transfer::apply::{Applier, ApplyConfig};
+use crate::transfer::apply::{Applier, ApplyConfig, CommitObserver};
 use crate::wake::Wakers;
 
 /// Everything `run` can be tuned with (see `transfer-worker run --help`).
@@ -50,6 +50,8 @@ pub struct WorkerConfig {
     pub db_retry: RetryPolicy,
     /// How long shutdown waits for in-flight work before abandoning it.
     pub shutdown_timeout: Duration,
+    /// Told of every apply commit (the benchmark measures latency with it).
+    pub observer: Option<CommitObserver>,
 }
 
 impl Default for WorkerConfig {
@@ -62,6 +64,7 @@ impl Default for WorkerConfig {
             poll_interval: Duration::from_millis(500),
             db_retry: RetryPolicy::default(),
             shutdown_timeout: Duration::from_secs(30),
+            observer: None,
         }
     }
 }
@@ -104,8 +107,11 @@ pub async fn run_with_health(
 
     let mut appliers = JoinSet::new();
     for task in 0..config.workers.max(1) {
-        let applier =
-            Arc::new(Applier::new(pool.clone(), config.apply.clone()).waking_on_events(wakers.outbox.clone()));
+        let applier = Arc::new(
+            Applier::new(pool.clone(), config.apply.clone())
+                .waking_on_events(wakers.outbox.clone())
+                .observing(config.observer.clone()),
+        );
         let (shutdown, wake, batch_size) = (shutdown.clone(), wakers.work.clone(), config.apply.batch_size);
         appliers.spawn(service::run_loop(shutdown, wake, config.poll_interval, config.db_retry, move || {
             let applier = applier.clone();

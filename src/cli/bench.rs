@@ -1,16 +1,21 @@
-//! `bench [--transfers N] [--accounts A] [--workers K] [--mode apply|relay|both] [--json]`.
+//! `bench [--transfers N] [--accounts A] [--workers K] [--mode apply|relay|both|enqueue] [--json]`
+//! and `bench --rate R --seconds S [--fifo] [--preload N] [--hot] [--json]`.
 
 use clap::Args;
 
-use crate::bench::{BenchConfig, Mode};
+use crate::bench::{BenchConfig, BenchReport, Dist, Mode};
 use crate::cli::print_json;
 use crate::error::Result;
 
 /// Measures the real apply and relay paths on a scratch database (and a
-/// scratch SQS queue for relay/both), then checks the invariants.
+/// scratch SQS queue), each next to its bar measured in the same run (the
+/// PostgreSQL ceiling for the apply shape, SQS's own batch rate, SQS's own
+/// send -> receive latency), then checks the invariants. Figures only count
+/// with PostgreSQL at its durability defaults (fsync on); the report says
+/// what the server runs with.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Transfers to enqueue and apply.
+    /// Transfers to enqueue and apply (apply, relay, both).
     #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     transfers: u32,
     /// Accounts the transfers move money between.
@@ -22,9 +27,28 @@ pub struct BenchArgs {
     /// Transfers claimed per transaction.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     batch_size: u32,
-    /// What to measure.
+    /// What to measure (ignored with --rate).
     #[arg(long, value_enum, default_value_t = Mode::Both)]
     mode: Mode,
+    /// Steady-rate mode: a producer inserting this many transfers per second
+    /// while the `run` loop works and a consumer receives the events.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// How long the steady producer runs.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Use a FIFO queue (groups = transfers).
+    #[arg(long)]
+    fifo: bool,
+    /// Finished transfers and published events in the tables before the timed part.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=50_000_000))]
+    preload: u32,
+    /// Every transfer touches account 1.
+    #[arg(long)]
+    hot: bool,
+    /// How long the apply mode measures the PostgreSQL ceiling first (0: skip).
+    #[arg(long, default_value_t = 10.0)]
+    ceiling_seconds: f64,
     /// Print one JSON object (applied_per_s, published_per_s, latency_ms {p50, p95, p99}, invariants_ok, ...).
     #[arg(long)]
     json: bool,
@@ -38,28 +62,74 @@ pub async fn run(database_url: &Option<String>, args: BenchArgs) -> Result<()> {
         workers: args.workers as usize,
         batch_size: args.batch_size.into(),
         mode: args.mode,
+        rate: args.rate,
+        seconds: args.seconds,
+        fifo: args.fifo,
+        preload: args.preload as usize,
+        hot: args.hot,
+        ceiling_seconds: args.ceiling_seconds.max(0.0),
     };
     let report = crate::bench::run(url, &config).await?;
     if args.json {
         print_json(&report);
     } else {
-        let rate = |r: f64| if r > 0.0 { format!("{r:.0}/s") } else { "-".into() };
-        println!(
-            "mode {:?}: {} transfers, {} accounts, {} workers, batch {}",
-            report.mode, report.transfers, report.accounts, report.workers, report.batch_size
-        );
-        println!("applied   {}", rate(report.applied_per_s));
-        println!("published {}", rate(report.published_per_s));
-        let l = &report.latency_ms;
-        println!("latency   p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms", l.p50, l.p95, l.p99);
-        println!(
-            "elapsed   {:.0} ms; invariants {}",
-            report.elapsed_ms,
-            if report.invariants_ok { "ok" } else { "VIOLATED" }
-        );
+        print_text(&report);
     }
     if !report.invariants_ok {
         return Err(crate::Error::Failed("bench: invariants violated".into()));
     }
     Ok(())
+}
+
+fn print_text(r: &BenchReport) {
+    let rate = |r: f64| if r > 0.0 { format!("{r:.0}/s") } else { "-".into() };
+    let dist = |d: &Dist| format!("p50 {:.1}, p95 {:.1}, p99 {:.1}, max {:.1} ms", d.p50, d.p95, d.p99, d.max);
+    let mode =
+        if r.offered_per_s.is_some() { "steady rate (the run loop)".to_string() } else { format!("{:?}", r.mode) };
+    println!(
+        "mode {}: {} transfers, {} accounts, {} workers, batch {}{}{}{} (fsync {}, synchronous_commit {})",
+        mode,
+        r.transfers,
+        r.accounts,
+        r.workers,
+        r.batch_size,
+        if r.preload > 0 { format!(", {} preloaded", r.preload) } else { String::new() },
+        if r.hot { ", hot account" } else { "" },
+        if r.fifo { ", FIFO" } else { "" },
+        r.fsync,
+        r.synchronous_commit
+    );
+    if let Some(o) = r.offered_per_s {
+        println!("offered   {}", rate(o));
+    }
+    println!("applied   {}", rate(r.applied_per_s));
+    if let (Some(c), Some(x)) = (r.ceiling_per_s, r.ceiling_ratio) {
+        println!("ceiling   {} (PostgreSQL, same shape, same run): applied = {x:.2} x ceiling", rate(c));
+    }
+    println!("published {}", rate(r.published_per_s));
+    if let (Some(b), Some(x)) = (r.sqs_batch_per_s, r.relay_ratio) {
+        println!("SQS alone {} (SendMessageBatch of 10, same client): relay = {x:.2} x SQS", rate(b));
+    }
+    let l = &r.latency_ms;
+    println!("latency   p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms", l.p50, l.p95, l.p99);
+    if let Some(d) = &r.received_latency_ms {
+        println!("received  {}  (enqueue -> consumer)", dist(d));
+    }
+    if let Some(d) = &r.floor_latency_ms {
+        println!("floor     {}  (SQS alone: send -> consumer)", dist(d));
+    }
+    if let Some(b) = r.backlog_max {
+        println!("backlog   at most {b} events waiting");
+    }
+    if let Some(w) = r.lock_wait_ms_per_1000 {
+        println!("locks     {w:.1} ms waited per 1,000 transfers");
+    }
+    if let Some(e) = &r.enqueue_ms {
+        println!("enqueue   fresh account: {}", dist(&e.fresh_account));
+        println!("enqueue   account with {} transfers today: {}", e.busy_transfers_today, dist(&e.busy_account));
+    }
+    if let Some(p) = r.preload_s {
+        println!("preload   {} rows in {p:.1} s", r.preload);
+    }
+    println!("elapsed   {:.0} ms; invariants {}", r.elapsed_ms, if r.invariants_ok { "ok" } else { "VIOLATED" });
 }

@@ -118,6 +118,7 @@ impl RunArgs {
             poll_interval,
             db_retry: retry,
             shutdown_timeout: Duration::from_millis(self.shutdown_timeout_ms),
+            observer: None,
         })
     }
 

@@ -63,6 +63,18 @@ impl Default for ApplyConfig {
     }
 }
 
+/// Rows of one step that a committed transaction moved out of their waiting
+/// state, and when it committed: for observers (the benchmark's latency).
+#[derive(Debug, Clone)]
+pub struct Committed {
+    pub step: Step,
+    pub ids: Vec<i64>,
+    pub at: std::time::SystemTime,
+}
+
+/// Where an [`Applier`] reports what it committed.
+pub type CommitObserver = tokio::sync::mpsc::UnboundedSender<Committed>;
+
 /// What one pass did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ApplyCounts {
@@ -336,6 +348,7 @@ pub struct Applier {
     skips: std::sync::Mutex<[HashMap<i64, u32>; 2]>,
     /// Passes run, to look for refunds every so often during a backlog.
     passes: std::sync::atomic::AtomicU64,
+    observer: Option<CommitObserver>,
 }
 
 /// During a backlog of transfers, one pass in this many also looks for refunds.
@@ -372,6 +385,7 @@ impl Applier {
             events_written: None,
             skips: std::sync::Mutex::new([HashMap::new(), HashMap::new()]),
             passes: std::sync::atomic::AtomicU64::new(0),
+            observer: None,
         }
     }
 
@@ -438,7 +452,7 @@ impl Applier {
         match apply_claimed(&mut tx, step, &claimed, locking).await {
             Ok((counts, skipped)) => {
                 tx.commit().await?;
-                self.events_committed();
+                self.committed(step, || claimed.iter().map(|t| t.id).filter(|id| !skipped.contains(id)).collect());
                 self.note_skips(step, &claimed, &skipped);
                 Ok(counts)
             }
@@ -475,7 +489,7 @@ impl Applier {
         match apply_claimed(&mut tx, step, std::slice::from_ref(&t), Locking::Wait).await {
             Ok((counts, _)) => {
                 tx.commit().await?;
-                self.events_committed();
+                self.committed(step, || vec![t.id]);
                 Ok(counts)
             }
             Err(e) => match fault(&e) {
@@ -517,9 +531,19 @@ impl Applier {
         }
     }
 
-    fn events_committed(&self) {
+    /// Reports every commit that finished rows to `observer`.
+    pub fn observing(mut self, observer: Option<CommitObserver>) -> Self {
+        self.observer = observer;
+        self
+    }
+
+    /// After a commit that moved `ids` out of `step`'s waiting state.
+    fn committed(&self, step: Step, ids: impl FnOnce() -> Vec<i64>) {
         if let Some(n) = &self.events_written {
             n.notify_waiters();
+        }
+        if let Some(o) = &self.observer {
+            let _ = o.send(Committed { step, ids: ids(), at: std::time::SystemTime::now() });
         }
     }
 
@@ -545,6 +569,9 @@ impl Applier {
         if attempt >= self.config.max_attempts {
             tracing::error!(transfer_id = t.id, ?step, attempt, error = %err, "failed for good after repeated errors");
             counts.failed = finish(&mut tx, step, &[(t.id, Outcome::Failed(reason::PROCESSING_ERROR))]).await?;
+            tx.commit().await?;
+            self.committed(step, || vec![t.id]);
+            return Ok(counts);
         } else {
             let delay = self.config.retry.delay_for_attempt(attempt as u32);
             tracing::warn!(transfer_id = t.id, ?step, attempt, retry_in = ?delay, error = %err, "errored; will retry");

@@ -52,6 +52,9 @@ async fn bench_reports_rates_latency_and_invariants_for_each_mode() {
     }
     let bad = db.cli(&["bench", "--mode", "sideways"]).await;
     assert_eq!(bad.code, 2);
+    let bad = db.cli(&["bench", "--rate", "0"]).await;
+    assert_eq!(bad.code, 2, "{bad:?}");
+    assert!(bad.stderr.contains("--rate"), "{}", bad.stderr);
     assert_eq!(db.scalar("SELECT count(*) FROM transfers").await, 0, "bench never touches the real database's rows");
 }
 
@@ -80,4 +83,56 @@ async fn demo_runs_on_a_scratch_database_and_never_touches_the_one_it_was_pointe
         0,
         "the scratch database is dropped"
     );
+}
+
+#[tokio::test]
+async fn bench_reports_each_figure_next_to_its_bar_from_the_same_run() {
+    let db = TestDb::new().await;
+    let dist_ok = |d: &serde_json::Value| {
+        let f = |k: &str| d[k].as_f64().unwrap_or(-1.0);
+        0.0 <= f("p50") && f("p50") <= f("p95") && f("p95") <= f("p99") && f("p99") <= f("max")
+    };
+    let apply = db
+        .cli(&[
+            "bench",
+            "--mode",
+            "apply",
+            "--transfers",
+            "500",
+            "--accounts",
+            "50",
+            "--ceiling-seconds",
+            "1",
+            "--json",
+        ])
+        .await;
+    assert_eq!(apply.code, 0, "{apply:?}");
+    let v = apply.json();
+    assert!(v["ceiling_per_s"].as_f64().unwrap() > 0.0, "{v}");
+    let ratio = v["applied_per_s"].as_f64().unwrap() / v["ceiling_per_s"].as_f64().unwrap();
+    assert!((v["ceiling_ratio"].as_f64().unwrap() - ratio).abs() < 1e-9, "{v}");
+    assert!(v["lock_wait_ms_per_1000"].as_f64().unwrap() >= 0.0, "{v}");
+    assert!(v["fsync"].is_string(), "the report says what durability the figures had: {v}");
+
+    let relay =
+        db.cli(&["bench", "--mode", "relay", "--transfers", "300", "--accounts", "30", "--fifo", "--json"]).await;
+    assert_eq!(relay.code, 0, "{relay:?}");
+    let v = relay.json();
+    assert!(v["sqs_batch_per_s"].as_f64().unwrap() > 0.0 && v["relay_ratio"].as_f64().unwrap() > 0.0, "{v}");
+
+    let steady =
+        db.cli(&["bench", "--rate", "100", "--seconds", "2", "--fifo", "--hot", "--preload", "5000", "--json"]).await;
+    assert_eq!(steady.code, 0, "{steady:?}");
+    let v = steady.json();
+    assert_eq!(v["invariants_ok"], true, "{v}");
+    assert!(v["offered_per_s"].as_f64().unwrap() > 50.0, "{v}");
+    assert!(dist_ok(&v["received_latency_ms"]) && dist_ok(&v["floor_latency_ms"]), "{v}");
+    assert_eq!(v["transfers"], 200);
+    assert_eq!(v["preload"], 5000);
+
+    let enqueue = db.cli(&["bench", "--mode", "enqueue", "--json"]).await;
+    assert_eq!(enqueue.code, 0, "{enqueue:?}");
+    let v = enqueue.json();
+    assert!(dist_ok(&v["enqueue_ms"]["fresh_account"]) && dist_ok(&v["enqueue_ms"]["busy_account"]), "{v}");
+    assert_eq!(db.scalar("SELECT count(*) FROM transfers").await, 0, "bench never touches the real database's rows");
 }

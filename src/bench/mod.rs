@@ -1,0 +1,600 @@
+//! `bench`: throughput and latency of the real code paths on a scratch
+//! database (and, for the relay, a scratch queue), with the invariants checked
+//! afterwards.
+//!
+//! - `apply`: N transfers are enqueued up front, then K apply tasks drain
+//!   them; `applied_per_s` = N / drain time; latency = enqueue to applied.
+//! - `relay`: the N transfers are applied first (untimed), then K relay tasks
+//!   publish their N events; `published_per_s` = N / publish time; latency =
+//!   event written to published.
+//! - `both`: the `run` process's loop (K apply tasks, K relay tasks) from a
+//!   full queue; both rates, latency = enqueue to published.
+//! - `enqueue`: the daily-limit check's cost: enqueue latency from an account
+//!   that made 100,000 transfers today and from one that made none.
+//! - `--rate R --seconds S` ([`steady`]): a steady producer and consumer,
+//!   enqueue -> applied and enqueue -> received, next to SQS's own floor.
+//!
+//! Every figure that only means something against a bar comes with the bar,
+//! measured in the same run: apply with the PostgreSQL [`ceiling`] for its
+//! shape, relay with SQS's own `SendMessageBatch` rate, steady latency with
+//! SQS's own send -> receive latency. Apply also reports how long its
+//! transactions waited on locks ([`locks`]). `--preload N` puts N finished
+//! transfers and published events in the tables first; `--hot` makes every
+//! transfer touch account 1.
+
+//!
+//! Its few queries are runtime-checked on purpose: they are measurement
+//! plumbing over a scratch database (the latency query is chosen per mode),
+//! not part of what the worker runs.
+
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, Result};
+use crate::outbox::relay::{Relay, RelayConfig};
+use crate::scratch::ScratchDb;
+use crate::transfer::apply::{Applier, ApplyConfig};
+use crate::worker::{self, WorkerConfig};
+
+pub mod ceiling;
+pub mod locks;
+pub mod sqs;
+pub mod steady;
+
+use sqs::ScratchQueue;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Apply,
+    Relay,
+    Both,
+    Enqueue,
+}
+
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    pub transfers: usize,
+    pub accounts: usize,
+    pub workers: usize,
+    pub batch_size: i64,
+    pub mode: Mode,
+    /// Steady-rate mode: transfers per second and for how long.
+    pub rate: Option<f64>,
+    pub seconds: f64,
+    /// A FIFO queue (relay, both, steady).
+    pub fifo: bool,
+    /// Finished transfers and published events loaded before the timed part.
+    pub preload: usize,
+    /// Every transfer touches account 1.
+    pub hot: bool,
+    /// Seconds to measure the PostgreSQL ceiling for (apply; 0 = skip).
+    pub ceiling_seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Latency {
+    pub p50: f64,
+    pub p95: f64,
+    pub p99: f64,
+}
+
+/// A latency distribution in ms.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Dist {
+    pub p50: f64,
+    pub p95: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl Dist {
+    pub fn of(mut samples: Vec<f64>) -> Dist {
+        samples.sort_by(f64::total_cmp);
+        Dist {
+            p50: percentile(&samples, 0.50),
+            p95: percentile(&samples, 0.95),
+            p99: percentile(&samples, 0.99),
+            max: percentile(&samples, 1.0),
+        }
+    }
+
+    fn latency(&self) -> Latency {
+        Latency { p50: self.p50, p95: self.p95, p99: self.p99 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub mode: Mode,
+    pub transfers: usize,
+    pub accounts: usize,
+    pub workers: usize,
+    pub batch_size: i64,
+    /// Transfers applied per second (0 when the mode does not measure it).
+    pub applied_per_s: f64,
+    /// Events published per second (0 when the mode does not measure it).
+    pub published_per_s: f64,
+    /// Per-transfer latency in milliseconds (see the module docs per mode).
+    pub latency_ms: Latency,
+    pub elapsed_ms: f64,
+    /// Money conserved, no negative balance, one event per finished
+    /// transfer, and (relay, both, steady) every event published.
+    pub invariants_ok: bool,
+    /// PostgreSQL at its durability settings, as the figures depend on them.
+    pub fsync: String,
+    pub synchronous_commit: String,
+    pub preload: usize,
+    pub hot: bool,
+    pub fifo: bool,
+    /// apply: the PostgreSQL ceiling for the apply shape, same run and
+    /// cluster, same number of connections; and applied_per_s / it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ceiling_per_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ceiling_ratio: Option<f64>,
+    /// apply, both: time the transactions spent waiting on locks, per 1,000 transfers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lock_wait_ms_per_1000: Option<f64>,
+    /// relay: SQS's own SendMessageBatch(10) rate with the same client and
+    /// as many callers, right before the relay ran; and published_per_s / it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sqs_batch_per_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relay_ratio: Option<f64>,
+    /// steady: the producer's achieved rate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offered_per_s: Option<f64>,
+    /// steady: enqueue -> received by the consumer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub received_latency_ms: Option<Dist>,
+    /// steady: SQS's own send -> receive, same consumer, same rate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub floor_latency_ms: Option<Dist>,
+    /// steady: enqueue -> applied (commit), with its max.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub applied_latency_ms: Option<Dist>,
+    /// steady: the most events waiting in the outbox at any moment.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backlog_max: Option<i64>,
+    /// enqueue: latency of an enqueue from a limited account that made no
+    /// transfer today, and from one that made 100,000.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enqueue_ms: Option<EnqueueLatency>,
+    /// How long loading `preload` took.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preload_s: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct EnqueueLatency {
+    pub fresh_account: Dist,
+    pub busy_account: Dist,
+    /// Transfers the busy account made today.
+    pub busy_transfers_today: usize,
+}
+
+const OPENING_BALANCE: i64 = 1_000_000;
+/// The hot account's balance: enough that it never runs dry.
+const HOT_BALANCE: i64 = 1_000_000_000_000;
+
+pub async fn run(database_url: &str, config: &BenchConfig) -> Result<BenchReport> {
+    if config.accounts < 2 {
+        return Err(Error::invalid("bench needs at least 2 accounts"));
+    }
+    if config.rate.is_some_and(|r| !(r > 0.0 && r <= 50_000.0)) || !(config.seconds > 0.0) {
+        return Err(Error::invalid("--rate must be in (0, 50000] and --seconds > 0"));
+    }
+    let scratch = ScratchDb::create(database_url, "transfer_worker_bench", config.workers as u32 * 2 + 30).await?;
+    let result = measure(&scratch.pool, config).await;
+    scratch.drop().await?;
+    result
+}
+
+async fn measure(pool: &PgPool, config: &BenchConfig) -> Result<BenchReport> {
+    crate::db::migrate(pool).await?;
+    let (fsync, synchronous_commit): (String, String) =
+        sqlx::query_as("SELECT current_setting('fsync'), current_setting('synchronous_commit')")
+            .fetch_one(pool)
+            .await?;
+    let mut report = BenchReport {
+        mode: config.mode,
+        transfers: config.transfers,
+        accounts: config.accounts,
+        workers: config.workers,
+        batch_size: config.batch_size,
+        applied_per_s: 0.0,
+        published_per_s: 0.0,
+        latency_ms: Latency { p50: 0.0, p95: 0.0, p99: 0.0 },
+        elapsed_ms: 0.0,
+        invariants_ok: false,
+        fsync,
+        synchronous_commit,
+        preload: config.preload,
+        hot: config.hot,
+        fifo: config.fifo,
+        ceiling_per_s: None,
+        ceiling_ratio: None,
+        lock_wait_ms_per_1000: None,
+        sqs_batch_per_s: None,
+        relay_ratio: None,
+        offered_per_s: None,
+        received_latency_ms: None,
+        floor_latency_ms: None,
+        applied_latency_ms: None,
+        backlog_max: None,
+        enqueue_ms: None,
+        preload_s: None,
+    };
+    open_accounts(pool, config).await?;
+    if config.preload > 0 {
+        let started = Instant::now();
+        preload(pool, config.preload, config.accounts as i64).await?;
+        report.preload_s = Some(started.elapsed().as_secs_f64());
+    }
+    if config.mode == Mode::Apply && config.ceiling_seconds > 0.0 && config.rate.is_none() {
+        report.ceiling_per_s = Some(ceiling::measure(pool, config.workers, config.ceiling_seconds).await?);
+    }
+
+    let started = Instant::now();
+    if let Some(rate) = config.rate {
+        let steady = steady::measure(
+            pool,
+            &steady::SteadyConfig {
+                rate,
+                seconds: config.seconds,
+                fifo: config.fifo,
+                accounts: config.accounts,
+                hot: config.hot,
+            },
+        )
+        .await?;
+        report.transfers = steady.transfers;
+        report.applied_per_s = steady.applied_per_s;
+        report.published_per_s = steady.published_per_s;
+        report.latency_ms = steady.applied_latency_ms.latency();
+        report.offered_per_s = Some(steady.offered_per_s);
+        report.received_latency_ms = Some(steady.received_latency_ms);
+        report.floor_latency_ms = Some(steady.floor_latency_ms);
+        report.applied_latency_ms = Some(steady.applied_latency_ms);
+        report.backlog_max = Some(steady.backlog_max);
+        report.elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+        report.invariants_ok = invariants_hold(pool, config, true).await?;
+        return Ok(report);
+    }
+
+    let apply = ApplyConfig { batch_size: config.batch_size, ..ApplyConfig::default() };
+    let latency_sql = match config.mode {
+        Mode::Enqueue => {
+            report.enqueue_ms = Some(enqueue_latency(pool).await?);
+            report.elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+            report.invariants_ok = invariants_hold(pool, config, false).await?;
+            return Ok(report);
+        }
+        Mode::Apply => {
+            seed(pool, config).await?;
+            let locks = locks::LockWaits::start(pool.clone());
+            let started = Instant::now();
+            drain_apply(pool, &apply, config.workers).await?;
+            let s = started.elapsed().as_secs_f64();
+            let waited = locks.stop().await;
+            report.applied_per_s = config.transfers as f64 / s;
+            report.lock_wait_ms_per_1000 = Some(waited / config.transfers as f64 * 1_000.0);
+            report.ceiling_ratio = report.ceiling_per_s.map(|c| report.applied_per_s / c);
+            "SELECT (extract(epoch FROM applied_at - created_at) * 1000)::float8 FROM transfers
+              WHERE idempotency_key NOT LIKE 'preload-%'"
+        }
+        Mode::Relay => {
+            seed(pool, config).await?;
+            drain_apply(pool, &apply, config.workers).await?;
+            let queue = ScratchQueue::create(config.fifo, 8).await?;
+            let body_len: i64 = sqlx::query_scalar(
+                "SELECT COALESCE(avg(length(data::text)), 100)::bigint + 200 FROM outbox WHERE state = 'pending'",
+            )
+            .fetch_one(pool)
+            .await?;
+            let baseline =
+                sqs::batch_send_rate(config.fifo, config.transfers.min(20_000), config.workers * 8, body_len as usize)
+                    .await?;
+            let started = Instant::now();
+            let relays: Vec<_> = (0..config.workers)
+                .map(|_| {
+                    let relay =
+                        Relay::new(pool.clone(), queue.publisher.clone(), RelayConfig::default(), Default::default());
+                    tokio::spawn(async move {
+                        while relay.run_once().await?.claimed > 0 {}
+                        Ok::<(), Error>(())
+                    })
+                })
+                .collect();
+            for r in relays {
+                r.await.map_err(|e| Error::Failed(format!("relay task failed: {e}")))??;
+            }
+            let s = started.elapsed().as_secs_f64();
+            queue.delete().await;
+            report.published_per_s = config.transfers as f64 / s;
+            report.sqs_batch_per_s = Some(baseline);
+            report.relay_ratio = Some(report.published_per_s / baseline);
+            "SELECT (extract(epoch FROM published_at - occurred_at) * 1000)::float8 FROM outbox
+              WHERE transfer_id IN (SELECT id FROM transfers WHERE idempotency_key NOT LIKE 'preload-%')"
+        }
+        Mode::Both => {
+            seed(pool, config).await?;
+            let queue = ScratchQueue::create(config.fifo, 8).await?;
+            let shutdown = CancellationToken::new();
+            let worker_config = WorkerConfig {
+                workers: config.workers,
+                relays: config.workers,
+                apply,
+                poll_interval: Duration::from_millis(20),
+                ..WorkerConfig::default()
+            };
+            let locks = locks::LockWaits::start(pool.clone());
+            let running =
+                tokio::spawn(worker::run(pool.clone(), queue.publisher.clone(), worker_config, shutdown.clone()));
+            loop {
+                let left: i64 = sqlx::query_scalar(
+                    "SELECT (SELECT count(*) FROM transfers WHERE status = 'PENDING') + (SELECT count(*) FROM outbox WHERE state <> 'published')",
+                )
+                .fetch_one(pool)
+                .await?;
+                if left == 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            shutdown.cancel();
+            running.await.map_err(|e| Error::Failed(format!("worker failed: {e}")))??;
+            let waited = locks.stop().await;
+            queue.delete().await;
+            let (applied_s, published_s): (f64, f64) = sqlx::query_as(
+                "SELECT extract(epoch FROM (SELECT max(applied_at) FROM transfers) - (SELECT min(created_at) FROM transfers WHERE idempotency_key NOT LIKE 'preload-%'))::float8,
+                        extract(epoch FROM (SELECT max(published_at) FROM outbox) - (SELECT min(created_at) FROM transfers WHERE idempotency_key NOT LIKE 'preload-%'))::float8",
+            )
+            .fetch_one(pool)
+            .await?;
+            report.applied_per_s = config.transfers as f64 / applied_s.max(1e-9);
+            report.published_per_s = config.transfers as f64 / published_s.max(1e-9);
+            report.lock_wait_ms_per_1000 = Some(waited / config.transfers as f64 * 1_000.0);
+            "SELECT (extract(epoch FROM o.published_at - t.created_at) * 1000)::float8
+               FROM outbox o JOIN transfers t ON t.id = o.transfer_id WHERE t.idempotency_key NOT LIKE 'preload-%'"
+        }
+    };
+    report.elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+    let samples: Vec<f64> = sqlx::query_scalar(latency_sql).fetch_all(pool).await?;
+    report.latency_ms = Dist::of(samples).latency();
+    report.invariants_ok = invariants_hold(pool, config, config.mode != Mode::Apply).await?;
+    Ok(report)
+}
+
+/// Opens accounts `1..=accounts`; with `--hot`, account 1 holds enough for
+/// every transfer.
+async fn open_accounts(pool: &PgPool, config: &BenchConfig) -> Result<()> {
+    open_accounts_with(pool, config.accounts as i64, OPENING_BALANCE).await?;
+    if config.hot {
+        sqlx::query("UPDATE accounts SET balance = $1 WHERE id = 1").bind(HOT_BALANCE).execute(pool).await?;
+    }
+    Ok(())
+}
+
+async fn open_accounts_with(pool: &PgPool, accounts: i64, balance: i64) -> Result<()> {
+    sqlx::query("INSERT INTO accounts (id, balance) SELECT g, $2 FROM generate_series(1, $1::bigint) g")
+        .bind(accounts)
+        .bind(balance)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// `n` finished transfers (no money moved: they stand for history) with one
+/// published event each, set-based (a million rows load in seconds), then
+/// VACUUM ANALYZE so the timed part starts from a settled table.
+async fn preload(pool: &PgPool, n: usize, accounts: i64) -> Result<()> {
+    for start in (0..n).step_by(250_000) {
+        let end = (start + 250_000).min(n);
+        sqlx::query(
+            "WITH t AS (
+                 INSERT INTO transfers (idempotency_key, from_account, to_account, amount, status, applied_at)
+                 SELECT 'preload-' || g, 1 + g % $3, 1 + (g + 1) % $3, 1 + g % 1000, 'SUCCEEDED', now()
+                   FROM generate_series($1::bigint, $2::bigint - 1) g
+              RETURNING transfers AS row
+             )
+             INSERT INTO outbox (transfer_id, event_type, data, state, published_at)
+             SELECT (t.row).id, 'transfer.succeeded', transfer_event_data(t.row, 'transfer.succeeded'), 'published', now()
+               FROM t",
+        )
+        .bind(start as i64)
+        .bind(end as i64)
+        .bind(accounts)
+        .execute(pool)
+        .await?;
+    }
+    sqlx::query("VACUUM ANALYZE transfers").execute(pool).await?;
+    sqlx::query("VACUUM ANALYZE outbox").execute(pool).await?;
+    Ok(())
+}
+
+/// Enqueue latency (the library call, its daily-limit check included) from a
+/// limited account with no transfer today, and from one with 100,000.
+async fn enqueue_latency(pool: &PgPool) -> Result<EnqueueLatency> {
+    use crate::account::AccountId;
+    use crate::transfer::enqueue::{enqueue, NewTransfer};
+    use crate::transfer::Amount;
+    const BUSY: usize = 100_000;
+    const CALLS: usize = 300;
+    sqlx::query("UPDATE accounts SET daily_limit = 1000000000000, balance = 1000000000000 WHERE id IN (1, 2)")
+        .execute(pool)
+        .await?;
+    // Account 2's day so far, as the worker would have left it: its transfers
+    // and their running total.
+    sqlx::query(
+        "INSERT INTO transfers (idempotency_key, from_account, to_account, amount, status, applied_at)
+         SELECT 'busy-' || g, 2, 3, 1, 'SUCCEEDED', now() FROM generate_series(1, $1::bigint) g",
+    )
+    .bind(BUSY as i64)
+    .execute(pool)
+    .await?;
+    sqlx::query("INSERT INTO daily_spent VALUES (2, (now() AT TIME ZONE 'UTC')::date, $1)")
+        .bind(BUSY as i64)
+        .execute(pool)
+        .await?;
+    sqlx::query("VACUUM ANALYZE transfers").execute(pool).await?;
+    let time = |from: i64| {
+        let pool = pool.clone();
+        async move {
+            let mut samples = Vec::with_capacity(CALLS);
+            for _ in 0..CALLS {
+                let t = NewTransfer::new(AccountId(from), AccountId(3), Amount::new(1).map_err(Error::invalid)?, None)?;
+                let started = Instant::now();
+                enqueue(&pool, &t).await?;
+                samples.push(started.elapsed().as_secs_f64() * 1e3);
+            }
+            Ok::<_, Error>(Dist::of(samples))
+        }
+    };
+    let fresh_account = time(1).await?;
+    let busy_account = time(2).await?;
+    // Leave nothing pending for the invariants.
+    sqlx::query("UPDATE transfers SET status = 'CANCELLED', applied_at = now() WHERE status = 'PENDING'")
+        .execute(pool)
+        .await?;
+    sqlx::query(
+        "INSERT INTO outbox (transfer_id, event_type, data, state, published_at)
+         SELECT id, 'transfer.' || lower(status), '{}', 'published', now() FROM transfers",
+    )
+    .execute(pool)
+    .await?;
+    Ok(EnqueueLatency { fresh_account, busy_account, busy_transfers_today: BUSY })
+}
+
+/// The transfers the timed part applies, by plain SQL as any producer may:
+/// random pairs of accounts, or (`--hot`) each to or from account 1.
+async fn seed(pool: &PgPool, config: &BenchConfig) -> Result<()> {
+    if config.hot {
+        sqlx::query(
+            "INSERT INTO transfers (idempotency_key, from_account, to_account, amount)
+             SELECT 'hot-' || g, CASE WHEN g % 2 = 0 THEN 1 ELSE 2 + g % ($2 - 1) END,
+                    CASE WHEN g % 2 = 0 THEN 2 + g % ($2 - 1) ELSE 1 END, 1 + g % 1000
+               FROM generate_series(1, $1::bigint) g",
+        )
+        .bind(config.transfers as i64)
+        .bind(config.accounts as i64)
+        .execute(pool)
+        .await?;
+        return Ok(());
+    }
+    insert_random_transfers(pool, config.accounts as i64, config.transfers, 1_000, 42).await
+}
+
+/// Opens accounts `1..=accounts` with `balance` each, then enqueues (by plain
+/// SQL, as any producer may) `transfers` random transfers between them of
+/// 1..=`max_amount` each, drawn from `rng_seed`. Shared by `bench` and the
+/// integration tests.
+pub async fn seed_random(
+    pool: &PgPool,
+    accounts: i64,
+    balance: i64,
+    transfers: usize,
+    max_amount: i64,
+    rng_seed: u64,
+) -> Result<()> {
+    if accounts < 2 {
+        return Err(Error::invalid("at least 2 accounts are needed"));
+    }
+    open_accounts_with(pool, accounts, balance).await?;
+    insert_random_transfers(pool, accounts, transfers, max_amount, rng_seed).await
+}
+
+async fn insert_random_transfers(
+    pool: &PgPool,
+    accounts: i64,
+    transfers: usize,
+    max_amount: i64,
+    rng_seed: u64,
+) -> Result<()> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(rng_seed);
+    for chunk_start in (0..transfers).step_by(10_000) {
+        let n = (transfers - chunk_start).min(10_000);
+        let (mut keys, mut from, mut to, mut amount) = (vec![], vec![], vec![], vec![]);
+        for i in 0..n {
+            let f = rng.gen_range(1..=accounts);
+            // Any other account: an offset of 1..accounts-1, wrapped.
+            let t = (f + rng.gen_range(1..accounts) - 1) % accounts + 1;
+            keys.push(format!("seed-{rng_seed}-{}", chunk_start + i));
+            from.push(f);
+            to.push(t);
+            amount.push(rng.gen_range(1..=max_amount));
+        }
+        sqlx::query(
+            "INSERT INTO transfers (idempotency_key, from_account, to_account, amount)
+             SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[])",
+        )
+        .bind(&keys)
+        .bind(&from)
+        .bind(&to)
+        .bind(&amount)
+        .execute(pool)
+        .await?;
+    }
+    Ok(())
+}
+
+async fn drain_apply(pool: &PgPool, config: &ApplyConfig, workers: usize) -> Result<()> {
+    let tasks: Vec<_> = (0..workers)
+        .map(|_| {
+            let applier = Applier::new(pool.clone(), config.clone());
+            tokio::spawn(async move {
+                while applier.run_once().await?.claimed > 0 {}
+                Ok::<(), Error>(())
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.map_err(|e| Error::Failed(format!("apply task failed: {e}")))??;
+    }
+    Ok(())
+}
+
+async fn invariants_hold(pool: &PgPool, config: &BenchConfig, all_published: bool) -> Result<bool> {
+    // Plain aggregates: linear scans, whatever the row counts.
+    let (total, accounts, negative, pending): (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT sum(balance) FROM accounts)::bigint, (SELECT count(*) FROM accounts),
+                (SELECT count(*) FROM accounts WHERE balance < 0),
+                (SELECT count(*) FROM transfers WHERE status = 'PENDING')",
+    )
+    .fetch_one(pool)
+    .await?;
+    let (transfers, events, with_events, unpublished): (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM transfers), (SELECT count(*) FROM outbox),
+                (SELECT count(DISTINCT transfer_id) FROM outbox),
+                (SELECT count(*) FROM outbox WHERE state <> 'published')",
+    )
+    .fetch_one(pool)
+    .await?;
+    let opening = if config.mode == Mode::Enqueue {
+        // enqueue mode raised two balances to measure from limited accounts.
+        total
+    } else {
+        (config.accounts as i64 - 1) * OPENING_BALANCE + if config.hot { HOT_BALANCE } else { OPENING_BALANCE }
+    };
+    let ok = total == opening
+        && accounts == config.accounts as i64
+        && negative == 0
+        && pending == 0
+        && events == transfers
+        && with_events == transfers
+        && (!all_published || unpublished == 0);
+    Ok(ok)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    (sorted[rank] * 1000.0).round() / 1000.0
+}

@@ -1,0 +1,252 @@
+//! The benchmark's SQS side: a scratch queue, a real consumer that stamps
+//! every message when it is received, and SQS's own figures (its
+//! `SendMessageBatch` rate, its send -> receive latency) measured with the same
+//! client, to hold the relay against.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, SendMessageBatchRequestEntry};
+use tokio::task::JoinSet;
+
+use crate::error::{Error, Result};
+use crate::outbox::sqs::{client_from_env, create_queue, Publisher, SqsConfig};
+use crate::outbox::EventBody;
+
+/// Receive calls in flight at once (each takes up to 10 messages).
+const CONSUMERS: usize = 6;
+
+/// A queue of the benchmark's own, deleted afterwards.
+pub struct ScratchQueue {
+    pub publisher: Publisher,
+    pub url: String,
+}
+
+impl ScratchQueue {
+    pub async fn create(fifo: bool, concurrency: usize) -> Result<ScratchQueue> {
+        let client = client_from_env(Duration::from_secs(10)).await;
+        let suffix = if fifo { ".fifo" } else { "" };
+        let name = format!("transfer-worker-bench-{}-{:08x}{suffix}", std::process::id(), rand::random::<u32>());
+        let url = create_queue(&client, &name).await?;
+        let config = SqsConfig { queue_url: url.clone(), call_timeout: Duration::from_secs(10), concurrency };
+        Ok(ScratchQueue { publisher: Publisher::new(client, &config), url })
+    }
+
+    pub fn client(&self) -> &aws_sdk_sqs::Client {
+        self.publisher.client()
+    }
+
+    pub async fn delete(self) {
+        let _ = self.client().delete_queue().queue_url(&self.url).send().await;
+    }
+}
+
+/// A message as the consumer saw it.
+#[derive(Debug, Clone)]
+pub struct Receipt {
+    pub body: String,
+    pub at: SystemTime,
+}
+
+/// A real consumer: several long polls in flight, each message stamped when
+/// its `ReceiveMessage` answered, then deleted in a batch (off the receive
+/// path, as a consumer that acks asynchronously would).
+pub struct Consumer {
+    received: Arc<Mutex<Vec<Receipt>>>,
+    count: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    tasks: JoinSet<()>,
+}
+
+impl Consumer {
+    pub fn start(queue: &ScratchQueue) -> Consumer {
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let count = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = JoinSet::new();
+        for _ in 0..CONSUMERS {
+            let (client, url) = (queue.client().clone(), queue.url.clone());
+            let (received, count, stop) = (received.clone(), count.clone(), stop.clone());
+            tasks.spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let out = client
+                        .receive_message()
+                        .queue_url(&url)
+                        .max_number_of_messages(10)
+                        .wait_time_seconds(1)
+                        .send()
+                        .await;
+                    let at = SystemTime::now();
+                    let Ok(out) = out else {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    };
+                    let mut deletes = Vec::new();
+                    {
+                        let mut r = received.lock().expect("receipts");
+                        for (i, m) in out.messages().iter().enumerate() {
+                            r.push(Receipt { body: m.body().unwrap_or_default().to_owned(), at });
+                            if let Some(h) = m.receipt_handle() {
+                                deletes.push(
+                                    DeleteMessageBatchRequestEntry::builder()
+                                        .id(i.to_string())
+                                        .receipt_handle(h)
+                                        .build()
+                                        .expect("id and handle are set"),
+                                );
+                            }
+                        }
+                    }
+                    count.fetch_add(out.messages().len() as u64, Ordering::Relaxed);
+                    if !deletes.is_empty() {
+                        let (client, url) = (client.clone(), url.clone());
+                        tokio::spawn(async move {
+                            let _ =
+                                client.delete_message_batch().queue_url(url).set_entries(Some(deletes)).send().await;
+                        });
+                    }
+                }
+            });
+        }
+        Consumer { received, count, stop, tasks }
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `expected` messages arrived or `timeout` passed.
+    pub async fn wait_for(&self, expected: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.count() < expected {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
+    /// Stops and returns every receipt.
+    pub async fn stop(mut self) -> Vec<Receipt> {
+        self.stop.store(true, Ordering::Relaxed);
+        while self.tasks.join_next().await.is_some() {}
+        std::mem::take(&mut *self.received.lock().expect("receipts"))
+    }
+}
+
+/// Receipts of event bodies, keyed by transfer id (the first event of each).
+pub fn first_receipt_per_transfer(receipts: &[Receipt]) -> HashMap<i64, SystemTime> {
+    let mut out: HashMap<i64, SystemTime> = HashMap::new();
+    for r in receipts {
+        if let Ok(body) = serde_json::from_str::<EventBody>(&r.body) {
+            let at = out.entry(body.transfer_id).or_insert(r.at);
+            if r.at < *at {
+                *at = r.at;
+            }
+        }
+    }
+    out
+}
+
+/// SQS alone: `SendMessage` at `rate` for `seconds` (from several tasks, each
+/// message sent at its due time), received by the same kind of consumer;
+/// returns each message's send -> receive latency in ms. This is the floor
+/// no relay can beat.
+pub async fn floor_latency(fifo: bool, rate: f64, seconds: f64) -> Result<Vec<f64>> {
+    let queue = ScratchQueue::create(fifo, 8).await?;
+    let consumer = Consumer::start(&queue);
+    let total = (rate * seconds).round() as u64;
+    let sent: Arc<Mutex<HashMap<u64, SystemTime>>> = Arc::new(Mutex::new(HashMap::new()));
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut senders = JoinSet::new();
+    for _ in 0..16 {
+        let (client, url, sent, next) = (queue.client().clone(), queue.url.clone(), sent.clone(), next.clone());
+        senders.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    return;
+                }
+                tokio::time::sleep_until((started + Duration::from_secs_f64(i as f64 / rate)).into()).await;
+                let at = SystemTime::now();
+                let mut req = client.send_message().queue_url(&url).message_body(format!("{{\"i\":{i}}}"));
+                if fifo {
+                    req = req.message_group_id(i.to_string()).message_deduplication_id(i.to_string());
+                }
+                if req.send().await.is_ok() {
+                    sent.lock().expect("sent").insert(i, at);
+                }
+            }
+        });
+    }
+    while senders.join_next().await.is_some() {}
+    let sent_count = sent.lock().expect("sent").len() as u64;
+    consumer.wait_for(sent_count, Duration::from_secs(30)).await;
+    let receipts = consumer.stop().await;
+    queue.delete().await;
+    let sent = sent.lock().expect("sent");
+    let mut first: HashMap<u64, SystemTime> = HashMap::new();
+    for r in &receipts {
+        let Some(i) = serde_json::from_str::<serde_json::Value>(&r.body).ok().and_then(|v| v["i"].as_u64()) else {
+            continue;
+        };
+        first.entry(i).and_modify(|t| *t = (*t).min(r.at)).or_insert(r.at);
+    }
+    Ok(first.iter().filter_map(|(i, at)| sent.get(i).map(|s| ms_between(*s, *at))).collect())
+}
+
+/// SQS alone: how many messages per second `SendMessageBatch` of 10 takes,
+/// from `clients` concurrent callers with the relay's client, bodies of
+/// `body_len` bytes. The bar for the relay's own rate.
+pub async fn batch_send_rate(fifo: bool, messages: usize, clients: usize, body_len: usize) -> Result<f64> {
+    let queue = ScratchQueue::create(fifo, clients).await?;
+    let body = "x".repeat(body_len);
+    let batches = messages.div_ceil(10);
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = JoinSet::new();
+    for _ in 0..clients.max(1) {
+        let (client, url, next, body) = (queue.client().clone(), queue.url.clone(), next.clone(), body.clone());
+        tasks.spawn(async move {
+            loop {
+                let b = next.fetch_add(1, Ordering::Relaxed) as usize;
+                if b >= batches {
+                    return Ok::<(), Error>(());
+                }
+                let entries: Vec<_> = (0..10)
+                    .map(|e| {
+                        let id = format!("{b}-{e}");
+                        let mut entry = SendMessageBatchRequestEntry::builder().id(e.to_string()).message_body(&body);
+                        if fifo {
+                            entry = entry.message_group_id(&id).message_deduplication_id(&id);
+                        }
+                        entry.build().expect("id and body are set")
+                    })
+                    .collect();
+                client
+                    .send_message_batch()
+                    .queue_url(&url)
+                    .set_entries(Some(entries))
+                    .send()
+                    .await
+                    .map_err(|e| Error::Sqs(format!("{}", aws_sdk_sqs::error::DisplayErrorContext(&e))))?;
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.map_err(|e| Error::Failed(format!("SQS rate task failed: {e}")))??;
+    }
+    let rate = (batches * 10) as f64 / started.elapsed().as_secs_f64();
+    let _ = queue.client().purge_queue().queue_url(&queue.url).send().await;
+    queue.delete().await;
+    Ok(rate)
+}
+
+/// Milliseconds from `from` to `to` (0 if `to` is earlier).
+pub fn ms_between(from: SystemTime, to: SystemTime) -> f64 {
+    to.duration_since(from).map(|d| d.as_secs_f64() * 1e3).unwrap_or(0.0)
+}

@@ -1,0 +1,185 @@
+//! Steady-rate mode (`bench --rate R --seconds S`): latency as users feel it.
+//!
+//! 1. The floor: SQS alone, `SendMessage` at R/s for S seconds, received by
+//!    the same consumer; each message's send -> receive latency.
+//! 2. The pipeline: a producer inserts transfers by plain SQL at R/s (as any
+//!    producer may), the `run` loop (default configuration) applies and
+//!    relays them, and the consumer stamps each event on receipt. Per
+//!    transfer: enqueue (the producer's commit) -> applied (the apply
+//!    transaction's commit) and enqueue -> received.
+//!
+//! Both halves share the consumer and the rate, so the difference between
+//! them is what the worker adds.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use rand::{Rng, SeedableRng};
+use sqlx::PgPool;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::bench::sqs::{first_receipt_per_transfer, floor_latency, ms_between, Consumer, ScratchQueue};
+use crate::bench::Dist;
+use crate::error::{Error, Result};
+use crate::transfer::apply::Committed;
+use crate::worker::{self, WorkerConfig};
+
+/// Producer tasks: enough that inserts (a commit each) keep up with the rate.
+const PRODUCERS: usize = 16;
+
+#[derive(Debug, Clone)]
+pub struct SteadyConfig {
+    pub rate: f64,
+    pub seconds: f64,
+    pub fifo: bool,
+    pub accounts: usize,
+    pub hot: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct SteadyReport {
+    pub offered_per_s: f64,
+    pub applied_per_s: f64,
+    pub published_per_s: f64,
+    pub applied_latency_ms: Dist,
+    pub received_latency_ms: Dist,
+    pub floor_latency_ms: Dist,
+    /// The most events waiting in the outbox at any sample (every 100 ms).
+    pub backlog_max: i64,
+    pub transfers: usize,
+}
+
+pub async fn measure(pool: &PgPool, config: &SteadyConfig) -> Result<SteadyReport> {
+    let floor = Dist::of(floor_latency(config.fifo, config.rate, config.seconds).await?);
+
+    let queue = ScratchQueue::create(config.fifo, 8).await?;
+    let consumer = Consumer::start(&queue);
+    let (observer, mut commits) = tokio::sync::mpsc::unbounded_channel::<Committed>();
+    let shutdown = CancellationToken::new();
+    let worker_config = WorkerConfig { observer: Some(observer), ..WorkerConfig::default() };
+    let running = tokio::spawn(worker::run(pool.clone(), queue.publisher.clone(), worker_config, shutdown.clone()));
+    let applied_at: Arc<Mutex<HashMap<i64, SystemTime>>> = Arc::new(Mutex::new(HashMap::new()));
+    let collector = {
+        let applied_at = applied_at.clone();
+        tokio::spawn(async move {
+            while let Some(c) = commits.recv().await {
+                let mut map = applied_at.lock().expect("applied");
+                for id in c.ids {
+                    map.entry(id).or_insert(c.at);
+                }
+            }
+        })
+    };
+    let backlog_max = Arc::new(AtomicU64::new(0));
+    let sampler = {
+        let (pool, backlog_max, stop) = (pool.clone(), backlog_max.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let n: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE state <> 'published'")
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap_or(0);
+                backlog_max.fetch_max(n.max(0) as u64, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+
+    let (enqueued, produce_s) = produce(pool, config).await?;
+    let first_enqueue = enqueued.values().min().copied().unwrap_or_else(SystemTime::now);
+    let all_received = consumer.wait_for(enqueued.len() as u64, Duration::from_secs(60)).await;
+    shutdown.cancel();
+    running.await.map_err(|e| Error::Failed(format!("worker failed: {e}")))??;
+    let _ = sampler.await;
+    let _ = collector.await;
+    let receipts = consumer.stop().await;
+    queue.delete().await;
+    if !all_received {
+        return Err(Error::Failed(format!(
+            "bench: {} of {} events received within 60 s of the end",
+            receipts.len(),
+            enqueued.len()
+        )));
+    }
+
+    let received = first_receipt_per_transfer(&receipts);
+    let applied_at = applied_at.lock().expect("applied");
+    let mut applied_ms = Vec::with_capacity(enqueued.len());
+    let mut received_ms = Vec::with_capacity(enqueued.len());
+    for (id, at) in &enqueued {
+        if let Some(done) = applied_at.get(id) {
+            applied_ms.push(ms_between(*at, *done));
+        }
+        if let Some(got) = received.get(id) {
+            received_ms.push(ms_between(*at, *got));
+        }
+    }
+    let span = |last: Option<&SystemTime>| {
+        last.and_then(|l| l.duration_since(first_enqueue).ok()).map(|d| d.as_secs_f64()).unwrap_or(f64::INFINITY)
+    };
+    let n = enqueued.len() as f64;
+    Ok(SteadyReport {
+        offered_per_s: n / produce_s,
+        applied_per_s: n / span(applied_at.values().max()),
+        published_per_s: n / span(received.values().max()),
+        applied_latency_ms: Dist::of(applied_ms),
+        received_latency_ms: Dist::of(received_ms),
+        floor_latency_ms: floor,
+        backlog_max: backlog_max.load(Ordering::Relaxed) as i64,
+        transfers: enqueued.len(),
+    })
+}
+
+/// Inserts transfers at the configured rate, each at its due time, from
+/// several tasks; returns each transfer's commit time and how long it took.
+async fn produce(pool: &PgPool, config: &SteadyConfig) -> Result<(HashMap<i64, SystemTime>, f64)> {
+    let total = (config.rate * config.seconds).round() as u64;
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = JoinSet::new();
+    for p in 0..PRODUCERS {
+        let (pool, next, config) = (pool.clone(), next.clone(), config.clone());
+        tasks.spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(1_000 + p as u64);
+            let mut out = Vec::new();
+            let accounts = config.accounts as i64;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    return Ok::<_, Error>(out);
+                }
+                tokio::time::sleep_until((started + Duration::from_secs_f64(i as f64 / config.rate)).into()).await;
+                let a = rng.gen_range(1..=accounts);
+                let b = (a + rng.gen_range(1..accounts) - 1) % accounts + 1;
+                let (from, to) = if config.hot {
+                    if i % 2 == 0 {
+                        (1, b.max(2))
+                    } else {
+                        (b.max(2), 1)
+                    }
+                } else {
+                    (a, b)
+                };
+                let id: i64 = sqlx::query_scalar(
+                    "INSERT INTO transfers (idempotency_key, from_account, to_account, amount)
+                     VALUES ($1, $2, $3, $4) RETURNING id",
+                )
+                .bind(format!("steady-{i}"))
+                .bind(from)
+                .bind(to)
+                .bind(rng.gen_range(1..=100i64))
+                .fetch_one(&pool)
+                .await?;
+                out.push((id, SystemTime::now()));
+            }
+        });
+    }
+    let mut enqueued = HashMap::new();
+    while let Some(r) = tasks.join_next().await {
+        enqueued.extend(r.map_err(|e| Error::Failed(format!("producer failed: {e}")))??);
+    }
+    Ok((enqueued, started.elapsed().as_secs_f64()))
+}
