@@ -91,6 +91,23 @@ pub async fn connect(database_url: &str, max_connections: u32, limits: SessionLi
         .connect_lazy_with(options))
 }
 
+/// A pool to the same database as `pool`, with the same session settings,
+/// whose commits do not wait for the WAL to reach disk
+/// (`synchronous_commit = off`). Only for writes a crash may lose without
+/// harm: the relay's leases and outcomes. A lost "published" mark or lease
+/// means an event is sent once more, which consumers already deduplicate by
+/// `event_id`; per-transfer order still holds, since a transfer's next event
+/// is claimed only after the previous one was marked published. Never for
+/// money: every transfer, refund and cancel commits synchronously.
+pub fn without_commit_wait(pool: &PgPool, max_connections: u32) -> PgPool {
+    let options = (*pool.connect_options()).clone().options([("synchronous_commit", "off")]);
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .test_before_acquire(false)
+        .connect_lazy_with(options)
+}
+
 /// Opens (and closes) one connection, with a clear error if that fails.
 pub async fn check_reachable(options: &PgConnectOptions) -> Result<()> {
     let unreachable =

@@ -51,6 +51,8 @@ pub async fn run_loop<F>(
         let (delay, wake_early) = match pass().await {
             Pass::Busy => {
                 backoff.reset();
+                // More than one batch waits: bring a sleeping peer in too.
+                wake.notify_one();
                 continue;
             }
             Pass::Idle => {

@@ -11,6 +11,7 @@
 //! notification sent while the listener was reconnecting is lost, and rows
 //! whose retry time passes notify nobody).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,16 +45,25 @@ pub async fn notify(conn: &mut sqlx::PgConnection, work: Work) -> sqlx::Result<(
 }
 
 /// Who to wake for which table.
+///
+/// One task is woken per notification (`notify_one`): a task that then finds
+/// a full batch wakes a peer in turn (see [`crate::service::run_loop`]), so
+/// a burst gets every task and a trickle gets one. Waking them all for each
+/// of 1,000 single-row inserts a second would make 1,000 x tasks passes that
+/// mostly find nothing, and starve the machine of the CPU the work needs.
 #[derive(Clone, Default)]
 pub struct Wakers {
     /// New transfers or refund requests: the apply tasks.
     pub work: Arc<Notify>,
     /// New outbox events: the relay.
     pub outbox: Arc<Notify>,
+    /// A refund was requested since the apply tasks last looked.
+    pub refunds: Arc<AtomicBool>,
 }
 
 impl Wakers {
     fn wake_all(&self) {
+        self.refunds.store(true, Ordering::Relaxed);
         self.work.notify_waiters();
         self.outbox.notify_waiters();
     }
@@ -86,9 +96,13 @@ impl Wakers {
                     n = listener.try_recv() => n,
                 };
                 match next {
-                    Ok(Some(n)) if n.payload() == "outbox" => self.outbox.notify_waiters(),
-                    Ok(Some(n)) if n.payload() == "refund" => self.wake_all(),
-                    Ok(Some(_)) => self.work.notify_waiters(),
+                    Ok(Some(n)) if n.payload() == "outbox" => self.outbox.notify_one(),
+                    Ok(Some(n)) if n.payload() == "refund" => {
+                        self.refunds.store(true, Ordering::Relaxed);
+                        self.work.notify_one();
+                        self.outbox.notify_one();
+                    }
+                    Ok(Some(_)) => self.work.notify_one(),
                     // The connection dropped; try_recv reconnects on the next call.
                     Ok(None) => self.wake_all(),
                     Err(e) => {

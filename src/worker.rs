@@ -40,7 +40,8 @@ use crate::wake::Wakers;
 pub struct WorkerConfig {
     /// Apply tasks in this process (default 4).
     pub workers: usize,
-    /// Relay tasks in this process (default 1; each keeps several SQS calls in flight).
+    /// Relay tasks in this process (default 2; each keeps several SQS calls in
+    /// flight, and one claims while the other sends).
     pub relays: usize,
     pub apply: ApplyConfig,
     pub relay: RelayConfig,
@@ -58,7 +59,7 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
             workers: 4,
-            relays: 1,
+            relays: 2,
             apply: ApplyConfig::default(),
             relay: RelayConfig::default(),
             poll_interval: Duration::from_millis(500),
@@ -130,8 +131,13 @@ pub async fn run_with_health(
 
     // The relay stops only after the apply tasks, so it can drain their last events.
     let relay_stop = CancellationToken::new();
+    // The relay's own pool: its writes need not wait for the disk (see
+    // `db::without_commit_wait`), and its connections are never the ones
+    // the apply tasks wait for.
+    let relay_pool = crate::db::without_commit_wait(&pool, config.relays.max(1) as u32 * 2 + 2);
     let relay = Arc::new(
-        Relay::new(pool.clone(), publisher, config.relay.clone(), wakers.outbox.clone()).with_health(health.clone()),
+        Relay::new(relay_pool.clone(), publisher, config.relay.clone(), wakers.outbox.clone())
+            .with_health(health.clone()),
     );
     let mut relays = JoinSet::new();
     for _ in 0..config.relays.max(1) {
@@ -204,6 +210,7 @@ pub async fn run_with_health(
         while background.join_next().await.is_some() {}
     };
     let _ = tokio::time::timeout(Duration::from_millis(500), cleanup).await;
+    let _ = tokio::time::timeout(Duration::from_millis(500), relay_pool.close()).await;
     tracing::info!(?stopped, "worker stopped");
     Ok(stopped)
 }

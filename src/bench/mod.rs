@@ -74,6 +74,8 @@ pub struct BenchConfig {
     pub hot: bool,
     /// Seconds to measure the PostgreSQL ceiling for (apply; 0 = skip).
     pub ceiling_seconds: f64,
+    /// Relay tasks (steady; the `run` default if None).
+    pub relays: Option<usize>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -189,7 +191,9 @@ pub async fn run(database_url: &str, config: &BenchConfig) -> Result<BenchReport
     if config.rate.is_some_and(|r| !(r > 0.0 && r <= 50_000.0)) || !(config.seconds > 0.0) {
         return Err(Error::invalid("--rate must be in (0, 50000] and --seconds > 0"));
     }
-    let scratch = ScratchDb::create(database_url, "transfer_worker_bench", config.workers as u32 * 2 + 30).await?;
+    let producers = config.rate.map(steady::producers).unwrap_or(0) as u32;
+    let scratch =
+        ScratchDb::create(database_url, "transfer_worker_bench", config.workers as u32 * 2 + 30 + producers).await?;
     let result = measure(&scratch.pool, config).await;
     scratch.drop().await?;
     result
@@ -250,6 +254,7 @@ async fn measure(pool: &PgPool, config: &BenchConfig) -> Result<BenchReport> {
                 fifo: config.fifo,
                 accounts: config.accounts,
                 hot: config.hot,
+                relays: config.relays,
             },
         )
         .await?;

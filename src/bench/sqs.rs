@@ -173,7 +173,21 @@ pub async fn floor_latency(fifo: bool, rate: f64, seconds: f64) -> Result<Vec<f6
                 }
                 tokio::time::sleep_until((started + Duration::from_secs_f64(i as f64 / rate)).into()).await;
                 let at = SystemTime::now();
-                let mut req = client.send_message().queue_url(&url).message_body(format!("{{\"i\":{i}}}"));
+                // A body and attribute of an event's size and shape, so SQS
+                // does the same work per message as for the relay's.
+                let body = format!(
+                    "{{\"i\":{i},\"event_id\":\"0195e0a4-7c1f-7000-8000-{i:012}\",\"event_type\":\"transfer.succeeded\",\"transfer_id\":{i},\"occurred_at\":\"2026-12-01T00:00:00.000000Z\",\"data\":{{\"from_account\":1,\"to_account\":2,\"amount\":500,\"idempotency_key\":\"steady-{i}\"}}}}"
+                );
+                let attribute = aws_sdk_sqs::types::MessageAttributeValue::builder()
+                    .data_type("String")
+                    .string_value("transfer.succeeded")
+                    .build()
+                    .expect("data_type is set");
+                let mut req = client
+                    .send_message()
+                    .queue_url(&url)
+                    .message_body(body)
+                    .message_attributes(crate::outbox::sqs::EVENT_TYPE_ATTRIBUTE, attribute);
                 if fifo {
                     req = req.message_group_id(i.to_string()).message_deduplication_id(i.to_string());
                 }

@@ -27,8 +27,11 @@ use crate::error::{Error, Result};
 use crate::transfer::apply::Committed;
 use crate::worker::{self, WorkerConfig};
 
-/// Producer tasks: enough that inserts (a commit each) keep up with the rate.
-const PRODUCERS: usize = 16;
+/// Producer tasks: enough that inserts (a commit each, waiting for the disk)
+/// keep up with the rate.
+pub fn producers(rate: f64) -> usize {
+    ((rate / 25.0).ceil() as usize).clamp(16, 128)
+}
 
 #[derive(Debug, Clone)]
 pub struct SteadyConfig {
@@ -37,6 +40,8 @@ pub struct SteadyConfig {
     pub fifo: bool,
     pub accounts: usize,
     pub hot: bool,
+    /// Relay tasks of the `run` loop (its default if None).
+    pub relays: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -59,7 +64,9 @@ pub async fn measure(pool: &PgPool, config: &SteadyConfig) -> Result<SteadyRepor
     let consumer = Consumer::start(&queue);
     let (observer, mut commits) = tokio::sync::mpsc::unbounded_channel::<Committed>();
     let shutdown = CancellationToken::new();
-    let worker_config = WorkerConfig { observer: Some(observer), ..WorkerConfig::default() };
+    let defaults = WorkerConfig::default();
+    let worker_config =
+        WorkerConfig { observer: Some(observer), relays: config.relays.unwrap_or(defaults.relays), ..defaults };
     let running = tokio::spawn(worker::run(pool.clone(), queue.publisher.clone(), worker_config, shutdown.clone()));
     let applied_at: Arc<Mutex<HashMap<i64, SystemTime>>> = Arc::new(Mutex::new(HashMap::new()));
     let collector = {
@@ -140,7 +147,7 @@ async fn produce(pool: &PgPool, config: &SteadyConfig) -> Result<(HashMap<i64, S
     let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut tasks = JoinSet::new();
-    for p in 0..PRODUCERS {
+    for p in 0..producers(config.rate) {
         let (pool, next, config) = (pool.clone(), next.clone(), config.clone());
         tasks.spawn(async move {
             let mut rng = rand::rngs::StdRng::seed_from_u64(1_000 + p as u64);

@@ -46,6 +46,9 @@ pub struct BenchArgs {
     /// Every transfer touches account 1.
     #[arg(long)]
     hot: bool,
+    /// Relay tasks of the `run` loop in steady-rate mode (default: run's default).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
+    relays: Option<u32>,
     /// How long the apply mode measures the PostgreSQL ceiling first (0: skip).
     #[arg(long, default_value_t = 10.0)]
     ceiling_seconds: f64,
@@ -68,6 +71,7 @@ pub async fn run(database_url: &Option<String>, args: BenchArgs) -> Result<()> {
         preload: args.preload as usize,
         hot: args.hot,
         ceiling_seconds: args.ceiling_seconds.max(0.0),
+        relays: args.relays.map(|r| r as usize),
     };
     let report = crate::bench::run(url, &config).await?;
     if args.json {

@@ -40,7 +40,7 @@ pub struct RunArgs {
     #[arg(long, env = "TRANSFER_WORKER_MAX_SKIPS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=100))]
     pub max_skips: u32,
     /// Relay tasks in this process.
-    #[arg(long, env = "TRANSFER_WORKER_RELAYS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    #[arg(long, env = "TRANSFER_WORKER_RELAYS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub relays: u32,
     /// Outbox events claimed per relay pass.
     #[arg(long, env = "TRANSFER_WORKER_RELAY_BATCH_SIZE", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]

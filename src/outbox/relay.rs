@@ -155,12 +155,24 @@ impl Relay {
     /// One pass: claim, send, record. Errors are database errors; SQS
     /// trouble shows up in the counts instead.
     pub async fn run_once(&self) -> Result<RelayCounts> {
+        let started = std::time::Instant::now();
         let claim = self.claim().await?;
         if claim.events.is_empty() {
             return Ok(RelayCounts::default());
         }
+        let claimed = started.elapsed();
         let outcomes = self.send(&claim).await;
-        self.record(claim, &outcomes).await
+        let sent = started.elapsed();
+        let counts = self.record(claim, &outcomes).await?;
+        tracing::debug!(
+            events = counts.claimed,
+            published = counts.published,
+            claim_ms = claimed.as_secs_f64() * 1e3,
+            send_ms = (sent - claimed).as_secs_f64() * 1e3,
+            record_ms = (started.elapsed() - sent).as_secs_f64() * 1e3,
+            "relay pass"
+        );
+        Ok(counts)
     }
 
     /// Step 1: claims a batch under a fresh lease (committed before return).
