@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine: starts a private PostgreSQL and
-# LocalStack (scripts/services.sh), then runs every test against them.
+# LocalStack (scripts/services.sh), installs what the console's browser test
+# drives (Debian's Chromium, and playwright-core pinned in
+# tests/browser/package-lock.json), then runs every test against them.
 # Extra arguments go to the test harness (e.g. a test name filter).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -9,4 +11,5 @@ eval "$(scripts/services.sh)"
 # long-lived cluster does not grow run after run.
 psql "${DATABASE_URL%/*}/postgres" -qtA -c "SELECT datname FROM pg_database WHERE datname LIKE 'tw\_test\_%'" |
   while read -r db; do psql "${DATABASE_URL%/*}/postgres" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)"; done
+scripts/browser.sh
 cargo test --locked -- "$@"

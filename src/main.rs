@@ -7,19 +7,23 @@ use std::time::Duration;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use transfer_worker::cli::{self, Cli};
+use transfer_worker::cli::{self, Cli, LogFormat};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn")))
         .with_writer(std::io::stderr)
-        // Colour only on a terminal: a log file gets no escape codes.
-        .with_ansi(std::io::stderr().is_terminal())
         // If stderr's reader goes away, log lines are dropped; the fallback
         // (an `eprintln!` of the write error) would panic the task that logged.
-        .log_internal_errors(false)
-        .init();
+        .log_internal_errors(false);
+    match cli.log_format {
+        // One JSON object per line: timestamp, level, target, fields (the
+        // message among them) and the span the line was logged in.
+        LogFormat::Json => logs.json().flatten_event(true).with_current_span(true).init(),
+        // Colour only on a terminal: a log file gets no escape codes.
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

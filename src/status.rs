@@ -21,22 +21,24 @@ pub struct Status {
     /// included); 0 when everything is published.
     pub oldest_unpublished_age_s: f64,
     /// The oldest dead events (at most [`DEAD_SHOWN`]), for the operator to
-    /// fix and requeue; shown by `status`, not part of `status --json`.
-    #[serde(skip)]
+    /// fix and requeue.
     pub dead_events: Vec<DeadEvent>,
 }
 
 /// How many dead events `status` lists.
 pub const DEAD_SHOWN: i64 = 10;
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct DeadEvent {
+    #[serde(rename = "outbox_id")]
     pub id: i64,
     pub event_id: String,
     pub transfer_id: i64,
     pub event_type: String,
     pub attempts: i32,
     pub last_error: Option<String>,
+    /// Pending events of the same transfer it holds back.
+    pub held: i64,
 }
 
 /// The outbox's events, each counted once: `pending` (waiting for the relay),
@@ -103,8 +105,10 @@ pub async fn read(pool: &PgPool) -> Result<Status> {
 
     let dead_events = sqlx::query_as!(
         DeadEvent,
-        r#"SELECT id, event_id::text AS "event_id!", transfer_id, event_type, attempts, last_error
-             FROM outbox WHERE state = 'dead' ORDER BY id LIMIT $1"#,
+        r#"SELECT d.id, d.event_id::text AS "event_id!", d.transfer_id, d.event_type, d.attempts, d.last_error,
+                  (SELECT count(*) FROM outbox o
+                    WHERE o.transfer_id = d.transfer_id AND o.id > d.id AND o.state = 'pending') AS "held!"
+             FROM outbox d WHERE d.state = 'dead' ORDER BY d.id LIMIT $1"#,
         DEAD_SHOWN
     )
     .fetch_all(pool)
@@ -127,8 +131,8 @@ impl std::fmt::Display for Status {
                 let error = e.last_error.as_deref().unwrap_or("");
                 write!(
                     f,
-                    "\n  event {} ({}) {} of transfer {}, {} attempts: {error}",
-                    e.id, e.event_id, e.event_type, e.transfer_id, e.attempts
+                    "\n  event {} ({}) {} of transfer {}, {} attempts, holding {}: {error}",
+                    e.id, e.event_id, e.event_type, e.transfer_id, e.attempts, e.held
                 )?;
             }
             if self.outbox.dead > self.dead_events.len() as i64 {

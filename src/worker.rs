@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 use crate::health::Health;
+use crate::maintenance::MaintenanceConfig;
 use crate::outbox::relay::{Relay, RelayConfig};
 use crate::outbox::sqs::Publisher;
 use crate::retry::RetryPolicy;
@@ -53,6 +54,8 @@ pub struct WorkerConfig {
     pub shutdown_timeout: Duration,
     /// Told of every apply commit (the benchmark measures latency with it).
     pub observer: Option<CommitObserver>,
+    /// Counter folding and retention.
+    pub maintenance: MaintenanceConfig,
 }
 
 impl Default for WorkerConfig {
@@ -66,6 +69,7 @@ impl Default for WorkerConfig {
             db_retry: RetryPolicy::default(),
             shutdown_timeout: Duration::from_secs(30),
             observer: None,
+            maintenance: MaintenanceConfig::default(),
         }
     }
 }
@@ -104,7 +108,7 @@ pub async fn run_with_health(
     let wakers = Wakers::default();
     let mut background = JoinSet::new();
     background.spawn(wakers.clone().listen(pool.clone(), shutdown.clone()));
-    background.spawn(crate::maintenance::run(pool.clone(), shutdown.clone(), config.db_retry));
+    background.spawn(crate::maintenance::run(pool.clone(), config.maintenance, shutdown.clone(), config.db_retry));
 
     let mut appliers = JoinSet::new();
     for task in 0..config.workers.max(1) {
@@ -121,6 +125,9 @@ pub async fn run_with_health(
                     Ok(c) if c.claimed as i64 >= batch_size => Pass::Busy,
                     Ok(_) => Pass::Idle,
                     Err(e) => {
+                        if let Error::Database(db_err) = &e {
+                            crate::metrics::metrics().db_retry(crate::db::sqlstate(db_err).as_deref());
+                        }
                         tracing::warn!(task, error = %e, "apply pass failed; will retry");
                         Pass::Unavailable
                     }

@@ -10,7 +10,7 @@ use crate::account::AccountId;
 use crate::cli::print_json;
 use crate::error::{Error, Result};
 use crate::transfer::enqueue::{self, NewTransfer};
-use crate::transfer::{Amount, IdempotencyKey};
+use crate::transfer::{Amount, IdempotencyKey, TraceParent};
 
 /// Prints `{"transfer_id":..,"status":..,"created":true|false}` per transfer.
 /// The same --key with the same parameters returns the existing transfer
@@ -29,8 +29,13 @@ pub struct EnqueueArgs {
     /// Idempotency key (1 character to 2 KiB); a random one if omitted.
     #[arg(long, conflicts_with = "file")]
     key: Option<IdempotencyKey>,
+    /// The producer's W3C trace context (00-<32 hex>-<16 hex>-<2 hex>); every
+    /// event of the transfer carries it as the SQS attribute `traceparent`.
+    #[arg(long, conflicts_with = "file")]
+    traceparent: Option<TraceParent>,
     /// Enqueue every line of this JSON-lines file (`-` = stdin), all or
-    /// nothing: {"from":..,"to":..,"amount":..,"key":..} ("key" optional).
+    /// nothing: {"from":..,"to":..,"amount":..,"key":..,"traceparent":..}
+    /// ("key" and "traceparent" optional).
     #[arg(long)]
     file: Option<PathBuf>,
 }
@@ -42,7 +47,7 @@ pub async fn run(pool: &PgPool, args: EnqueueArgs) -> Result<()> {
     let (Some(from), Some(to), Some(amount)) = (args.from, args.to, args.amount) else {
         return Err(Error::invalid("enqueue needs --from, --to and --amount, or --file"));
     };
-    let transfer = NewTransfer::new(from, to, amount, args.key)?;
+    let transfer = NewTransfer::new(from, to, amount, args.key)?.with_traceparent(args.traceparent);
     print_json(&enqueue::enqueue(pool, &transfer).await?);
     Ok(())
 }

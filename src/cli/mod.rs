@@ -10,9 +10,12 @@ mod demo;
 mod enqueue;
 mod lab;
 mod outbox;
+mod probe;
+mod prune;
 mod refund;
 mod run;
 mod status;
+mod transfer;
 
 use clap::{Parser, Subcommand};
 use sqlx::PgPool;
@@ -29,8 +32,19 @@ pub struct Cli {
     #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
     pub database_url: Option<String>,
 
+    /// Log lines as text (colour only on a terminal) or as JSON objects
+    /// (level, target, message, fields), one per line, on stderr.
+    #[arg(long, env = "TRANSFER_WORKER_LOG_FORMAT", global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -53,6 +67,13 @@ pub enum Command {
     Outbox(outbox::OutboxCommand),
     /// Counts per state of transfers, refunds and outbox events.
     Status(status::StatusArgs),
+    /// Inspect one transfer.
+    #[command(subcommand)]
+    Transfer(transfer::TransferCommand),
+    /// Delete published events (and, only when asked, finished transfers) older than an age.
+    Prune(prune::PruneArgs),
+    /// Ask a running worker's admin server (/readyz by default); exit 0 on 200.
+    Probe(probe::ProbeArgs),
     /// An end-to-end run on the local services that shows the whole flow.
     Demo(demo::DemoArgs),
     /// The concurrency-strategy experiment (lost updates, retries, throughput).
@@ -78,6 +99,9 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Cancel(args) => cancel::run(&connect(&cli.database_url, 2).await?, args).await,
         Command::Outbox(cmd) => outbox::run(&connect(&cli.database_url, 2).await?, cmd).await,
         Command::Status(args) => status::run(&connect(&cli.database_url, 2).await?, args).await,
+        Command::Transfer(cmd) => transfer::run(&connect(&cli.database_url, 2).await?, cmd).await,
+        Command::Prune(args) => prune::run(&connect(&cli.database_url, 2).await?, args).await,
+        Command::Probe(args) => probe::run(args).await,
         Command::Demo(args) => demo::run(&cli.database_url, args).await,
         Command::Lab(args) => lab::run(&cli.database_url, args).await,
         Command::Bench(args) => bench::run(&cli.database_url, args).await,
@@ -104,6 +128,12 @@ pub(crate) fn print_json(value: &impl serde::Serialize) {
     use std::io::Write;
     let line = serde_json::to_string(value).expect("CLI output always serializes");
     let _ = writeln!(std::io::stdout(), "{line}");
+}
+
+/// Prints text on stdout, ignoring a reader that went away.
+pub(crate) fn print_text(text: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "{text}");
 }
 
 /// The process's exit code for an error.

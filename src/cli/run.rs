@@ -9,8 +9,10 @@ use clap::Args;
 use crate::db::SessionLimits;
 use crate::error::{Error, Result};
 use crate::health::Health;
+use crate::maintenance::MaintenanceConfig;
 use crate::outbox::relay::RelayConfig;
 use crate::outbox::sqs::{Publisher, SqsConfig};
+use crate::retention::PruneConfig;
 use crate::retry::RetryPolicy;
 use crate::transfer::apply::ApplyConfig;
 use crate::worker::{self, WorkerConfig};
@@ -77,7 +79,22 @@ pub struct RunArgs {
     /// ended by the server and its locks released.
     #[arg(long, env = "TRANSFER_WORKER_IDLE_IN_TRANSACTION_TIMEOUT_MS", default_value_t = 60_000)]
     pub idle_in_transaction_timeout_ms: u64,
-    /// Address of the admin HTTP server (/livez, /readyz, /healthz, /metrics).
+    /// Prune events published longer ago than this (30s, 15m, 12h, 7d; `off`: never).
+    #[arg(long, env = "TRANSFER_WORKER_PRUNE_PUBLISHED_OLDER_THAN", default_value = "7d", value_parser = parse_optional_age)]
+    pub prune_published_older_than: OptionalAge,
+    /// Also prune finished transfers applied longer ago than this whose events
+    /// are gone (`off`, the default: transfers are the ledger).
+    #[arg(long, env = "TRANSFER_WORKER_PRUNE_TRANSFERS_OLDER_THAN", default_value = "off", value_parser = parse_optional_age)]
+    pub prune_transfers_older_than: OptionalAge,
+    /// How often to prune, in ms (one replica at a time).
+    #[arg(long, env = "TRANSFER_WORKER_PRUNE_INTERVAL_MS", default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub prune_interval_ms: u64,
+    /// Token the console's actions (requeue) require when the admin address is
+    /// not loopback, as `Authorization: Bearer <token>` or the page's field.
+    /// Without it, a non-loopback console is read-only.
+    #[arg(long, env = "TRANSFER_WORKER_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<Secret>,
+    /// Address of the admin HTTP server (/, /livez, /readyz, /healthz, /metrics).
     #[arg(long, env = "TRANSFER_WORKER_ADMIN_ADDR", default_value = "127.0.0.1:9187")]
     pub admin_addr: SocketAddr,
 }
@@ -119,6 +136,13 @@ impl RunArgs {
             db_retry: retry,
             shutdown_timeout: Duration::from_millis(self.shutdown_timeout_ms),
             observer: None,
+            maintenance: MaintenanceConfig {
+                prune: PruneConfig {
+                    published_older_than: self.prune_published_older_than.0,
+                    transfers_older_than: self.prune_transfers_older_than.0,
+                },
+                prune_interval: Duration::from_millis(self.prune_interval_ms),
+            },
         })
     }
 
@@ -147,6 +171,34 @@ impl RunArgs {
             concurrency: self.relay_concurrency as usize,
         })
     }
+}
+
+/// A value never printed: `Debug` shows `***`.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        Ok(Secret(s.to_owned()))
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// An age, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptionalAge(pub Option<Duration>);
+
+fn parse_optional_age(text: &str) -> std::result::Result<OptionalAge, String> {
+    if text.trim().eq_ignore_ascii_case("off") {
+        return Ok(OptionalAge(None));
+    }
+    crate::retention::parse_age(text).map(|d| OptionalAge(Some(d))).map_err(|e| format!("{e}, or off"))
 }
 
 /// How long `run` waits at start for the queue to answer `GetQueueAttributes`.
@@ -189,7 +241,12 @@ pub async fn run(database_url: &Option<String>, args: RunArgs) -> Result<()> {
         health.sqs_answered(format!("queue answered GetQueueAttributes at start; FIFO: {}", info.fifo));
     }
     let admin_pool = crate::admin::pool(crate::db::parse_url(url)?);
-    let admin = tokio::spawn(crate::admin::serve(args.admin_addr, admin_pool.clone(), health.clone()));
+    let admin = tokio::spawn(crate::admin::serve(
+        args.admin_addr,
+        admin_pool.clone(),
+        health.clone(),
+        args.admin_token.as_ref().map(|t| t.0.clone()),
+    ));
     let result = worker::run_with_health(pool.clone(), publisher, config, health).await;
     admin.abort();
     // Connections still busy (an abandoned query) are not waited for: the

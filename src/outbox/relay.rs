@@ -39,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::Result;
 use crate::health::Health;
+use crate::metrics::metrics;
 use crate::outbox::sqs::{escape_for_sqs, Delivery, Outgoing, Publisher};
 use crate::outbox::EventBody;
 use crate::retry::RetryPolicy;
@@ -108,6 +109,10 @@ pub struct ClaimedEvent {
     pub occurred_at: String,
     pub attempts: i32,
     pub transient_failures: i32,
+    /// When it was written (Unix seconds), for the publish-age metric.
+    pub occurred_epoch: f64,
+    /// The transfer's trace context, if its producer gave one.
+    pub traceparent: Option<String>,
 }
 
 /// The events of one claim, and the lease that identifies it.
@@ -199,9 +204,11 @@ impl Relay {
                UPDATE outbox o SET claimed_until = now() + $2 * interval '1 millisecond'
                  FROM heads h
                 WHERE o.id = h.id
-            RETURNING o.id, o.event_id::text AS "event_id!", o.transfer_id, o.event_type,
+            RETURNING (SELECT t.traceparent FROM transfers t WHERE t.id = o.transfer_id) AS traceparent,
+                      o.id, o.event_id::text AS "event_id!", o.transfer_id, o.event_type,
                       o.data::text AS "data!", o.attempts, o.transient_failures,
                       o.claimed_until::text AS "lease!",
+                      extract(epoch FROM o.occurred_at)::float8 AS "occurred_epoch!",
                       to_char(o.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS "occurred_at!""#,
             self.config.batch_size,
             lease_ms
@@ -220,6 +227,8 @@ impl Relay {
                 occurred_at: r.occurred_at,
                 attempts: r.attempts,
                 transient_failures: r.transient_failures,
+                occurred_epoch: r.occurred_epoch,
+                traceparent: r.traceparent,
             })
             .collect();
         events.sort_by_key(|e| e.id);
@@ -240,6 +249,7 @@ impl Relay {
         let mut counts = RelayCounts { claimed: claim.events.len(), ..Default::default() };
         let lease = claim.lease.as_str();
         let mut published = Vec::new();
+        let mut rejected_codes: HashMap<i64, String> = HashMap::new();
         let (mut rejected_ids, mut rejected_errors, mut rejected_delays) = (Vec::new(), Vec::new(), Vec::new());
         let (mut deferred_ids, mut deferred_errors, mut deferred_delays) = (Vec::new(), Vec::new(), Vec::new());
         let (mut unavailable_ids, mut unavailable_errors) = (Vec::new(), Vec::new());
@@ -247,18 +257,20 @@ impl Relay {
             match outcomes.get(&e.id) {
                 Some(Delivery::Sent) => published.push(e.id),
                 Some(Delivery::Rejected(err)) => {
+                    rejected_codes.insert(e.id, err.code.clone());
                     rejected_ids.push(e.id);
                     rejected_errors.push(err.to_string());
                     let attempt = e.attempts as u32 + 1;
                     rejected_delays.push(self.config.rejection_retry.delay_for_attempt(attempt).as_millis() as i64);
-                    tracing::warn!(outbox_id = e.id, transfer_id = e.transfer_id, error = %err, "SQS refused an event");
+                    tracing::warn!(outbox_id = e.id, event_id = %e.event_id, transfer_id = e.transfer_id, error = %err, "SQS refused an event");
                 }
                 Some(Delivery::Deferred(err)) => {
+                    metrics().event_deferred(&err.code);
                     deferred_ids.push(e.id);
                     deferred_errors.push(format!("{err} (not the message's fault: retried, not counted)"));
                     let n = e.transient_failures as u32 + 1;
                     deferred_delays.push(self.config.outage_retry.delay_for_attempt(n).as_millis() as i64);
-                    tracing::warn!(outbox_id = e.id, transfer_id = e.transfer_id, error = %err, "SQS failed an event; retrying it later");
+                    tracing::warn!(outbox_id = e.id, event_id = %e.event_id, transfer_id = e.transfer_id, error = %err, "SQS failed an event; retrying it later");
                 }
                 Some(Delivery::Unavailable(msg)) => {
                     unavailable_ids.push(e.id);
@@ -280,22 +292,23 @@ impl Relay {
 
         let mut tx = self.pool.begin().await?;
         let mut recorded = 0;
+        let mut published_now: Vec<i64> = Vec::new();
         if !published.is_empty() {
-            let n = sqlx::query!(
+            published_now = sqlx::query_scalar!(
                 "UPDATE outbox SET state = 'published', published_at = now(), last_error = NULL, claimed_until = NULL
-                  WHERE id = ANY($1) AND state = 'pending' AND claimed_until = $2::text::timestamptz",
+                  WHERE id = ANY($1) AND state = 'pending' AND claimed_until = $2::text::timestamptz
+              RETURNING id",
                 &published,
                 lease
             )
-            .execute(&mut *tx)
-            .await?
-            .rows_affected() as usize;
-            counts.published = n;
-            recorded += n;
+            .fetch_all(&mut *tx)
+            .await?;
+            counts.published = published_now.len();
+            recorded += published_now.len();
         }
 
         if !rejected_ids.is_empty() {
-            let states = sqlx::query_scalar!(
+            let rows = sqlx::query!(
                 "UPDATE outbox o
                     SET attempts = o.attempts + 1,
                         last_error = r.error,
@@ -304,7 +317,7 @@ impl Relay {
                         claimed_until = NULL
                    FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS r(id, error, delay_ms)
                   WHERE o.id = r.id AND o.state = 'pending' AND o.claimed_until = $5::text::timestamptz
-              RETURNING o.state",
+              RETURNING o.id, o.state",
                 &rejected_ids,
                 &rejected_errors,
                 &rejected_delays,
@@ -313,9 +326,20 @@ impl Relay {
             )
             .fetch_all(&mut *tx)
             .await?;
-            counts.dead = states.iter().filter(|s| *s == "dead").count();
-            counts.rejected = states.len() - counts.dead;
-            recorded += states.len();
+            counts.dead = rows.iter().filter(|r| r.state == "dead").count();
+            counts.rejected = rows.len() - counts.dead;
+            recorded += rows.len();
+            for r in &rows {
+                let code = rejected_codes.get(&r.id).map(String::as_str).unwrap_or("");
+                metrics().event_rejected(code, r.state == "dead");
+                if r.state == "dead" {
+                    tracing::error!(
+                        outbox_id = r.id,
+                        code,
+                        "event is dead after too many rejections; `outbox requeue` once fixed"
+                    );
+                }
+            }
         }
 
         if !deferred_ids.is_empty() {
@@ -361,6 +385,13 @@ impl Relay {
 
         tx.commit().await?;
         self.open_leases.lock().expect("lease set").remove(&claim.lease);
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        let written: HashMap<i64, f64> = claim.events.iter().map(|e| (e.id, e.occurred_epoch)).collect();
+        for id in &published_now {
+            let age = now - written.get(id).copied().unwrap_or(now);
+            metrics().event_published(Duration::from_secs_f64(age.max(0.0)));
+        }
         counts.lost_lease = claim.events.len() - recorded;
         if counts.lost_lease > 0 {
             tracing::warn!(
@@ -398,6 +429,9 @@ impl Relay {
             Ok(c) if c.claimed as i64 >= self.config.batch_size => Pass::Busy,
             Ok(_) => Pass::Idle,
             Err(e) => {
+                if let crate::Error::Database(db_err) = &e {
+                    metrics().db_retry(crate::db::sqlstate(db_err).as_deref());
+                }
                 tracing::warn!(error = %e, "relay pass failed; will retry");
                 Pass::Unavailable
             }
@@ -433,5 +467,6 @@ fn to_outgoing(e: &ClaimedEvent) -> Outgoing {
         event_id: e.event_id.clone(),
         event_type: e.event_type.clone(),
         body: escape_for_sqs(&json).into_owned(),
+        traceparent: e.traceparent.clone(),
     }
 }

@@ -38,6 +38,10 @@ pub const MAX_MESSAGE_BYTES: usize = 1_048_576;
 /// The String message attribute every message carries.
 pub const EVENT_TYPE_ATTRIBUTE: &str = "event_type";
 
+/// The String message attribute carrying the producer's W3C trace context,
+/// when the transfer has one.
+pub const TRACEPARENT_ATTRIBUTE: &str = "traceparent";
+
 /// One event ready to send. `body` and the attribute values must already be
 /// valid for SQS (see [`escape_for_sqs`]).
 #[derive(Debug, Clone)]
@@ -48,12 +52,16 @@ pub struct Outgoing {
     pub event_id: String,
     pub event_type: String,
     pub body: String,
+    /// The producer's trace context, sent as the `traceparent` attribute.
+    pub traceparent: Option<String>,
 }
 
 impl Outgoing {
-    /// The size SQS counts for this message: body plus attribute name, type and value.
+    /// The size SQS counts for this message: body plus each attribute's name,
+    /// type and value.
     fn size(&self) -> usize {
-        self.body.len() + EVENT_TYPE_ATTRIBUTE.len() + "String".len() + self.event_type.len()
+        let trace = self.traceparent.as_ref().map(|t| TRACEPARENT_ATTRIBUTE.len() + "String".len() + t.len());
+        self.body.len() + EVENT_TYPE_ATTRIBUTE.len() + "String".len() + self.event_type.len() + trace.unwrap_or(0)
     }
 }
 
@@ -329,6 +337,16 @@ impl Publisher {
                         .build()
                         .expect("data_type is set"),
                 );
+            if let Some(tp) = &e.traceparent {
+                entry = entry.message_attributes(
+                    TRACEPARENT_ATTRIBUTE,
+                    MessageAttributeValue::builder()
+                        .data_type("String")
+                        .string_value(escape_for_sqs(tp))
+                        .build()
+                        .expect("data_type is set"),
+                );
+            }
             if self.fifo {
                 // Per-transfer order on a FIFO queue; SQS drops a resend of the
                 // same event_id within its 5-minute deduplication window.
@@ -337,8 +355,15 @@ impl Publisher {
             entries.push(entry.build().expect("id and body are set"));
         }
 
+        let started = std::time::Instant::now();
         let result =
             self.client.send_message_batch().queue_url(&self.queue_url).set_entries(Some(entries)).send().await;
+        let call_result = match &result {
+            Ok(_) => "ok",
+            Err(e) if e.code().is_some_and(|c| c.contains("Throttl")) => "throttled",
+            Err(_) => "unavailable",
+        };
+        crate::metrics::metrics().sqs_call(call_result, started.elapsed());
         match result {
             Ok(out) => {
                 let mut outcomes: HashMap<i64, Delivery> = HashMap::with_capacity(batch.len());
@@ -427,6 +452,7 @@ mod tests {
             event_id: id.to_string(),
             event_type: "transfer.succeeded".into(),
             body: "x".repeat(body_len),
+            traceparent: None,
         }
     }
 

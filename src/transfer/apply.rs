@@ -39,6 +39,7 @@ use tokio::sync::Notify;
 
 use crate::db::{self, Fault};
 use crate::error::{Error, Result};
+use crate::metrics::metrics;
 use crate::retry::RetryPolicy;
 use crate::transfer::reason;
 
@@ -112,6 +113,16 @@ pub enum Step {
     Refund,
 }
 
+impl Step {
+    /// For logs and metric labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::Transfer => "transfer",
+            Step::Refund => "refund",
+        }
+    }
+}
+
 // Each step's statements, compile-time checked. The two steps' SQL differs
 // only in who pays whom (transfer: from -> to `amount`; refund: to -> from
 // `refund_amount`), the waiting-state guard, and the columns a finish sets.
@@ -123,7 +134,8 @@ impl Step {
                 sqlx::query_as!(
                     Claimed,
                     r#"SELECT id, from_account AS debit_account, to_account AS credit_account, amount,
-                              to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS "day!"
+                              to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS "day!",
+                              extract(epoch FROM created_at)::float8 AS "created_epoch!"
                          FROM transfers
                         WHERE status = 'PENDING' AND next_attempt_at <= now() AND id >= $2
                         ORDER BY id
@@ -140,7 +152,8 @@ impl Step {
                     Claimed,
                     r#"SELECT id, to_account AS debit_account, from_account AS credit_account,
                               refund_amount AS "amount!",
-                              to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS "day!"
+                              to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS "day!",
+                              extract(epoch FROM created_at)::float8 AS "created_epoch!"
                          FROM transfers
                         WHERE refund_status = 'REQUESTED' AND next_attempt_at <= now() AND id >= $2
                         ORDER BY id
@@ -162,7 +175,8 @@ impl Step {
                 sqlx::query_as!(
                     Claimed,
                     r#"SELECT id, from_account AS debit_account, to_account AS credit_account, amount,
-                              to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS "day!"
+                              to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS "day!",
+                              extract(epoch FROM created_at)::float8 AS "created_epoch!"
                          FROM transfers
                         WHERE id = $1 AND status = 'PENDING'
                           FOR NO KEY UPDATE SKIP LOCKED"#,
@@ -176,7 +190,8 @@ impl Step {
                     Claimed,
                     r#"SELECT id, to_account AS debit_account, from_account AS credit_account,
                               refund_amount AS "amount!",
-                              to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS "day!"
+                              to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS "day!",
+                              extract(epoch FROM created_at)::float8 AS "created_epoch!"
                          FROM transfers
                         WHERE id = $1 AND refund_status = 'REQUESTED'
                           FOR NO KEY UPDATE SKIP LOCKED"#,
@@ -327,6 +342,8 @@ struct Claimed {
     amount: i64,
     /// The UTC day the transfer was accepted on, for daily limits.
     day: String,
+    /// When it was inserted (Unix seconds), for the enqueue -> applied metric.
+    created_epoch: f64,
 }
 
 #[derive(Debug)]
@@ -472,6 +489,7 @@ impl Applier {
 
     /// Claims and applies one batch of `step`.
     pub async fn run_step(&self, step: Step) -> Result<ApplyCounts> {
+        let started = Instant::now();
         let mut tx = self.pool.begin().await?;
         // SKIP LOCKED: a row another worker holds is simply not ours this time.
         let claimed = step.claim(&mut tx, self.config.batch_size, self.floor(step)).await?;
@@ -484,11 +502,11 @@ impl Applier {
         let locking =
             if self.config.max_skips == 0 { Locking::Wait } else { Locking::SkipLocked { must_wait: &must_wait } };
         match apply_claimed(&mut tx, step, &claimed, locking).await {
-            Ok((counts, skipped)) => {
+            Ok(applied) => {
                 tx.commit().await?;
-                self.committed(step, || claimed.iter().map(|t| t.id).filter(|id| !skipped.contains(id)).collect());
-                self.note_skips(step, &claimed, &skipped);
-                Ok(counts)
+                self.committed(step, &applied.finished, started);
+                self.note_skips(step, &claimed, &applied.skipped);
+                Ok(applied.counts)
             }
             Err(e) => match fault(&e) {
                 // The database itself is in trouble: nothing a row did; the
@@ -499,6 +517,11 @@ impl Applier {
                 // concerned are held back and the others go through.
                 Fault::Row | Fault::Contention => {
                     tx.rollback().await?;
+                    if let Error::Database(db_err) = &e {
+                        if db::fault(db_err) == Fault::Contention {
+                            metrics().db_retry(db::sqlstate(db_err).as_deref());
+                        }
+                    }
                     tracing::warn!(error = %e, ?step, rows = claimed.len(), "batch failed; applying its rows one by one");
                     let mut counts = ApplyCounts::default();
                     for t in &claimed {
@@ -516,15 +539,16 @@ impl Applier {
     /// timeout, a statement timeout, a deadlock), the row is only put off,
     /// never counted: it is not the transfer's fault.
     async fn apply_alone(&self, step: Step, id: i64) -> Result<ApplyCounts> {
+        let started = Instant::now();
         let mut tx = self.pool.begin().await?;
         let Some(t) = step.claim_one(&mut tx, id).await? else {
             return Ok(ApplyCounts::default()); // another worker has it, or it is done
         };
         match apply_claimed(&mut tx, step, std::slice::from_ref(&t), Locking::Wait).await {
-            Ok((counts, _)) => {
+            Ok(applied) => {
                 tx.commit().await?;
-                self.committed(step, || vec![t.id]);
-                Ok(counts)
+                self.committed(step, &applied.finished, started);
+                Ok(applied.counts)
             }
             Err(e) => match fault(&e) {
                 Fault::Unavailable => Err(e),
@@ -571,18 +595,48 @@ impl Applier {
         self
     }
 
-    /// After a commit that moved `ids` out of `step`'s waiting state.
-    fn committed(&self, step: Step, ids: impl FnOnce() -> Vec<i64>) {
+    /// After a commit that moved `finished` out of `step`'s waiting state:
+    /// wakes the relay, reports to the observer, counts in the metrics, and
+    /// at debug level logs the ids.
+    fn committed(&self, step: Step, finished: &[Finished], started: Instant) {
+        if finished.is_empty() {
+            return;
+        }
         if let Some(n) = &self.events_written {
             n.notify_one();
         }
+        let now = std::time::SystemTime::now();
         if let Some(o) = &self.observer {
-            let _ = o.send(Committed { step, ids: ids(), at: std::time::SystemTime::now() });
+            let _ = o.send(Committed { step, ids: finished.iter().map(|f| f.id).collect(), at: now });
+        }
+        let m = metrics();
+        m.apply_batch(step.name(), finished.len(), started.elapsed());
+        let now_epoch = now.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        for f in finished {
+            let (outcome, reason) = match (step, f.outcome) {
+                (Step::Transfer, Outcome::Succeeded) => ("succeeded", None),
+                (Step::Refund, Outcome::Succeeded) => ("completed", None),
+                (_, Outcome::Failed(r)) => ("failed", Some(r)),
+            };
+            match step {
+                Step::Transfer => {
+                    m.transfer_finished(outcome, reason);
+                    m.applied_after(Duration::from_secs_f64((now_epoch - f.created_epoch).max(0.0)));
+                }
+                Step::Refund => m.refund_finished(outcome, reason),
+            }
+        }
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let ids: Vec<i64> = finished.iter().map(|f| f.id).collect();
+            tracing::debug!(step = step.name(), transfer_ids = ?ids, took_ms = started.elapsed().as_secs_f64() * 1e3, "batch applied");
         }
     }
 
     /// Retries a row that met contention later, without counting an attempt.
     async fn put_off(&self, step: Step, t: &Claimed, err: &Error) -> Result<ApplyCounts> {
+        if let Error::Database(db_err) = err {
+            metrics().db_retry(db::sqlstate(db_err).as_deref());
+        }
         let delay = self.config.retry.delay_for_attempt(CONTENTION_RETRY_ATTEMPT);
         tracing::warn!(transfer_id = t.id, ?step, retry_in = ?delay, error = %err, "contention; put off, not counted");
         let mut conn = self.pool.acquire().await?;
@@ -602,9 +656,15 @@ impl Applier {
         let mut counts = ApplyCounts { claimed: 1, ..Default::default() };
         if attempt >= self.config.max_attempts {
             tracing::error!(transfer_id = t.id, ?step, attempt, error = %err, "failed for good after repeated errors");
+            let started = Instant::now();
             counts.failed = finish(&mut tx, step, &[(t.id, Outcome::Failed(reason::PROCESSING_ERROR))]).await?;
             tx.commit().await?;
-            self.committed(step, || vec![t.id]);
+            let failed = Finished {
+                id: t.id,
+                outcome: Outcome::Failed(reason::PROCESSING_ERROR),
+                created_epoch: t.created_epoch,
+            };
+            self.committed(step, &[failed], started);
             return Ok(counts);
         } else {
             let delay = self.config.retry.delay_for_attempt(attempt as u32);
@@ -648,14 +708,12 @@ enum Locking<'a> {
 }
 
 /// Steps 2 to 4 for rows claimed (locked) by the caller's transaction.
-/// Returns the counts and the ids of the rows skipped because another
-/// transaction held one of their accounts.
 async fn apply_claimed(
     conn: &mut PgConnection,
     step: Step,
     claimed: &[Claimed],
     locking: Locking<'_>,
-) -> Result<(ApplyCounts, Vec<i64>)> {
+) -> Result<Applied> {
     let accounts_of = |rows: &mut dyn Iterator<Item = &Claimed>| {
         let mut ids: Vec<i64> = rows.flat_map(|t| [t.debit_account, t.credit_account]).collect();
         ids.sort_unstable();
@@ -713,7 +771,8 @@ async fn apply_claimed(
     };
     let skipped: Vec<i64> = skipped.into_iter().map(|t| t.id).collect();
     if ready.is_empty() {
-        return Ok((ApplyCounts { claimed: claimed.len(), skipped: skipped.len(), ..Default::default() }, skipped));
+        let counts = ApplyCounts { claimed: claimed.len(), skipped: skipped.len(), ..Default::default() };
+        return Ok(Applied { counts, skipped, finished: Vec::new() });
     }
     let claimed = ready.as_slice();
 
@@ -758,7 +817,29 @@ async fn apply_claimed(
         skipped: skipped.len(),
         ..Default::default()
     };
-    Ok((counts, skipped))
+    let finished = plan
+        .outcomes
+        .iter()
+        .zip(claimed)
+        .map(|((id, outcome), t)| Finished { id: *id, outcome: *outcome, created_epoch: t.created_epoch })
+        .collect();
+    Ok(Applied { counts, skipped, finished })
+}
+
+/// What [`apply_claimed`] did, for the caller to commit and report.
+struct Applied {
+    counts: ApplyCounts,
+    /// Rows left PENDING because another transaction held one of their accounts.
+    skipped: Vec<i64>,
+    finished: Vec<Finished>,
+}
+
+/// A row moved out of its waiting state.
+#[derive(Debug, Clone, Copy)]
+struct Finished {
+    id: i64,
+    outcome: Outcome,
+    created_epoch: f64,
 }
 
 /// Moves rows out of the step's waiting state and writes one outbox event
@@ -899,7 +980,7 @@ mod tests {
     use super::*;
 
     fn t(id: i64, from: i64, to: i64, amount: i64) -> Claimed {
-        Claimed { id, debit_account: from, credit_account: to, amount, day: "2026-11-22".into() }
+        Claimed { id, debit_account: from, credit_account: to, amount, day: "2026-11-22".into(), created_epoch: 0.0 }
     }
 
     fn acct(id: i64, balance: i64, daily_limit: Option<i64>) -> LockedAccount {

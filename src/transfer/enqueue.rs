@@ -16,7 +16,7 @@ use sqlx::{Acquire, PgConnection, Postgres};
 use crate::account::AccountId;
 use crate::db;
 use crate::error::{Error, Result};
-use crate::transfer::{Amount, IdempotencyKey, TransferId};
+use crate::transfer::{Amount, IdempotencyKey, TraceParent, TransferId};
 
 /// A transfer to enqueue, with typed, already-validated values.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +26,8 @@ pub struct NewTransfer {
     pub amount: Amount,
     /// `None` generates a fresh key (`auto-<random hex>`): no idempotency.
     pub key: Option<IdempotencyKey>,
+    /// The producer's trace context, carried by every event of the transfer.
+    pub traceparent: Option<TraceParent>,
 }
 
 impl NewTransfer {
@@ -34,7 +36,14 @@ impl NewTransfer {
         if from == to {
             return Err(Error::invalid(format!("from and to must be different accounts, both are {from}")));
         }
-        Ok(NewTransfer { from, to, amount, key })
+        Ok(NewTransfer { from, to, amount, key, traceparent: None })
+    }
+
+    /// Attaches the producer's W3C trace context: the events published for
+    /// this transfer carry it (SQS message attribute `traceparent`).
+    pub fn with_traceparent(mut self, traceparent: Option<TraceParent>) -> Self {
+        self.traceparent = traceparent;
+        self
     }
 
     fn key_or_generated(&self) -> String {
@@ -115,9 +124,11 @@ async fn insert(conn: &mut PgConnection, items: &[Item<'_>]) -> Result<Vec<Enque
         let from: Vec<i64> = chunk.iter().map(|i| i.transfer.from.0).collect();
         let to: Vec<i64> = chunk.iter().map(|i| i.transfer.to.0).collect();
         let amounts: Vec<i64> = chunk.iter().map(|i| i.transfer.amount.get()).collect();
+        let traceparents: Vec<Option<String>> =
+            chunk.iter().map(|i| i.transfer.traceparent.as_ref().map(|t| t.as_str().to_owned())).collect();
         let rows = sqlx::query!(
-            r#"INSERT INTO transfers AS t (idempotency_key, from_account, to_account, amount)
-               SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[])
+            r#"INSERT INTO transfers AS t (idempotency_key, from_account, to_account, amount, traceparent)
+               SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::text[])
                ON CONFLICT (idempotency_key) DO UPDATE
                    SET idempotency_key = EXCLUDED.idempotency_key
                    WHERE t.from_account = EXCLUDED.from_account
@@ -127,7 +138,8 @@ async fn insert(conn: &mut PgConnection, items: &[Item<'_>]) -> Result<Vec<Enque
             &keys,
             &from,
             &to,
-            &amounts
+            &amounts,
+            &traceparents as &[Option<String>]
         )
         .fetch_all(&mut *conn)
         .await?;
@@ -264,6 +276,8 @@ struct BulkLine {
     amount: i64,
     #[serde(default)]
     key: Option<String>,
+    #[serde(default)]
+    traceparent: Option<String>,
 }
 
 /// Parses JSON lines into transfers. Blank lines are skipped; any bad line
@@ -281,8 +295,10 @@ pub fn parse_bulk(input: &str) -> Result<Vec<(usize, NewTransfer)>> {
             serde_json::from_str(line).map_err(|e| bad(format!("not a valid transfer object ({e})")))?;
         let amount = Amount::new(raw.amount).map_err(bad)?;
         let key = raw.key.map(IdempotencyKey::new).transpose().map_err(bad)?;
-        let t =
-            NewTransfer::new(AccountId(raw.from), AccountId(raw.to), amount, key).map_err(|e| bad(e.to_string()))?;
+        let traceparent = raw.traceparent.as_deref().map(TraceParent::new).transpose().map_err(bad)?;
+        let t = NewTransfer::new(AccountId(raw.from), AccountId(raw.to), amount, key)
+            .map_err(|e| bad(e.to_string()))?
+            .with_traceparent(traceparent);
         if let Some(k) = &t.key {
             // The same key twice in one file: the same transfer, or an error.
             if let Some(&earlier) = keys.get(k.as_str()) {

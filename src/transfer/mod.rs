@@ -21,6 +21,7 @@ pub mod apply;
 pub mod cancel;
 pub mod enqueue;
 pub mod refund;
+pub mod show;
 
 use std::fmt;
 use std::str::FromStr;
@@ -122,6 +123,50 @@ impl fmt::Display for IdempotencyKey {
     }
 }
 
+/// A W3C trace context, as a producer sends it in its `traceparent` header:
+/// `version-traceid-parentid-flags` (`00-<32 hex>-<16 hex>-<2 hex>`).
+/// <https://www.w3.org/TR/trace-context/#traceparent-header>
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct TraceParent(String);
+
+impl TraceParent {
+    pub fn new(value: &str) -> Result<Self, String> {
+        let bad =
+            || format!("traceparent must look like 00-<32 hex>-<16 hex>-<2 hex> (W3C trace context), got {value:?}");
+        let parts: Vec<&str> = value.split('-').collect();
+        let hex =
+            |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        match parts.as_slice() {
+            [version, trace, parent, flags]
+                if hex(version, 2) && *version != "ff" && hex(trace, 32) && hex(parent, 16) && hex(flags, 2) =>
+            {
+                if trace.bytes().all(|b| b == b'0') || parent.bytes().all(|b| b == b'0') {
+                    return Err(bad());
+                }
+                Ok(TraceParent(value.to_owned()))
+            }
+            _ => Err(bad()),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The trace this belongs to (the 32 hex digits).
+    pub fn trace_id(&self) -> &str {
+        &self.0[3..35]
+    }
+}
+
+impl FromStr for TraceParent {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        TraceParent::new(s.trim())
+    }
+}
+
 /// `transfers.status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -196,4 +241,26 @@ pub mod reason {
     pub const INSUFFICIENT_FUNDS: &str = "insufficient_funds";
     pub const DAILY_LIMIT_EXCEEDED: &str = "daily_limit_exceeded";
     pub const PROCESSING_ERROR: &str = "processing_error";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_traceparent_is_the_w3c_format() {
+        let ok = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(TraceParent::new(ok).unwrap().trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+        ] {
+            assert!(TraceParent::new(bad).is_err(), "{bad:?}");
+        }
+    }
 }

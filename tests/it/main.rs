@@ -3,10 +3,13 @@
 
 mod admin;
 mod apply;
+mod browser;
 mod cli;
+mod container;
 mod enqueue;
 mod experiments;
 mod helpers;
+mod operating;
 mod processes;
 mod relay;
 mod requests;

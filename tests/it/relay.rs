@@ -474,6 +474,7 @@ async fn sqs_refusing_one_entry_backs_off_that_event_only_never_the_pass() {
         event_id: "e-1".into(),
         event_type: "transfer.succeeded".into(),
         body: "{\"k\":\"\u{FFFF}\"}".into(),
+        traceparent: None,
     };
     let fine = transfer_worker::outbox::sqs::Outgoing { outbox_id: 2, body: "{}".into(), ..poisoned.clone() };
     let outcomes = publisher.publish(&[poisoned, fine]).await;

@@ -1,0 +1,36 @@
+//! `prune [--published-older-than D] [--transfers-older-than D]`.
+
+use clap::Args;
+use sqlx::PgPool;
+
+use crate::cli::print_json;
+use crate::error::{Error, Result};
+use crate::retention::{parse_age, prune, Cursors, PruneConfig};
+
+/// Deletes published events older than an age, and, only when asked,
+/// finished transfers older than an age whose events are all gone, in small
+/// batches. Prints {"published_events":n,"transfers":n,"daily_totals":n}.
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// Delete events published longer ago than this (30s, 15m, 12h, 7d).
+    #[arg(long, value_parser = parse_age)]
+    published_older_than: Option<std::time::Duration>,
+    /// Also delete finished transfers (SUCCEEDED, FAILED, CANCELLED, no refund
+    /// under way) applied longer ago than this whose events are all gone.
+    /// Transfers are the ledger: never deleted unless asked.
+    #[arg(long, value_parser = parse_age)]
+    transfers_older_than: Option<std::time::Duration>,
+}
+
+pub async fn run(pool: &PgPool, args: PruneArgs) -> Result<()> {
+    if args.published_older_than.is_none() && args.transfers_older_than.is_none() {
+        return Err(Error::invalid("prune needs --published-older-than and/or --transfers-older-than"));
+    }
+    let config = PruneConfig {
+        published_older_than: args.published_older_than,
+        transfers_older_than: args.transfers_older_than,
+    };
+    let pruned = prune(pool, config, &mut Cursors::default()).await?;
+    print_json(&pruned);
+    Ok(())
+}

@@ -1,0 +1,213 @@
+//! Retention: `prune` deletes published events older than an age, and (only
+//! when asked) finished transfers older than an age whose events are all gone.
+//!
+//! Transfers are the ledger: nothing prunes them unless told to. Events are
+//! only a delivery buffer once published; the worker prunes those older than
+//! `--prune-published-older-than` (default 7 days) every
+//! `--prune-interval-ms`, one replica at a time (a session advisory lock).
+//!
+//! Deletes go in small batches walked in id order, each its own short
+//! statement: no long lock, nothing a concurrent writer waits for, and the
+//! space is reused by the next inserts once vacuum has passed. Every delete
+//! carries its guard (published and old enough; finished, old enough, no
+//! refund under way, no event left), checked on the row as it is deleted.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use sqlx::PgPool;
+
+use crate::error::Result;
+
+/// Rows looked at per statement.
+pub const BATCH: i64 = 1_000;
+
+/// What to prune.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PruneConfig {
+    /// Published events whose publication is older than this.
+    pub published_older_than: Option<Duration>,
+    /// Finished transfers, applied longer ago than this, whose events are all gone.
+    pub transfers_older_than: Option<Duration>,
+}
+
+/// What `prune` deleted (printed as JSON).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct Pruned {
+    pub published_events: u64,
+    pub transfers: u64,
+    /// Daily-limit running totals of days no limit check can ask about any more.
+    pub daily_totals: u64,
+}
+
+/// Where the next walk of each table may start: every row below it was
+/// looked at and deleted. Kept by the worker between runs so that a run does
+/// not walk again over what earlier runs cleared.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Cursors {
+    pub events: i64,
+    pub transfers: i64,
+}
+
+/// Parses an age: a whole number and a unit, `s`, `m`, `h` or `d` (`30s`,
+/// `15m`, `12h`, `7d`).
+pub fn parse_age(text: &str) -> std::result::Result<Duration, String> {
+    let t = text.trim();
+    let bad = || format!("an age is a whole number and a unit (s, m, h, d), like 30s, 15m, 12h or 7d; got {text:?}");
+    let unit = t.chars().last().ok_or_else(bad)?;
+    let n: u64 = t[..t.len() - unit.len_utf8()].parse().map_err(|_| bad())?;
+    let secs = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3_600,
+        'd' => 86_400,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(secs).filter(|s| *s <= 100 * 365 * 86_400).map(Duration::from_secs).ok_or_else(bad)
+}
+
+/// Prunes what `config` asks for, starting the walks at `cursors` (zero for
+/// a full walk) and moving them on.
+pub async fn prune(pool: &PgPool, config: PruneConfig, cursors: &mut Cursors) -> Result<Pruned> {
+    let mut pruned = Pruned::default();
+    if let Some(age) = config.published_older_than {
+        pruned.published_events = prune_events(pool, age, &mut cursors.events).await?;
+    }
+    if let Some(age) = config.transfers_older_than {
+        pruned.transfers = prune_transfers(pool, age, &mut cursors.transfers).await?;
+    }
+    // The enqueue check asks about today; the apply check about the day a
+    // pending transfer was accepted on. Two days back is more than either needs
+    // while a transfer waits; older totals are never read again.
+    pruned.daily_totals = sqlx::query!("DELETE FROM daily_spent WHERE day < (now() AT TIME ZONE 'UTC')::date - 2")
+        .execute(pool)
+        .await?
+        .rows_affected();
+    Ok(pruned)
+}
+
+fn seconds(age: Duration) -> f64 {
+    age.as_secs_f64()
+}
+
+/// Deletes published events older than `age`. Stops at the first batch whose
+/// events were all written after the cutoff (nothing further can be old
+/// enough). The cursor moves past a batch only when all of it is gone.
+async fn prune_events(pool: &PgPool, age: Duration, cursor: &mut i64) -> Result<u64> {
+    let mut deleted = 0;
+    let mut from = *cursor;
+    let mut all_gone_so_far = true;
+    loop {
+        let r = sqlx::query!(
+            r#"WITH batch AS (
+                   SELECT id, occurred_at FROM outbox WHERE id > $1 ORDER BY id LIMIT $2
+               ), gone AS (
+                   DELETE FROM outbox o USING batch b
+                    WHERE o.id = b.id AND o.state = 'published'
+                      AND o.published_at < now() - $3 * interval '1 second'
+                RETURNING o.id
+               )
+               SELECT (SELECT max(id) FROM batch) AS "last",
+                      (SELECT count(*) FROM batch) AS "seen!",
+                      (SELECT count(*) FROM gone) AS "deleted!",
+                      (SELECT bool_and(occurred_at >= now() - $3 * interval '1 second') FROM batch) AS "all_young""#,
+            from,
+            BATCH,
+            seconds(age)
+        )
+        .fetch_one(pool)
+        .await?;
+        deleted += r.deleted as u64;
+        let Some(last) = r.last else { break };
+        all_gone_so_far &= r.deleted == r.seen;
+        if all_gone_so_far {
+            *cursor = last;
+        }
+        if r.all_young.unwrap_or(true) {
+            break;
+        }
+        from = last;
+    }
+    Ok(deleted)
+}
+
+/// Deletes finished transfers applied (and refunded, if they were) longer
+/// ago than `age` that have no event left. Transfers are walked to the end:
+/// ids follow creation, not completion.
+async fn prune_transfers(pool: &PgPool, age: Duration, cursor: &mut i64) -> Result<u64> {
+    let mut deleted = 0;
+    let mut from = *cursor;
+    let mut all_gone_so_far = true;
+    loop {
+        let r = sqlx::query!(
+            r#"WITH batch AS (
+                   SELECT id FROM transfers WHERE id > $1 ORDER BY id LIMIT $2
+               ), gone AS (
+                   DELETE FROM transfers t USING batch b
+                    WHERE t.id = b.id
+                      AND t.status IN ('SUCCEEDED', 'FAILED', 'CANCELLED')
+                      AND t.refund_status <> 'REQUESTED'
+                      AND COALESCE(t.refund_applied_at, t.applied_at) < now() - $3 * interval '1 second'
+                      AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.transfer_id = t.id)
+                RETURNING t.id
+               )
+               SELECT (SELECT max(id) FROM batch) AS "last",
+                      (SELECT count(*) FROM batch) AS "seen!",
+                      (SELECT count(*) FROM gone) AS "deleted!""#,
+            from,
+            BATCH,
+            seconds(age)
+        )
+        .fetch_one(pool)
+        .await?;
+        deleted += r.deleted as u64;
+        let Some(last) = r.last else { break };
+        all_gone_so_far &= r.deleted == r.seen;
+        if all_gone_so_far {
+            *cursor = last;
+        }
+        from = last;
+    }
+    Ok(deleted)
+}
+
+/// Runs [`prune`] unless another replica is pruning right now (a session
+/// advisory lock, held on one connection for the whole run). `None`: skipped.
+pub async fn prune_exclusively(pool: &PgPool, config: PruneConfig, cursors: &mut Cursors) -> Result<Option<Pruned>> {
+    let mut lock = pool.acquire().await?;
+    let got =
+        sqlx::query_scalar!(r#"SELECT pg_try_advisory_lock(hashtextextended('transfer-worker:prune', 0)) AS "got!""#)
+            .fetch_one(&mut *lock)
+            .await?;
+    if !got {
+        return Ok(None);
+    }
+    let result = prune(pool, config, cursors).await;
+    let unlocked = sqlx::query_scalar!(
+        r#"SELECT pg_advisory_unlock(hashtextextended('transfer-worker:prune', 0)) AS "released!""#
+    )
+    .fetch_one(&mut *lock)
+    .await;
+    if unlocked.is_err() {
+        // The connection is in doubt: close it, which releases the lock.
+        let _ = lock.detach();
+    }
+    result.map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_are_a_number_and_a_unit() {
+        assert_eq!(parse_age("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_age("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_age("12h"), Ok(Duration::from_secs(43_200)));
+        assert_eq!(parse_age("7d"), Ok(Duration::from_secs(604_800)));
+        assert_eq!(parse_age("0s"), Ok(Duration::ZERO));
+        for bad in ["", "7", "d", "7w", "-1d", "1.5h", "7 days", "99999999999d"] {
+            assert!(parse_age(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! `transfer show`: one transfer, its refund and its events, as an operator
+//! wants to see them when asked "what happened to order 42?".
+
+use serde::Serialize;
+use sqlx::PgPool;
+
+use crate::error::{Error, Result};
+use crate::transfer::{IdempotencyKey, TransferId};
+
+/// Which transfer.
+#[derive(Debug, Clone)]
+pub enum Lookup {
+    Id(TransferId),
+    Key(IdempotencyKey),
+}
+
+/// The transfer's columns, its refund (if one was asked for) and its events
+/// in the order they were written. Times are RFC 3339 in UTC.
+#[derive(Debug, Clone, Serialize)]
+pub struct TransferView {
+    pub transfer_id: i64,
+    pub idempotency_key: String,
+    pub from_account: i64,
+    pub to_account: i64,
+    pub amount: i64,
+    pub status: String,
+    pub failure_reason: Option<String>,
+    pub refund_status: String,
+    pub refund_amount: Option<i64>,
+    /// Unexpected errors met while applying (the transfer, or its refund).
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    pub created_at: String,
+    pub applied_at: Option<String>,
+    pub refund: Option<RefundView>,
+    pub events: Vec<EventView>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RefundView {
+    pub status: String,
+    pub amount: i64,
+    pub failure_reason: Option<String>,
+    pub requested_at: Option<String>,
+    pub applied_at: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EventView {
+    pub outbox_id: i64,
+    pub event_id: String,
+    pub event_type: String,
+    /// pending, published or dead.
+    pub state: String,
+    /// Pending behind a dead event of this transfer.
+    pub held: bool,
+    /// Rejections by SQS (dead after the configured maximum).
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    pub occurred_at: String,
+    pub published_at: Option<String>,
+}
+
+/// Reads one transfer; one that does not exist is bad input (exit 2).
+pub async fn show(pool: &PgPool, lookup: &Lookup) -> Result<TransferView> {
+    let (id, key) = match lookup {
+        Lookup::Id(id) => (Some(id.0), None),
+        Lookup::Key(k) => (None, Some(k.as_str())),
+    };
+    let t = sqlx::query!(
+        r#"SELECT id, idempotency_key, from_account, to_account, amount, status, failure_reason,
+                  refund_status, refund_amount, refund_failure_reason, attempts, last_error,
+                  to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS "created_at!",
+                  to_char(applied_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS applied_at,
+                  to_char(refund_requested_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS refund_requested_at,
+                  to_char(refund_applied_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS refund_applied_at
+             FROM transfers
+            WHERE id = $1 OR idempotency_key = $2"#,
+        id,
+        key
+    )
+    .fetch_optional(pool)
+    .await?;
+    let Some(t) = t else {
+        return Err(match lookup {
+            Lookup::Id(id) => Error::NotFound { what: "transfer", id: id.0 },
+            Lookup::Key(k) => Error::invalid(format!("no transfer has idempotency key {:?}", k.as_str())),
+        });
+    };
+    let events = sqlx::query!(
+        r#"SELECT o.id, o.event_id::text AS "event_id!", o.event_type, o.state, o.attempts, o.last_error,
+                  o.state = 'pending' AND EXISTS (SELECT 1 FROM outbox d
+                                                   WHERE d.transfer_id = o.transfer_id AND d.state = 'dead'
+                                                     AND d.id < o.id) AS "held!",
+                  to_char(o.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS "occurred_at!",
+                  to_char(o.published_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS published_at
+             FROM outbox o WHERE o.transfer_id = $1 ORDER BY o.id"#,
+        t.id
+    )
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .map(|e| EventView {
+        outbox_id: e.id,
+        event_id: e.event_id,
+        event_type: e.event_type,
+        state: e.state,
+        held: e.held,
+        attempts: e.attempts,
+        last_error: e.last_error,
+        occurred_at: e.occurred_at,
+        published_at: e.published_at,
+    })
+    .collect();
+    let refund = (t.refund_status != "NONE").then(|| RefundView {
+        status: t.refund_status.clone(),
+        amount: t.refund_amount.unwrap_or_default(),
+        failure_reason: t.refund_failure_reason.clone(),
+        requested_at: t.refund_requested_at.clone(),
+        applied_at: t.refund_applied_at.clone(),
+    });
+    Ok(TransferView {
+        transfer_id: t.id,
+        idempotency_key: t.idempotency_key,
+        from_account: t.from_account,
+        to_account: t.to_account,
+        amount: t.amount,
+        status: t.status,
+        failure_reason: t.failure_reason,
+        refund_status: t.refund_status,
+        refund_amount: t.refund_amount,
+        attempts: t.attempts,
+        last_error: t.last_error,
+        created_at: t.created_at,
+        applied_at: t.applied_at,
+        refund,
+        events,
+    })
+}
