@@ -179,22 +179,22 @@ impl Metrics {
         // (a rate() over a series that appears late misses its first step).
         for reason in ["", "insufficient_funds", "daily_limit_exceeded", "processing_error"] {
             let outcome = if reason.is_empty() { "succeeded" } else { "failed" };
-            m.transfers_finished.get_or_create(&labels(&[("outcome", outcome), ("reason", reason)]));
+            let _ = m.transfers_finished.get_or_create(&labels(&[("outcome", outcome), ("reason", reason)]));
         }
         for (outcome, reason) in [("completed", ""), ("failed", "insufficient_funds"), ("failed", "processing_error")] {
-            m.refunds_finished.get_or_create(&labels(&[("outcome", outcome), ("reason", reason)]));
+            let _ = m.refunds_finished.get_or_create(&labels(&[("outcome", outcome), ("reason", reason)]));
         }
         for result in ["ok", "throttled", "unavailable"] {
-            m.sqs_calls.get_or_create(&labels(&[("result", result)]));
+            let _ = m.sqs_calls.get_or_create(&labels(&[("result", result)]));
         }
         for class in ["08", "40", "53", "55", "57", "58", "25", "io"] {
-            m.db_retries.get_or_create(&labels(&[("class", class)]));
+            let _ = m.db_retries.get_or_create(&labels(&[("class", class)]));
         }
         for step in ["transfer", "refund"] {
             let l = labels(&[("step", step)]);
-            m.apply_batches.get_or_create(&l);
-            m.apply_batch_duration.get_or_create(&l);
-            m.apply_batch_size.get_or_create(&l);
+            let _ = m.apply_batches.get_or_create(&l);
+            let _ = m.apply_batch_duration.get_or_create(&l);
+            let _ = m.apply_batch_size.get_or_create(&l);
         }
         Metrics { registry, ..m }
     }
