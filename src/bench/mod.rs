@@ -76,6 +76,8 @@ pub struct BenchConfig {
     pub ceiling_seconds: f64,
     /// Relay tasks (steady; the `run` default if None).
     pub relays: Option<usize>,
+    /// Steady: prune events published longer ago than this, every second.
+    pub prune_after: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -170,6 +172,9 @@ pub struct BenchReport {
     /// How long loading `preload` took.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub preload_s: Option<f64>,
+    /// steady: the outbox's size and dead tuples every 5 s (flat with pruning).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outbox_footprint: Option<Vec<steady::Footprint>>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -233,6 +238,7 @@ async fn measure(pool: &PgPool, config: &BenchConfig) -> Result<BenchReport> {
         backlog_max: None,
         enqueue_ms: None,
         preload_s: None,
+        outbox_footprint: None,
     };
     open_accounts(pool, config).await?;
     if config.preload > 0 {
@@ -255,6 +261,7 @@ async fn measure(pool: &PgPool, config: &BenchConfig) -> Result<BenchReport> {
                 accounts: config.accounts,
                 hot: config.hot,
                 relays: config.relays,
+                prune_after: config.prune_after,
             },
         )
         .await?;
@@ -267,6 +274,7 @@ async fn measure(pool: &PgPool, config: &BenchConfig) -> Result<BenchReport> {
         report.floor_latency_ms = Some(steady.floor_latency_ms);
         report.applied_latency_ms = Some(steady.applied_latency_ms);
         report.backlog_max = Some(steady.backlog_max);
+        report.outbox_footprint = Some(steady.outbox_footprint);
         report.elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
         report.invariants_ok = invariants_hold(pool, config, true).await?;
         return Ok(report);

@@ -42,6 +42,18 @@ pub struct SteadyConfig {
     pub hot: bool,
     /// Relay tasks of the `run` loop (its default if None).
     pub relays: Option<usize>,
+    /// Prune events published longer ago than this, every second (retention
+    /// under load); None: the run loop's default (7 days, so nothing here).
+    pub prune_after: Option<Duration>,
+}
+
+/// One sample of the outbox's footprint.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Footprint {
+    pub at_s: f64,
+    pub mib: f64,
+    pub live_tuples: i64,
+    pub dead_tuples: i64,
 }
 
 #[derive(Debug, Clone)]
@@ -54,6 +66,9 @@ pub struct SteadyReport {
     pub floor_latency_ms: Dist,
     /// The most events waiting in the outbox at any sample (every 100 ms).
     pub backlog_max: i64,
+    /// The outbox's size on disk (table and indexes, MiB) and its dead tuples,
+    /// sampled every 5 s: with pruning on, both level off.
+    pub outbox_footprint: Vec<Footprint>,
     pub transfers: usize,
 }
 
@@ -65,8 +80,17 @@ pub async fn measure(pool: &PgPool, config: &SteadyConfig) -> Result<SteadyRepor
     let (observer, mut commits) = tokio::sync::mpsc::unbounded_channel::<Committed>();
     let shutdown = CancellationToken::new();
     let defaults = WorkerConfig::default();
-    let worker_config =
-        WorkerConfig { observer: Some(observer), relays: config.relays.unwrap_or(defaults.relays), ..defaults };
+    let mut maintenance = defaults.maintenance;
+    if let Some(age) = config.prune_after {
+        maintenance.prune.published_older_than = Some(age);
+        maintenance.prune_interval = Duration::from_secs(1);
+    }
+    let worker_config = WorkerConfig {
+        observer: Some(observer),
+        relays: config.relays.unwrap_or(defaults.relays),
+        maintenance,
+        ..defaults
+    };
     let running = tokio::spawn(worker::run(pool.clone(), queue.publisher.clone(), worker_config, shutdown.clone()));
     let applied_at: Arc<Mutex<HashMap<i64, SystemTime>>> = Arc::new(Mutex::new(HashMap::new()));
     let collector = {
@@ -81,15 +105,39 @@ pub async fn measure(pool: &PgPool, config: &SteadyConfig) -> Result<SteadyRepor
         })
     };
     let backlog_max = Arc::new(AtomicU64::new(0));
+    let footprint: Arc<Mutex<Vec<Footprint>>> = Arc::new(Mutex::new(Vec::new()));
     let sampler = {
-        let (pool, backlog_max, stop) = (pool.clone(), backlog_max.clone(), shutdown.clone());
+        let (pool, backlog_max, stop, footprint) =
+            (pool.clone(), backlog_max.clone(), shutdown.clone(), footprint.clone());
         tokio::spawn(async move {
+            let started = Instant::now();
+            let mut next_footprint = started;
             while !stop.is_cancelled() {
                 let n: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE state <> 'published'")
                     .fetch_one(&pool)
                     .await
                     .unwrap_or(0);
                 backlog_max.fetch_max(n.max(0) as u64, Ordering::Relaxed);
+                if Instant::now() >= next_footprint {
+                    next_footprint += Duration::from_secs(5);
+                    let row: Option<(f64, i64, i64)> = sqlx::query_as(
+                        "SELECT pg_total_relation_size('outbox') / 1048576.0, COALESCE(n_live_tup, 0), COALESCE(n_dead_tup, 0)
+                           FROM pg_stat_user_tables WHERE relname = 'outbox'",
+                    )
+                    .fetch_optional(&pool)
+                    .await
+                    .ok()
+                    .flatten();
+                    if let Some((mib, live, dead)) = row {
+                        let at_s = started.elapsed().as_secs_f64().round();
+                        footprint.lock().expect("footprint").push(Footprint {
+                            at_s,
+                            mib,
+                            live_tuples: live,
+                            dead_tuples: dead,
+                        });
+                    }
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         })
@@ -128,6 +176,7 @@ pub async fn measure(pool: &PgPool, config: &SteadyConfig) -> Result<SteadyRepor
         last.and_then(|l| l.duration_since(first_enqueue).ok()).map(|d| d.as_secs_f64()).unwrap_or(f64::INFINITY)
     };
     let n = enqueued.len() as f64;
+    let outbox_footprint = std::mem::take(&mut *footprint.lock().expect("footprint"));
     Ok(SteadyReport {
         offered_per_s: n / produce_s,
         applied_per_s: n / span(applied_at.values().max()),
@@ -136,6 +185,7 @@ pub async fn measure(pool: &PgPool, config: &SteadyConfig) -> Result<SteadyRepor
         received_latency_ms: Dist::of(received_ms),
         floor_latency_ms: floor,
         backlog_max: backlog_max.load(Ordering::Relaxed) as i64,
+        outbox_footprint,
         transfers: enqueued.len(),
     })
 }

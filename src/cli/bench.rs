@@ -49,6 +49,10 @@ pub struct BenchArgs {
     /// Relay tasks of the `run` loop in steady-rate mode (default: run's default).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
     relays: Option<u32>,
+    /// Steady-rate mode: prune events published longer ago than this, every
+    /// second (30s, 15m ...), to watch the outbox's footprint level off.
+    #[arg(long, value_parser = crate::retention::parse_age)]
+    prune_after: Option<std::time::Duration>,
     /// How long the apply mode measures the PostgreSQL ceiling first (0: skip).
     #[arg(long, default_value_t = 10.0)]
     ceiling_seconds: f64,
@@ -72,6 +76,7 @@ pub async fn run(database_url: &Option<String>, args: BenchArgs) -> Result<()> {
         hot: args.hot,
         ceiling_seconds: args.ceiling_seconds.max(0.0),
         relays: args.relays.map(|r| r as usize),
+        prune_after: args.prune_after,
     };
     let report = crate::bench::run(url, &config).await?;
     if args.json {
@@ -124,6 +129,13 @@ fn print_text(r: &BenchReport) {
     }
     if let Some(b) = r.backlog_max {
         println!("backlog   at most {b} events waiting");
+    }
+    if let Some(f) = &r.outbox_footprint {
+        let line: Vec<String> = f
+            .iter()
+            .map(|s| format!("{:.0}s {:.1} MiB ({} live, {} dead)", s.at_s, s.mib, s.live_tuples, s.dead_tuples))
+            .collect();
+        println!("outbox    {}", line.join("; "));
     }
     if let Some(w) = r.lock_wait_ms_per_1000 {
         println!("locks     {w:.1} ms waited per 1,000 transfers");
