@@ -121,7 +121,7 @@ pub async fn measure(pool: &PgPool, config: &SteadyConfig) -> Result<SteadyRepor
                 if Instant::now() >= next_footprint {
                     next_footprint += Duration::from_secs(5);
                     let row: Option<(f64, i64, i64)> = sqlx::query_as(
-                        "SELECT pg_total_relation_size('outbox') / 1048576.0, COALESCE(n_live_tup, 0), COALESCE(n_dead_tup, 0)
+                        "SELECT (pg_total_relation_size('outbox') / 1048576.0)::float8, COALESCE(n_live_tup, 0), COALESCE(n_dead_tup, 0)
                            FROM pg_stat_user_tables WHERE relname = 'outbox'",
                     )
                     .fetch_optional(&pool)
