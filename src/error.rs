@@ -1,8 +1,9 @@
-//! The library's one error type, and the boundary that maps it to exit codes.
+//! The library's one error type.
 //!
-//! Every failure a caller can act on has its own variant: bad input (exit 2),
-//! a valid request that did not apply (exit 3, naming the current state, with
-//! nothing written), and everything else (exit 1). Constraint violations are
+//! Every failure a caller can act on has its own variant: bad input, a valid
+//! request that did not apply (naming the current state, with nothing
+//! written), and everything else. The command line maps them to exit codes
+//! (2, 3, 1; see `src/cli/mod.rs`). Constraint violations are
 //! turned into these domain errors where the query runs (see [`crate::db`]).
 
 use std::fmt;
@@ -61,15 +62,6 @@ pub enum Error {
     Failed(String),
 }
 
-/// How the process ends, per the contract's exit codes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExitCode {
-    Done = 0,
-    Failure = 1,
-    BadInput = 2,
-    NotApplied = 3,
-}
-
 impl Error {
     pub fn invalid(msg: impl fmt::Display) -> Self {
         Error::Invalid(msg.to_string())
@@ -77,19 +69,5 @@ impl Error {
 
     pub fn not_applied(msg: impl fmt::Display) -> Self {
         Error::NotApplied(msg.to_string())
-    }
-
-    pub fn exit_code(&self) -> ExitCode {
-        match self {
-            Error::Invalid(_) | Error::NotFound { .. } => ExitCode::BadInput,
-            Error::NotApplied(_) => ExitCode::NotApplied,
-            Error::Database(_)
-            | Error::Migrate(_)
-            | Error::Sqs(_)
-            | Error::Unavailable(_)
-            | Error::SchemaMismatch(_)
-            | Error::Inconsistent(_)
-            | Error::Failed(_) => ExitCode::Failure,
-        }
     }
 }

@@ -1,36 +1,37 @@
-//! transfer-worker: moves money between PostgreSQL accounts and tells the rest
-//! of the company through SQS, via a transactional outbox.
+//! transfer-worker, the library: what a producer links to enqueue transfers
+//! (inside its own transaction if it likes), request refunds and cancels, and
+//! what runs the worker. The command line and the tools (`bench`, `lab`,
+//! `demo`) are the binary's (`src/main.rs`, `src/cli/`, `src/tools/`); they
+//! depend on this library, never the other way.
 //!
 //! Where things are:
 //! - [`transfer`]: the transfer and refund state machines; [`transfer::enqueue`]
-//!   (producers) and [`transfer::apply`] (the worker's claim and apply);
+//!   (producers), [`transfer::apply`] (the worker's claim and apply),
+//!   [`transfer::refund`], [`transfer::cancel`], [`transfer::show`];
 //! - [`account`]: opening and reading accounts;
-//! - [`outbox`]: events, the [`outbox::relay`] that publishes them, and
-//!   [`outbox::sqs`], the SQS client side;
-//! - [`worker`]: the `run` process; [`service`] the loop every background task
-//!   shares; [`wake`] LISTEN/NOTIFY; [`shutdown`] signals; [`retry`] backoff;
-//! - [`db`]: pool, migrations, error classification; [`error`]: the error type
-//!   and exit codes; [`status`]: the `status` command's counts;
-//! - [`admin`]: the probes and metrics server; [`health`]: what it reports;
-//!   [`maintenance`]: periodic upkeep (the state counters);
-//! - [`lab`]: the concurrency-strategy experiment; [`bench`]: the benchmark;
-//!   both on a [`scratch`] database;
-//! - [`cli`]: the command line, one file per command.
+//! - [`outbox`]: events, the [`outbox::relay`] that publishes them,
+//!   [`outbox::sqs`] (the SQS client side) and [`outbox::requeue`];
+//! - [`worker`]: the `run` process and its supervision; [`service`] the loop
+//!   every background task shares; [`wake`] LISTEN/NOTIFY; [`shutdown`]
+//!   signals; [`retry`] backoff; [`maintenance`] periodic upkeep;
+//!   [`retention`] pruning;
+//! - [`db`]: pool, migrations, error classification; [`error`]: the error
+//!   type; [`status`]: counts per state from cheap sources;
+//! - [`admin`]: probes, metrics and the console; [`health`]: what `/readyz`
+//!   reports; [`metrics`]: the Prometheus metrics.
+
+#![deny(dead_code)]
 
 pub mod account;
 pub mod admin;
-pub mod bench;
-pub mod cli;
 pub mod db;
 pub mod error;
 pub mod health;
-pub mod lab;
 pub mod maintenance;
 pub mod metrics;
 pub mod outbox;
 pub mod retention;
 pub mod retry;
-pub mod scratch;
 pub mod service;
 pub mod shutdown;
 pub mod status;
@@ -38,4 +39,4 @@ pub mod transfer;
 pub mod wake;
 pub mod worker;
 
-pub use error::{Error, ExitCode, Result};
+pub use error::{Error, Result};

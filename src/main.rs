@@ -1,5 +1,9 @@
 //! The `transfer-worker` binary: parse, set up logging, run, map the outcome
-//! to an exit code. Everything else is in the library.
+//! to an exit code. The command line is in [`cli`] (one file per command),
+//! the tools (bench, lab, demo) in [`tools`]; the worker and the producer API
+//! are the library's.
+
+#![deny(dead_code)]
 
 use std::io::{IsTerminal, Write};
 use std::time::Duration;
@@ -7,7 +11,10 @@ use std::time::Duration;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use transfer_worker::cli::{self, Cli, LogFormat};
+mod cli;
+mod tools;
+
+use cli::{Cli, LogFormat};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -36,7 +43,7 @@ fn main() -> std::process::ExitCode {
     // waited for beyond this: the process is done.
     runtime.shutdown_timeout(Duration::from_millis(500));
     match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(()) => std::process::ExitCode::from(cli::ExitCode::Done as u8),
         Err(e) => {
             // Not eprintln!: it panics if stderr is closed.
             let _ = writeln!(std::io::stderr(), "error: {e}");

@@ -1,11 +1,14 @@
 //! The one shape of every background loop (apply tasks, the relay).
 //!
-//! Each service has a `run_once()` that does one pass and reports how it went;
-//! [`run_loop`] turns that into a long-running task: back to back while there
-//! is a backlog, otherwise asleep until a NOTIFY or the poll tick, with a
-//! growing delay (never giving up) while a dependency is down. Shutdown is only
-//! looked at between passes, so a pass in progress always finishes: its
-//! transaction commits or rolls back, never half of it.
+//! A [`Service`] has a `run_once()` that does one pass and reports what it
+//! did; from that it gets [`Service::pass`] (how soon the next pass should
+//! start), [`Service::drain`] (passes until there is nothing left: tests,
+//! tools, and shutdown with [`Service::drain_until`]) and [`run`] (the
+//! long-running task): back to back while there is a backlog, otherwise asleep
+//! until a wake-up or the poll tick, with a growing delay (never giving up)
+//! while a dependency is down. Shutdown is only looked at between passes, so
+//! a pass in progress always finishes: its transaction commits or rolls back,
+//! never half of it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +18,96 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::error::Result;
 use crate::retry::RetryPolicy;
+
+/// What a pass reports, as far as the loop cares.
+pub trait Progress: Default + std::ops::AddAssign + Send {
+    /// Rows the pass took (a full batch means there is probably more).
+    fn claimed(&self) -> usize;
+    /// Whether a dependency was unavailable (back off).
+    fn unavailable(&self) -> bool {
+        false
+    }
+}
+
+/// A background service: one pass at a time, the loop around it shared.
+pub trait Service: Send + Sync + 'static {
+    type Counts: Progress;
+
+    /// For logs.
+    const NAME: &'static str;
+
+    /// One pass. An `Err` is the database's trouble (retried with backoff);
+    /// everything else is in the counts.
+    fn run_once(&self) -> BoxFuture<'_, Result<Self::Counts>>;
+
+    /// Rows a pass takes at most.
+    fn batch_size(&self) -> i64;
+
+    /// One pass, judged for the loop: how soon the next one should start.
+    fn pass(&self) -> BoxFuture<'_, Pass> {
+        Box::pin(async move {
+            match self.run_once().await {
+                Ok(c) if c.unavailable() => Pass::Unavailable,
+                Ok(c) if c.claimed() as i64 >= self.batch_size() => Pass::Busy,
+                Ok(_) => Pass::Idle,
+                Err(e) => {
+                    if let crate::Error::Database(db_err) = &e {
+                        crate::metrics::metrics().db_retry(crate::db::sqlstate(db_err).as_deref());
+                    }
+                    tracing::warn!(service = Self::NAME, error = %e, "pass failed; will retry");
+                    Pass::Unavailable
+                }
+            }
+        })
+    }
+
+    /// Passes until one takes nothing (or a dependency is unavailable);
+    /// what they did, summed.
+    fn drain(&self) -> BoxFuture<'_, Result<Self::Counts>> {
+        Box::pin(async move {
+            let mut total = Self::Counts::default();
+            loop {
+                let c = self.run_once().await?;
+                let (claimed, unavailable) = (c.claimed(), c.unavailable());
+                total += c;
+                if claimed == 0 || unavailable {
+                    return Ok(total);
+                }
+            }
+        })
+    }
+
+    /// [`Service::drain`], stopped at `deadline` (a pass cut short there is
+    /// abandoned: its transaction rolls back, its claims are given back).
+    fn drain_until(&self, deadline: tokio::time::Instant) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            match tokio::time::timeout_at(deadline, self.drain()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(service = Self::NAME, error = %e, "final pass failed; the rest waits"),
+                Err(_) => {
+                    tracing::warn!(service = Self::NAME, "final passes cut short by the deadline; the rest waits")
+                }
+            }
+        })
+    }
+}
+
+/// Runs `service` until `shutdown` is cancelled (see the module docs).
+pub async fn run<S: Service>(
+    service: Arc<S>,
+    shutdown: CancellationToken,
+    wake: Arc<Notify>,
+    poll: Duration,
+    retry: RetryPolicy,
+) {
+    run_loop(shutdown, wake, poll, retry, move || {
+        let service = service.clone();
+        Box::pin(async move { service.pass().await })
+    })
+    .await
+}
 
 /// How a pass went, which decides when the next one starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

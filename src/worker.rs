@@ -32,7 +32,7 @@ use crate::maintenance::MaintenanceConfig;
 use crate::outbox::relay::{Relay, RelayConfig};
 use crate::outbox::sqs::Publisher;
 use crate::retry::RetryPolicy;
-use crate::service::{self, Pass};
+use crate::service::{self, Service};
 use crate::transfer::apply::{Applier, ApplyConfig, CommitObserver};
 use crate::wake::Wakers;
 
@@ -111,29 +111,20 @@ pub async fn run_with_health(
     background.spawn(crate::maintenance::run(pool.clone(), config.maintenance, shutdown.clone(), config.db_retry));
 
     let mut appliers = JoinSet::new();
-    for task in 0..config.workers.max(1) {
+    for _ in 0..config.workers.max(1) {
         let applier = Arc::new(
             Applier::new(pool.clone(), config.apply.clone())
                 .waking_on_events(wakers.outbox.clone())
+                .with_refund_hint(wakers.refunds.clone())
                 .observing(config.observer.clone()),
         );
-        let (shutdown, wake, batch_size) = (shutdown.clone(), wakers.work.clone(), config.apply.batch_size);
-        appliers.spawn(service::run_loop(shutdown, wake, config.poll_interval, config.db_retry, move || {
-            let applier = applier.clone();
-            Box::pin(async move {
-                match applier.run_once().await {
-                    Ok(c) if c.claimed as i64 >= batch_size => Pass::Busy,
-                    Ok(_) => Pass::Idle,
-                    Err(e) => {
-                        if let Error::Database(db_err) = &e {
-                            crate::metrics::metrics().db_retry(crate::db::sqlstate(db_err).as_deref());
-                        }
-                        tracing::warn!(task, error = %e, "apply pass failed; will retry");
-                        Pass::Unavailable
-                    }
-                }
-            })
-        }));
+        appliers.spawn(service::run(
+            applier,
+            shutdown.clone(),
+            wakers.work.clone(),
+            config.poll_interval,
+            config.db_retry,
+        ));
     }
 
     // The relay stops only after the apply tasks, so it can drain their last events.
@@ -147,8 +138,9 @@ pub async fn run_with_health(
             .with_health(health.clone()),
     );
     let mut relays = JoinSet::new();
+    let (relay_poll, relay_retry) = relay.timing();
     for _ in 0..config.relays.max(1) {
-        relays.spawn(relay.clone().run(relay_stop.clone()));
+        relays.spawn(service::run(relay.clone(), relay_stop.clone(), relay.wake(), relay_poll, relay_retry));
     }
     tracing::info!(workers = config.workers, relays = config.relays, "worker running");
 
@@ -188,7 +180,7 @@ pub async fn run_with_health(
     // the apply tasks used up the whole bound.
     let relay_deadline = deadline.max(Instant::now() + Duration::from_millis(200));
     if join_until(&mut relays, relay_deadline, "relay task").await {
-        drain(&relay, deadline).await;
+        relay.drain_until(deadline).await;
     } else {
         stopped.abandoned_relay_tasks = relays.len();
         relays.abort_all();
@@ -231,24 +223,6 @@ async fn join_until(set: &mut JoinSet<()>, deadline: Instant, what: &str) -> boo
             Ok(Some(Ok(()))) => {}
             Ok(Some(Err(e))) => tracing::error!(error = %e, "{what} failed while stopping"),
             Err(_) => return false,
-        }
-    }
-}
-
-/// Publishes what is pending until nothing is, SQS is unavailable, or the deadline.
-async fn drain(relay: &Relay, deadline: Instant) {
-    loop {
-        match tokio::time::timeout_at(deadline, relay.run_once()).await {
-            Ok(Ok(c)) if c.claimed > 0 && c.unavailable == 0 => continue,
-            Ok(Ok(_)) => return,
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "final relay pass failed; events stay pending");
-                return;
-            }
-            Err(_) => {
-                tracing::warn!("final relay pass cut short by the shutdown deadline; events stay pending");
-                return;
-            }
         }
     }
 }

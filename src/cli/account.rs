@@ -3,9 +3,9 @@
 use clap::Subcommand;
 use sqlx::PgPool;
 
-use crate::account::{self, AccountId};
 use crate::cli::print_json;
-use crate::error::Result;
+use transfer_worker::account::{self, AccountId};
+use transfer_worker::error::Result;
 
 #[derive(Debug, Subcommand)]
 pub enum AccountCommand {

@@ -3,9 +3,9 @@
 
 use clap::Args;
 
-use crate::bench::{BenchConfig, BenchReport, Dist, Mode};
 use crate::cli::print_json;
-use crate::error::Result;
+use crate::tools::bench::{BenchConfig, BenchReport, Dist, Mode};
+use transfer_worker::error::Result;
 
 /// Measures the real apply and relay paths on a scratch database (and a
 /// scratch SQS queue), each next to its bar measured in the same run (the
@@ -51,7 +51,7 @@ pub struct BenchArgs {
     relays: Option<u32>,
     /// Steady-rate mode: prune events published longer ago than this, every
     /// second (30s, 15m ...), to watch the outbox's footprint level off.
-    #[arg(long, value_parser = crate::retention::parse_age)]
+    #[arg(long, value_parser = transfer_worker::retention::parse_age)]
     prune_after: Option<std::time::Duration>,
     /// How long the apply mode measures the PostgreSQL ceiling first (0: skip).
     #[arg(long, default_value_t = 10.0)]
@@ -78,14 +78,14 @@ pub async fn run(database_url: &Option<String>, args: BenchArgs) -> Result<()> {
         relays: args.relays.map(|r| r as usize),
         prune_after: args.prune_after,
     };
-    let report = crate::bench::run(url, &config).await?;
+    let report = crate::tools::bench::run(url, &config).await?;
     if args.json {
         print_json(&report);
     } else {
         print_text(&report);
     }
     if !report.invariants_ok {
-        return Err(crate::Error::Failed("bench: invariants violated".into()));
+        return Err(transfer_worker::Error::Failed("bench: invariants violated".into()));
     }
     Ok(())
 }

@@ -4,9 +4,9 @@ use clap::Args;
 use sqlx::PgPool;
 
 use crate::cli::print_json;
-use crate::error::Result;
-use crate::transfer::cancel::cancel;
-use crate::transfer::TransferId;
+use transfer_worker::error::Result;
+use transfer_worker::transfer::cancel::cancel;
+use transfer_worker::transfer::TransferId;
 
 /// Cancels a transfer that is still PENDING. Prints
 /// {"transfer_id":..,"status":"CANCELLED"}. Exit 3 (nothing written) if it is

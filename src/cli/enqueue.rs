@@ -6,11 +6,11 @@ use std::path::PathBuf;
 use clap::Args;
 use sqlx::PgPool;
 
-use crate::account::AccountId;
 use crate::cli::print_json;
-use crate::error::{Error, Result};
-use crate::transfer::enqueue::{self, NewTransfer};
-use crate::transfer::{Amount, IdempotencyKey, TraceParent};
+use transfer_worker::account::AccountId;
+use transfer_worker::error::{Error, Result};
+use transfer_worker::transfer::enqueue::{self, NewTransfer};
+use transfer_worker::transfer::{Amount, IdempotencyKey, TraceParent};
 
 /// Prints `{"transfer_id":..,"status":..,"created":true|false}` per transfer.
 /// The same --key with the same parameters returns the existing transfer

@@ -3,8 +3,8 @@
 use clap::Args;
 
 use crate::cli::print_json;
-use crate::error::Result;
-use crate::scratch::ScratchDb;
+use crate::tools::fixtures::ScratchDb;
+use transfer_worker::error::Result;
 
 /// The concurrency-strategy experiment: W workers add 1 to one counter M times
 /// each, with every strategy (naive, atomic, for_update, optimistic, advisory,
@@ -25,7 +25,7 @@ pub struct LabArgs {
 pub async fn run(database_url: &Option<String>, args: LabArgs) -> Result<()> {
     let url = super::require_database_url(database_url)?;
     let scratch = ScratchDb::create(url, "transfer_worker_lab", args.workers + 2).await?;
-    let results = crate::lab::run(&scratch.pool, args.workers as usize, args.increments as usize).await;
+    let results = crate::tools::lab::run(&scratch.pool, args.workers as usize, args.increments as usize).await;
     scratch.drop().await?;
     let results = results?;
     if args.json {

@@ -20,8 +20,8 @@ mod transfer;
 use clap::{Parser, Subcommand};
 use sqlx::PgPool;
 
-use crate::db::SessionLimits;
-use crate::error::{Error, ExitCode, Result};
+use transfer_worker::db::SessionLimits;
+use transfer_worker::error::{Error, Result};
 
 /// Moves money between PostgreSQL accounts and publishes every state change to
 /// SQS through a transactional outbox.
@@ -87,8 +87,8 @@ pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Migrate => {
             let url = require_database_url(&cli.database_url)?;
-            let pool = crate::db::connect(url, 2, SessionLimits::for_migrations()).await?;
-            crate::db::migrate(&pool).await?;
+            let pool = transfer_worker::db::connect(url, 2, SessionLimits::for_migrations()).await?;
+            transfer_worker::db::migrate(&pool).await?;
             println!("migrations applied");
             Ok(())
         }
@@ -119,7 +119,7 @@ pub(crate) fn require_database_url(database_url: &Option<String>) -> Result<&str
 /// Opens a pool with the default session limits, with a clear error when
 /// DATABASE_URL is missing.
 pub(crate) async fn connect(database_url: &Option<String>, max_connections: u32) -> Result<PgPool> {
-    crate::db::connect(require_database_url(database_url)?, max_connections, SessionLimits::default()).await
+    transfer_worker::db::connect(require_database_url(database_url)?, max_connections, SessionLimits::default()).await
 }
 
 /// Prints a value as one line of JSON on stdout. (Not `println!`, which
@@ -136,7 +136,30 @@ pub(crate) fn print_text(text: &str) {
     let _ = writeln!(std::io::stdout(), "{text}");
 }
 
-/// The process's exit code for an error.
+/// How the process ends, per the contract's exit codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitCode {
+    Done = 0,
+    /// Anything else: the database or SQS unreachable, a task that died.
+    Failure = 1,
+    /// Bad input or usage, including an id that does not exist.
+    BadInput = 2,
+    /// A valid request that did not apply; nothing was written.
+    NotApplied = 3,
+}
+
+/// The process's exit code for an error: the one place the library's errors
+/// meet the contract's codes.
 pub fn exit_code(err: &Error) -> ExitCode {
-    err.exit_code()
+    match err {
+        Error::Invalid(_) | Error::NotFound { .. } => ExitCode::BadInput,
+        Error::NotApplied(_) => ExitCode::NotApplied,
+        Error::Database(_)
+        | Error::Migrate(_)
+        | Error::Sqs(_)
+        | Error::Unavailable(_)
+        | Error::SchemaMismatch(_)
+        | Error::Inconsistent(_)
+        | Error::Failed(_) => ExitCode::Failure,
+    }
 }

@@ -4,8 +4,8 @@ use clap::Subcommand;
 use sqlx::PgPool;
 
 use crate::cli::print_json;
-use crate::error::Result;
-use crate::outbox::requeue::{requeue, EventRef};
+use transfer_worker::error::Result;
+use transfer_worker::outbox::requeue::{requeue, EventRef};
 
 #[derive(Debug, Subcommand)]
 pub enum OutboxCommand {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Args;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::error::{Error, Result};
+use transfer_worker::error::{Error, Result};
 
 /// GETs a path of the admin server and prints the answer; exit 0 on 200.
 #[derive(Debug, Args)]

@@ -4,8 +4,8 @@ use clap::Args;
 use sqlx::PgPool;
 
 use crate::cli::print_json;
-use crate::error::{Error, Result};
-use crate::retention::{parse_age, prune, Cursors, PruneConfig};
+use transfer_worker::error::{Error, Result};
+use transfer_worker::retention::{parse_age, prune, Cursors, PruneConfig};
 
 /// Deletes published events older than an age, and, only when asked,
 /// finished transfers older than an age whose events are all gone, in small

@@ -4,9 +4,9 @@ use clap::Args;
 use sqlx::PgPool;
 
 use crate::cli::print_json;
-use crate::error::Result;
-use crate::transfer::refund::request_refund;
-use crate::transfer::{Amount, TransferId};
+use transfer_worker::error::Result;
+use transfer_worker::transfer::refund::request_refund;
+use transfer_worker::transfer::{Amount, TransferId};
 
 /// Requests a refund of a SUCCEEDED transfer; the worker moves the money back.
 /// Prints {"transfer_id":..,"refund_status":"REQUESTED","refund_amount":..}.

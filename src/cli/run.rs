@@ -6,16 +6,16 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::db::SessionLimits;
-use crate::error::{Error, Result};
-use crate::health::Health;
-use crate::maintenance::MaintenanceConfig;
-use crate::outbox::relay::RelayConfig;
-use crate::outbox::sqs::{Publisher, SqsConfig};
-use crate::retention::PruneConfig;
-use crate::retry::RetryPolicy;
-use crate::transfer::apply::ApplyConfig;
-use crate::worker::{self, WorkerConfig};
+use transfer_worker::db::SessionLimits;
+use transfer_worker::error::{Error, Result};
+use transfer_worker::health::Health;
+use transfer_worker::maintenance::MaintenanceConfig;
+use transfer_worker::outbox::relay::RelayConfig;
+use transfer_worker::outbox::sqs::{Publisher, SqsConfig};
+use transfer_worker::retention::PruneConfig;
+use transfer_worker::retry::RetryPolicy;
+use transfer_worker::transfer::apply::ApplyConfig;
+use transfer_worker::worker::{self, WorkerConfig};
 
 /// Claims and applies transfers, relays the outbox to SQS, until SIGINT or
 /// SIGTERM; then finishes in-flight work and exits 0.
@@ -198,7 +198,7 @@ fn parse_optional_age(text: &str) -> std::result::Result<OptionalAge, String> {
     if text.trim().eq_ignore_ascii_case("off") {
         return Ok(OptionalAge(None));
     }
-    crate::retention::parse_age(text).map(|d| OptionalAge(Some(d))).map_err(|e| format!("{e}, or off"))
+    transfer_worker::retention::parse_age(text).map(|d| OptionalAge(Some(d))).map_err(|e| format!("{e}, or off"))
 }
 
 /// How long `run` waits at start for the queue to answer `GetQueueAttributes`.
@@ -208,13 +208,13 @@ pub async fn run(database_url: &Option<String>, args: RunArgs) -> Result<()> {
     let mut config = args.worker_config()?;
     let sqs = args.sqs_config()?;
     // Signals first: a SIGTERM during start-up must stop it too.
-    let shutdown = crate::shutdown::on_signals();
+    let shutdown = transfer_worker::shutdown::on_signals();
     let connections = (config.workers + config.relays + 4) as u32;
     let url = super::require_database_url(database_url)?;
-    let pool = crate::db::connect(url, connections, args.session_limits()).await?;
+    let pool = transfer_worker::db::connect(url, connections, args.session_limits()).await?;
     // A database without our schema (or with an older one) would have the
     // worker retry forever while looking ready: refuse to start instead.
-    crate::db::check_schema(&pool).await?;
+    transfer_worker::db::check_schema(&pool).await?;
     let mut publisher = Publisher::from_env(&sqs).await;
     // Whether the queue is FIFO, from SQS itself when it answers; from the
     // URL otherwise (an SQS outage at start is an outage, not a reason to
@@ -240,8 +240,8 @@ pub async fn run(database_url: &Option<String>, args: RunArgs) -> Result<()> {
     if let Ok(info) = &queue_check {
         health.sqs_answered(format!("queue answered GetQueueAttributes at start; FIFO: {}", info.fifo));
     }
-    let admin_pool = crate::admin::pool(crate::db::parse_url(url)?);
-    let admin = tokio::spawn(crate::admin::serve(
+    let admin_pool = transfer_worker::admin::pool(transfer_worker::db::parse_url(url)?);
+    let admin = tokio::spawn(transfer_worker::admin::serve(
         args.admin_addr,
         admin_pool.clone(),
         health.clone(),

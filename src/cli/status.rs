@@ -4,7 +4,7 @@ use clap::Args;
 use sqlx::PgPool;
 
 use crate::cli::print_json;
-use crate::error::Result;
+use transfer_worker::error::Result;
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
@@ -16,8 +16,8 @@ pub struct StatusArgs {
 pub async fn run(pool: &PgPool, args: StatusArgs) -> Result<()> {
     // Fold the counters' deltas first, so that the read stays small even
     // when no worker has been running to do it.
-    crate::status::compact_counts(pool).await?;
-    let status = crate::status::read(pool).await?;
+    transfer_worker::status::compact_counts(pool).await?;
+    let status = transfer_worker::status::read(pool).await?;
     if args.json {
         print_json(&status);
     } else {

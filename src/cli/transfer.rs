@@ -4,9 +4,9 @@ use clap::Subcommand;
 use sqlx::PgPool;
 
 use crate::cli::print_json;
-use crate::error::{Error, Result};
-use crate::transfer::show::{show, Lookup};
-use crate::transfer::{IdempotencyKey, TransferId};
+use transfer_worker::error::{Error, Result};
+use transfer_worker::transfer::show::{show, Lookup};
+use transfer_worker::transfer::{IdempotencyKey, TransferId};
 
 #[derive(Debug, Subcommand)]
 pub enum TransferCommand {

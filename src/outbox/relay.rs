@@ -35,7 +35,6 @@ use std::time::Duration;
 
 use sqlx::PgPool;
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
 use crate::error::Result;
 use crate::health::Health;
@@ -43,7 +42,8 @@ use crate::metrics::metrics;
 use crate::outbox::sqs::{escape_for_sqs, Delivery, Outgoing, Publisher};
 use crate::outbox::EventBody;
 use crate::retry::RetryPolicy;
-use crate::service::{self, Pass};
+use crate::service::{Progress, Service};
+use futures::future::BoxFuture;
 
 /// Tuning of the relay; see `transfer-worker run --help` for the flags.
 #[derive(Debug, Clone)]
@@ -157,9 +157,8 @@ impl Relay {
         &self.publisher
     }
 
-    /// One pass: claim, send, record. Errors are database errors; SQS
-    /// trouble shows up in the counts instead.
-    pub async fn run_once(&self) -> Result<RelayCounts> {
+    /// Claim, send, record (see the module docs).
+    async fn relay_pass(&self) -> Result<RelayCounts> {
         let started = std::time::Instant::now();
         let claim = self.claim().await?;
         if claim.events.is_empty() {
@@ -421,31 +420,54 @@ impl Relay {
         .rows_affected();
         Ok(n)
     }
+}
 
-    /// One pass, judged for the loop: how soon the next one should start.
-    pub async fn pass(&self) -> Pass {
-        match self.run_once().await {
-            Ok(c) if c.unavailable > 0 => Pass::Unavailable,
-            Ok(c) if c.claimed as i64 >= self.config.batch_size => Pass::Busy,
-            Ok(_) => Pass::Idle,
-            Err(e) => {
-                if let crate::Error::Database(db_err) = &e {
-                    metrics().db_retry(crate::db::sqlstate(db_err).as_deref());
-                }
-                tracing::warn!(error = %e, "relay pass failed; will retry");
-                Pass::Unavailable
-            }
-        }
+impl Progress for RelayCounts {
+    fn claimed(&self) -> usize {
+        self.claimed
     }
 
-    /// Runs passes until `shutdown` is cancelled (see [`crate::service`]).
-    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        let (wake, poll, retry) = (self.wake.clone(), self.config.poll_interval, self.config.outage_retry);
-        service::run_loop(shutdown, wake, poll, retry, move || {
-            let relay = self.clone();
-            Box::pin(async move { relay.pass().await })
-        })
-        .await
+    fn unavailable(&self) -> bool {
+        self.unavailable > 0
+    }
+}
+
+impl std::ops::AddAssign for RelayCounts {
+    fn add_assign(&mut self, o: Self) {
+        self.claimed += o.claimed;
+        self.published += o.published;
+        self.rejected += o.rejected;
+        self.dead += o.dead;
+        self.deferred += o.deferred;
+        self.unavailable += o.unavailable;
+        self.lost_lease += o.lost_lease;
+    }
+}
+
+impl Service for Relay {
+    type Counts = RelayCounts;
+    const NAME: &'static str = "relay";
+
+    /// One pass: claim, send, record. Errors are database errors; SQS
+    /// trouble shows up in the counts instead.
+    fn run_once(&self) -> BoxFuture<'_, Result<RelayCounts>> {
+        Box::pin(self.relay_pass())
+    }
+
+    fn batch_size(&self) -> i64 {
+        self.config.batch_size
+    }
+}
+
+impl Relay {
+    /// The loop's wake-up (events written by this process or notified).
+    pub fn wake(&self) -> Arc<Notify> {
+        self.wake.clone()
+    }
+
+    /// The loop's timing: poll interval and outage backoff.
+    pub fn timing(&self) -> (Duration, RetryPolicy) {
+        (self.config.poll_interval, self.config.outage_retry)
     }
 }
 

@@ -41,7 +41,9 @@ use crate::db::{self, Fault};
 use crate::error::{Error, Result};
 use crate::metrics::metrics;
 use crate::retry::RetryPolicy;
+use crate::service::{Progress, Service};
 use crate::transfer::reason;
+use futures::future::BoxFuture;
 
 /// Tuning of the transfer applier.
 #[derive(Debug, Clone)]
@@ -90,6 +92,27 @@ pub struct ApplyCounts {
     /// Left PENDING by this pass because another batch held one of their
     /// accounts (taken by a later pass; never counted).
     pub skipped: usize,
+}
+
+impl Progress for ApplyCounts {
+    fn claimed(&self) -> usize {
+        self.claimed
+    }
+}
+
+impl Service for Applier {
+    type Counts = ApplyCounts;
+    const NAME: &'static str = "apply";
+
+    /// One pass of each step: a batch of transfers, then (see
+    /// [`Applier::apply_pass`]) a batch of refunds.
+    fn run_once(&self) -> BoxFuture<'_, Result<ApplyCounts>> {
+        Box::pin(self.apply_pass())
+    }
+
+    fn batch_size(&self) -> i64 {
+        self.config.batch_size
+    }
 }
 
 impl std::ops::AddAssign for ApplyCounts {
@@ -455,7 +478,7 @@ impl Applier {
     /// a refund was requested, when the last look found some, or at least
     /// every [`REFUND_POLL`] (a notification can be lost): a look is three
     /// round trips, and at 1,000 passes a second they add up.
-    pub async fn run_once(&self) -> Result<ApplyCounts> {
+    async fn apply_pass(&self) -> Result<ApplyCounts> {
         use std::sync::atomic::Ordering::Relaxed;
         let mut counts = self.run_step(Step::Transfer).await?;
         let backlog = counts.claimed as i64 >= self.config.batch_size;

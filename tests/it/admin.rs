@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
+use transfer_worker::service::Service;
 
 use crate::helpers::{signal, wait_exit, wait_for, KillOnDrop, TestDb, TestQueue};
 
@@ -207,12 +208,12 @@ async fn running_out_of_file_descriptors_does_not_make_the_admin_server_spin() {
 #[tokio::test]
 async fn status_reads_no_table_in_full_and_its_counts_are_exact() {
     let db = TestDb::new().await;
-    transfer_worker::bench::seed_random(&db.pool, 50, 1_000_000, 20_000, 1_000, 5).await.unwrap();
+    crate::fixtures::seed_random(&db.pool, 50, 1_000_000, 20_000, 1_000, 5).await.unwrap();
     let applier = transfer_worker::transfer::apply::Applier::new(
         db.pool.clone(),
         transfer_worker::transfer::apply::ApplyConfig { batch_size: 1_000, ..Default::default() },
     );
-    while applier.run_once().await.unwrap().claimed > 0 {}
+    applier.drain().await.unwrap();
     sqlx::query("UPDATE outbox SET state = 'published', published_at = now() WHERE id % 3 = 0")
         .execute(&db.pool)
         .await

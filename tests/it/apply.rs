@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::time::Duration;
+use transfer_worker::service::Service;
 
 use transfer_worker::db::SessionLimits;
 use transfer_worker::retry::RetryPolicy;
@@ -12,18 +13,10 @@ use transfer_worker::transfer::TransferId;
 
 use crate::helpers::{wait_for, TestDb};
 
-/// Opens `accounts` accounts with `balance` each and enqueues `n` random
-/// transfers between them by SQL (some larger than a balance can cover).
-/// Returns each account's opening balance.
-pub async fn seed(db: &TestDb, accounts: i64, balance: i64, n: usize, seed: u64) -> HashMap<i64, i64> {
-    transfer_worker::bench::seed_random(&db.pool, accounts, balance, n, balance / 2, seed).await.unwrap();
-    (1..=accounts).map(|id| (id, balance)).collect()
-}
-
 #[tokio::test]
 async fn eight_concurrent_apply_tasks_apply_each_of_2000_transfers_exactly_once() {
     let db = TestDb::new().await;
-    let opening = seed(&db, 30, 1_000, 2_000, 7).await;
+    let opening = db.seed(30, 1_000, 2_000, 7).await;
     let tasks: Vec<_> = (0..8)
         .map(|_| {
             let applier = Applier::new(db.pool.clone(), ApplyConfig { batch_size: 25, ..ApplyConfig::default() });
@@ -522,7 +515,9 @@ async fn a_hot_account_touched_by_every_transfer_ends_with_exact_balances() {
     let tasks: Vec<_> = (0..4)
         .map(|_| {
             let applier = Applier::new(db.pool.clone(), ApplyConfig { batch_size: 50, ..ApplyConfig::default() });
-            tokio::spawn(async move { while applier.run_once().await.unwrap().claimed > 0 {} })
+            tokio::spawn(async move {
+                applier.drain().await.unwrap();
+            })
         })
         .collect();
     for t in tasks {

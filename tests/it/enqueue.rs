@@ -2,6 +2,7 @@
 //! bulk files, and plain SQL inserts.
 
 use transfer_worker::account::AccountId;
+use transfer_worker::service::Service;
 use transfer_worker::transfer::apply::{Applier, ApplyConfig};
 use transfer_worker::transfer::enqueue::{enqueue, NewTransfer};
 use transfer_worker::transfer::{Amount, IdempotencyKey};

@@ -10,11 +10,15 @@ use std::time::Duration;
 
 use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
 use rand::Rng;
-use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use tokio::time::Instant;
 
+use transfer_worker::outbox::relay::{Relay, RelayConfig};
 use transfer_worker::outbox::sqs::{Publisher, SqsConfig};
+use transfer_worker::service::Service;
+use transfer_worker::transfer::apply::{Applier, ApplyConfig};
+
+use crate::fixtures::{self, ScratchDb};
 use transfer_worker::outbox::EventBody;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_transfer-worker");
@@ -27,10 +31,13 @@ fn random_suffix() -> String {
     format!("{:016x}", rand::thread_rng().gen::<u64>())
 }
 
-/// A database of its own, created from `DATABASE_URL`'s server and migrated.
+/// A database of its own, created from `DATABASE_URL`'s server and migrated,
+/// dropped when the test ends (however it ends), with the helpers a test
+/// needs on it.
 pub struct TestDb {
     pub pool: PgPool,
     pub url: String,
+    _scratch: ScratchDb,
 }
 
 impl TestDb {
@@ -42,18 +49,42 @@ impl TestDb {
 
     /// An empty database, not migrated.
     pub async fn unmigrated() -> TestDb {
-        let base = env("DATABASE_URL");
-        let name = format!("tw_test_{}", random_suffix());
-        let admin = PgPoolOptions::new().max_connections(1).connect(&base).await.expect("connect to DATABASE_URL");
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&admin)
-            .await
-            .expect("create test database");
-        admin.close().await;
-        let (prefix, _) = base.rsplit_once('/').expect("DATABASE_URL has a database name");
-        let url = format!("{prefix}/{name}");
-        let pool = PgPoolOptions::new().max_connections(20).connect(&url).await.expect("connect to test database");
-        TestDb { pool, url }
+        let scratch = ScratchDb::create(&env("DATABASE_URL"), "tw_test", 20).await.expect("create test database");
+        TestDb { pool: scratch.pool.clone(), url: scratch.url.clone(), _scratch: scratch }
+    }
+
+    /// Opens accounts `1..=accounts` with `balance` each and enqueues `n`
+    /// random transfers between them by SQL (some larger than a balance can
+    /// cover). Returns each account's opening balance.
+    pub async fn seed(&self, accounts: i64, balance: i64, n: usize, seed: u64) -> HashMap<i64, i64> {
+        fixtures::seed_random(&self.pool, accounts, balance, n, balance / 2, seed).await.unwrap();
+        (1..=accounts).map(|id| (id, balance)).collect()
+    }
+
+    /// Enqueues one transfer by plain SQL, as any producer may; its id.
+    pub async fn enqueue_sql(&self, key: &str, from: i64, to: i64, amount: i64) -> i64 {
+        sqlx::query_scalar(
+            "INSERT INTO transfers (idempotency_key, from_account, to_account, amount) VALUES ($1, $2, $3, $4) RETURNING id",
+        )
+        .bind(key)
+        .bind(from)
+        .bind(to)
+        .bind(amount)
+        .fetch_one(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    /// Applies every waiting transfer and refund (the worker's apply, in-process).
+    pub async fn apply_all(&self) {
+        let applier = Applier::new(self.pool.clone(), ApplyConfig::default());
+        applier.drain().await.unwrap();
+    }
+
+    /// Publishes every pending event with `publisher` (the relay, in-process).
+    pub async fn relay_all(&self, publisher: Publisher) {
+        let relay = Relay::new(self.pool.clone(), publisher, RelayConfig::default(), Default::default());
+        relay.drain().await.unwrap();
     }
 
     /// Runs the binary with this database and the test environment; waits.

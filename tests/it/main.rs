@@ -8,6 +8,8 @@ mod cli;
 mod container;
 mod enqueue;
 mod experiments;
+#[path = "../../src/tools/fixtures.rs"]
+mod fixtures;
 mod helpers;
 mod operating;
 mod processes;

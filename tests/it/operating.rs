@@ -4,40 +4,22 @@
 
 use std::collections::HashMap;
 use std::time::Duration;
+use transfer_worker::service::Service;
 
 use aws_sdk_sqs::types::MessageSystemAttributeName;
 
 use crate::admin::{free_port, http};
 use crate::helpers::{signal, wait_exit, wait_for, KillOnDrop, TestDb, TestQueue};
 
-async fn transfer_between(db: &TestDb, key: &str, from: i64, to: i64, amount: i64) -> i64 {
-    sqlx::query_scalar(
-        "INSERT INTO transfers (idempotency_key, from_account, to_account, amount) VALUES ($1, $2, $3, $4) RETURNING id",
-    )
-    .bind(key)
-    .bind(from)
-    .bind(to)
-    .bind(amount)
-    .fetch_one(&db.pool)
-    .await
-    .unwrap()
-}
-
-async fn apply_all(db: &TestDb) {
-    use transfer_worker::transfer::apply::{Applier, ApplyConfig};
-    let applier = Applier::new(db.pool.clone(), ApplyConfig::default());
-    while applier.run_once().await.unwrap().claimed > 0 {}
-}
-
 #[tokio::test]
 async fn transfer_show_tells_the_whole_story_of_one_transfer() {
     let db = TestDb::new().await;
     db.open_account(1, 100).await;
     db.open_account(2, 0).await;
-    let id = transfer_between(&db, "order-42", 1, 2, 60).await;
-    apply_all(&db).await;
+    let id = db.enqueue_sql("order-42", 1, 2, 60).await;
+    db.apply_all().await;
     assert_eq!(db.cli(&["refund", &id.to_string(), "--amount", "10"]).await.code, 0);
-    apply_all(&db).await;
+    db.apply_all().await;
 
     let id_text = id.to_string();
     for args in [vec!["transfer", "show", id_text.as_str()], vec!["transfer", "show", "--key", "order-42"]] {
@@ -78,8 +60,8 @@ async fn transfer_show_tells_the_whole_story_of_one_transfer() {
 #[tokio::test]
 async fn prune_deletes_old_published_events_in_batches_and_transfers_only_when_asked() {
     let db = TestDb::new().await;
-    transfer_worker::bench::seed_random(&db.pool, 20, 1_000_000, 2_500, 100, 3).await.unwrap();
-    apply_all(&db).await;
+    crate::fixtures::seed_random(&db.pool, 20, 1_000_000, 2_500, 100, 3).await.unwrap();
+    db.apply_all().await;
     // Most events were published 8 days ago; some yesterday; the rest wait.
     sqlx::query(
         "UPDATE outbox SET state = 'published', occurred_at = now() - interval '8 days',
@@ -159,7 +141,7 @@ async fn the_worker_prunes_published_events_itself_one_replica_at_a_time() {
     let args = ["--prune-published-older-than", "1s", "--prune-interval-ms", "200"];
     let mut w = KillOnDrop(db.spawn_worker(&queue.url, &args));
     for i in 0..20 {
-        transfer_between(&db, &format!("p-{i}"), 1, 2, 1).await;
+        db.enqueue_sql(&format!("p-{i}"), 1, 2, 1).await;
     }
     wait_for("everything published", Duration::from_secs(30), || db.settled()).await;
     tokio::time::sleep(Duration::from_millis(1_500)).await;
@@ -189,7 +171,7 @@ async fn metrics_count_what_the_worker_did_with_help_units_and_no_id_labels() {
     db.open_account(1, 100).await;
     db.open_account(2, 0).await;
     for (i, amount) in [10, 20, 500].iter().enumerate() {
-        transfer_between(&db, &format!("m-{i}"), 1, 2, *amount).await;
+        db.enqueue_sql(&format!("m-{i}"), 1, 2, *amount).await;
     }
     let addr = format!("127.0.0.1:{}", free_port());
     let mut w = KillOnDrop(db.spawn_worker(&queue.url, &["--admin-addr", &addr]));
@@ -262,7 +244,7 @@ async fn json_logs_carry_fields_and_ids_and_no_secret_appears_anywhere() {
     db.open_account(1, 1_000).await;
     db.open_account(2, 0).await;
     for i in 0..5 {
-        transfer_between(&db, &format!("j-{i}"), 1, 2, 1).await;
+        db.enqueue_sql(&format!("j-{i}"), 1, 2, 1).await;
     }
     // Secrets of every kind (the test cluster trusts any password; LocalStack
     // accepts any key).
@@ -351,7 +333,7 @@ async fn a_producers_trace_context_reaches_the_consumer_on_every_event() {
     .unwrap();
     let line = format!("{{\"from\":1,\"to\":2,\"amount\":5,\"key\":\"file\",\"traceparent\":\"{tp_file}\"}}\n");
     assert_eq!(db.cli_with_stdin(&["enqueue", "--file", "-"], &line).await.code, 0);
-    transfer_between(&db, "none", 1, 2, 5).await;
+    db.enqueue_sql("none", 1, 2, 5).await;
     // Bad trace contexts are refused: by the CLI (exit 2) and by the database.
     let bad = db.cli(&["enqueue", "--from", "1", "--to", "2", "--amount", "5", "--traceparent", "00-xyz"]).await;
     assert_eq!(bad.code, 2, "{bad:?}");
@@ -362,7 +344,7 @@ async fn a_producers_trace_context_reaches_the_consumer_on_every_event() {
         .unwrap_err();
     assert!(err.to_string().contains("transfers_traceparent_format"), "{err}");
 
-    apply_all(&db).await;
+    db.apply_all().await;
     let relay = transfer_worker::outbox::relay::Relay::new(
         db.pool.clone(),
         queue.publisher().await,

@@ -3,7 +3,6 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use crate::apply::seed;
 use crate::helpers::{signal, wait_exit, wait_for, KillOnDrop, TestDb, TestQueue};
 
 async fn finished(db: &TestDb) -> i64 {
@@ -37,7 +36,7 @@ async fn assert_one_event_per_transfer(db: &TestDb, queue: &TestQueue, transfers
 async fn two_worker_processes_of_four_tasks_apply_1500_transfers_exactly_once() {
     let db = TestDb::new().await;
     let queue = TestQueue::new(true).await;
-    let opening = seed(&db, 20, 1_000, 1_500, 11).await;
+    let opening = db.seed(20, 1_000, 1_500, 11).await;
     let args = ["--workers", "4", "--batch-size", "20"];
     let mut a = KillOnDrop(db.spawn_worker(&queue.url, &args));
     let mut b = KillOnDrop(db.spawn_worker(&queue.url, &args));
@@ -58,7 +57,7 @@ async fn two_worker_processes_of_four_tasks_apply_1500_transfers_exactly_once() 
 async fn sigterm_during_work_exits_zero_with_nothing_half_done() {
     let db = TestDb::new().await;
     let queue = TestQueue::new(true).await;
-    let opening = seed(&db, 20, 1_000, 4_000, 12).await;
+    let opening = db.seed(20, 1_000, 4_000, 12).await;
     let mut w = KillOnDrop(db.spawn_worker(&queue.url, &["--workers", "4", "--batch-size", "5"]));
     wait_for("the worker to be under way", Duration::from_secs(60), || async { finished(&db).await >= 100 }).await;
     signal(&w.0, "TERM");
@@ -76,7 +75,7 @@ async fn sigterm_during_work_exits_zero_with_nothing_half_done() {
 async fn sigkill_mid_work_then_restart_loses_nothing_and_applies_nothing_twice() {
     let db = TestDb::new().await;
     let queue = TestQueue::new(true).await;
-    let opening = seed(&db, 20, 1_000, 3_000, 13).await;
+    let opening = db.seed(20, 1_000, 3_000, 13).await;
     let mut w = KillOnDrop(db.spawn_worker(&queue.url, &["--workers", "4", "--batch-size", "5"]));
     wait_for("the worker to be under way", Duration::from_secs(60), || async { finished(&db).await >= 100 }).await;
     signal(&w.0, "KILL");
@@ -101,7 +100,7 @@ async fn soak_2000_transfers_with_refunds_and_cancels_on_two_processes_match_the
 
     let db = TestDb::new().await;
     let queue = TestQueue::new(true).await;
-    let opening = seed(&db, 20, 1_000, 2_000, 21).await;
+    let opening = db.seed(20, 1_000, 2_000, 21).await;
     let (first, last): (i64, i64) =
         sqlx::query_as("SELECT min(id), max(id) FROM transfers").fetch_one(&db.pool).await.unwrap();
     let args = ["--workers", "4", "--batch-size", "20"];
@@ -188,7 +187,7 @@ async fn soak_2000_transfers_with_refunds_and_cancels_on_two_processes_match_the
 async fn the_worker_survives_its_database_connections_being_killed_mid_work() {
     let db = TestDb::new().await;
     let queue = TestQueue::new(true).await;
-    let opening = seed(&db, 20, 1_000, 3_000, 31).await;
+    let opening = db.seed(20, 1_000, 3_000, 31).await;
     let mut w = KillOnDrop(db.spawn_worker(&queue.url, &["--workers", "4", "--batch-size", "5"]));
     wait_for("the worker to be under way", Duration::from_secs(60), || async { finished(&db).await >= 100 }).await;
     // What a PostgreSQL restart or failover does to the worker: every one of
@@ -238,7 +237,7 @@ async fn black_hole_endpoint() -> String {
 async fn sigterm_while_sqs_hangs_stops_within_the_shutdown_timeout_and_loses_nothing() {
     let db = TestDb::new().await;
     let queue = TestQueue::new(true).await;
-    let opening = seed(&db, 10, 1_000, 50, 41).await;
+    let opening = db.seed(10, 1_000, 50, 41).await;
     let hole = black_hole_endpoint().await;
     let mut cmd = db.worker_command(&queue.url, &["--sqs-timeout-ms", "20000", "--shutdown-timeout-ms", "2000"]);
     cmd.env("AWS_ENDPOINT_URL", &hole).env("RUST_LOG", "info");
@@ -272,7 +271,7 @@ async fn sigterm_while_sqs_hangs_stops_within_the_shutdown_timeout_and_loses_not
 async fn a_second_signal_stops_the_worker_at_once() {
     let db = TestDb::new().await;
     let queue = TestQueue::new(true).await;
-    seed(&db, 10, 1_000, 20, 42).await;
+    db.seed(10, 1_000, 20, 42).await;
     let hole = black_hole_endpoint().await;
     let mut cmd = db.worker_command(&queue.url, &["--sqs-timeout-ms", "60000", "--shutdown-timeout-ms", "60000"]);
     cmd.env("AWS_ENDPOINT_URL", &hole);
@@ -300,7 +299,7 @@ async fn a_second_signal_stops_the_worker_at_once() {
 async fn sigterm_while_a_batch_waits_on_a_lock_abandons_it_in_time_and_it_is_applied_later() {
     let db = TestDb::new().await;
     let queue = TestQueue::new(true).await;
-    let opening = seed(&db, 10, 1_000, 30, 43).await;
+    let opening = db.seed(10, 1_000, 30, 43).await;
     // Another writer holds every account: the worker's batch waits on it
     // (no lock or statement timeout for this worker).
     let mut other_writer = db.pool.begin().await.unwrap();
@@ -337,7 +336,7 @@ async fn sigterm_while_a_batch_waits_on_a_lock_abandons_it_in_time_and_it_is_app
 async fn a_worker_whose_log_reader_went_away_keeps_working_and_still_stops_on_sigterm() {
     let db = TestDb::new().await;
     let queue = TestQueue::new(true).await;
-    let opening = seed(&db, 10, 1_000, 300, 44).await;
+    let opening = db.seed(10, 1_000, 300, 44).await;
     let mut cmd = db.worker_command(&queue.url, &["--batch-size", "5"]);
     // Debug logs every batch: plenty of writes to a pipe nobody reads.
     cmd.env("RUST_LOG", "debug").stderr(std::process::Stdio::piped());

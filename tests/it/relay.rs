@@ -4,6 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
+use transfer_worker::service::Service;
 
 use aws_sdk_sqs::types::QueueAttributeName;
 use tokio::sync::Notify;
@@ -136,12 +137,8 @@ async fn the_relay_delivers_every_event_at_least_once_on_a_standard_queue() {
     let db = TestDb::new().await;
     let queue = TestQueue::new(false).await;
     let written = seed_events(&db, 25, 2, |t| format!("k-{t}")).await;
-    let r = relay(&db, queue.publisher().await, 100, 5);
-    wait_for("all events published", Duration::from_secs(30), || async {
-        r.run_once().await.unwrap();
-        pending(&db).await == 0
-    })
-    .await;
+    db.relay_all(queue.publisher().await).await;
+    assert_eq!(pending(&db).await, 0);
     let received = queue.receive(50, Duration::from_secs(1)).await;
     let got: HashSet<String> = received.iter().map(|e| e.event_id.clone()).collect();
     let want: HashSet<String> = written.values().flatten().cloned().collect();
@@ -497,7 +494,8 @@ async fn sqs_refusing_one_entry_backs_off_that_event_only_never_the_pass() {
     let wake = Arc::new(Notify::new());
     let r = Arc::new(Relay::new(db.pool.clone(), small.publisher().await, config, wake.clone()));
     let stop = tokio_util::sync::CancellationToken::new();
-    let running = tokio::spawn(r.clone().run(stop.clone()));
+    let (poll, retry) = r.timing();
+    let running = tokio::spawn(transfer_worker::service::run(r.clone(), stop.clone(), wake.clone(), poll, retry));
     wait_for("the others to be published", Duration::from_secs(5), || async {
         db.scalar("SELECT count(*) FROM outbox WHERE state = 'published'").await == 2
     })

@@ -11,26 +11,6 @@ use transfer_worker::Error;
 
 use crate::helpers::{wait_for, TestDb};
 
-async fn enqueue_sql(db: &TestDb, key: &str, from: i64, to: i64, amount: i64) -> TransferId {
-    TransferId(
-        sqlx::query_scalar(
-            "INSERT INTO transfers (idempotency_key, from_account, to_account, amount) VALUES ($1, $2, $3, $4) RETURNING id",
-        )
-        .bind(key)
-        .bind(from)
-        .bind(to)
-        .bind(amount)
-        .fetch_one(&db.pool)
-        .await
-        .unwrap(),
-    )
-}
-
-async fn apply_all(db: &TestDb) {
-    let applier = Applier::new(db.pool.clone(), ApplyConfig::default());
-    while applier.run_once().await.unwrap().claimed > 0 {}
-}
-
 async fn events(db: &TestDb, id: TransferId) -> Vec<String> {
     db.events_by_transfer().await.remove(&id.0).unwrap_or_default()
 }
@@ -92,7 +72,7 @@ where
     let db = TestDb::new().await;
     db.open_account(1, 100).await;
     db.open_account(2, 0).await;
-    let id = enqueue_sql(&db, "t", 1, 2, 60).await;
+    let id = TransferId(db.enqueue_sql("t", 1, 2, 60).await);
     let (worker, blocker) = worker_holding(&db, 1).await;
 
     // The transfer is PENDING as far as anyone can see, and the worker is mid-way.
@@ -134,11 +114,11 @@ async fn a_cancel_of_a_pending_transfer_applies_and_the_worker_then_leaves_it_al
     let db = TestDb::new().await;
     db.open_account(1, 100).await;
     db.open_account(2, 0).await;
-    let id = enqueue_sql(&db, "t", 1, 2, 60).await;
+    let id = TransferId(db.enqueue_sql("t", 1, 2, 60).await);
     let out = db.cli(&["cancel", &id.to_string()]).await;
     assert_eq!(out.code, 0, "{out:?}");
     assert_eq!(out.json(), serde_json::json!({"transfer_id": id.0, "status": "CANCELLED"}));
-    apply_all(&db).await;
+    db.apply_all().await;
     assert_eq!(status(&db, id).await.0, "CANCELLED");
     assert_eq!(db.scalar("SELECT balance FROM accounts WHERE id = 1").await, 100);
     let again = db.cli(&["cancel", &id.to_string()]).await;
@@ -152,8 +132,8 @@ async fn duplicate_refunds_at_once_or_one_after_another_give_one_refund_and_one_
     let db = TestDb::new().await;
     db.open_account(1, 100).await;
     db.open_account(2, 0).await;
-    let id = enqueue_sql(&db, "t", 1, 2, 60).await;
-    apply_all(&db).await;
+    let id = TransferId(db.enqueue_sql("t", 1, 2, 60).await);
+    db.apply_all().await;
 
     let tasks: Vec<_> = (0..12)
         .map(|_| {
@@ -175,7 +155,7 @@ async fn duplicate_refunds_at_once_or_one_after_another_give_one_refund_and_one_
     assert!(again.stderr.contains("REQUESTED"), "{}", again.stderr);
     assert_eq!(events(&db, id).await, vec!["transfer.succeeded", "refund.requested"]);
 
-    apply_all(&db).await;
+    db.apply_all().await;
     let after = db.cli(&["refund", &id.to_string()]).await;
     assert_eq!(after.code, 3, "a completed refund is not refunded again");
     assert_eq!(events(&db, id).await, vec!["transfer.succeeded", "refund.requested", "refund.completed"]);
@@ -187,12 +167,12 @@ async fn a_partial_refund_moves_back_only_its_amount() {
     let db = TestDb::new().await;
     db.open_account(1, 100).await;
     db.open_account(2, 0).await;
-    let id = enqueue_sql(&db, "t", 1, 2, 60).await;
-    apply_all(&db).await;
+    let id = TransferId(db.enqueue_sql("t", 1, 2, 60).await);
+    db.apply_all().await;
     let out = db.cli(&["refund", &id.to_string(), "--amount", "15"]).await;
     assert_eq!(out.code, 0, "{out:?}");
     assert_eq!(out.json(), serde_json::json!({"transfer_id": id.0, "refund_status": "REQUESTED", "refund_amount": 15}));
-    apply_all(&db).await;
+    db.apply_all().await;
     assert_eq!(status(&db, id).await, ("SUCCEEDED".into(), "COMPLETED".into()));
     assert_eq!(db.scalar("SELECT balance FROM accounts WHERE id = 1").await, 55);
     assert_eq!(db.scalar("SELECT balance FROM accounts WHERE id = 2").await, 45);
@@ -210,11 +190,11 @@ async fn a_refund_of_a_transfer_that_did_not_succeed_exits_3_and_writes_nothing(
     let db = TestDb::new().await;
     db.open_account(1, 10).await;
     db.open_account(2, 0).await;
-    let failed = enqueue_sql(&db, "failed", 1, 2, 60).await;
-    apply_all(&db).await;
-    let cancelled = enqueue_sql(&db, "cancelled", 1, 2, 5).await;
+    let failed = TransferId(db.enqueue_sql("failed", 1, 2, 60).await);
+    db.apply_all().await;
+    let cancelled = TransferId(db.enqueue_sql("cancelled", 1, 2, 5).await);
     cancel(&db.pool, cancelled).await.unwrap();
-    let pending = enqueue_sql(&db, "pending", 1, 2, 5).await;
+    let pending = TransferId(db.enqueue_sql("pending", 1, 2, 5).await);
     let before = db.events_by_transfer().await;
     for (id, state) in [(failed, "FAILED"), (cancelled, "CANCELLED"), (pending, "PENDING")] {
         let out = db.cli(&["refund", &id.to_string()]).await;
@@ -231,12 +211,12 @@ async fn a_refund_fails_when_the_recipient_no_longer_has_the_money() {
     db.open_account(1, 100).await;
     db.open_account(2, 0).await;
     db.open_account(3, 0).await;
-    let id = enqueue_sql(&db, "t", 1, 2, 60).await;
-    apply_all(&db).await;
-    enqueue_sql(&db, "spend", 2, 3, 50).await;
-    apply_all(&db).await;
+    let id = TransferId(db.enqueue_sql("t", 1, 2, 60).await);
+    db.apply_all().await;
+    TransferId(db.enqueue_sql("spend", 2, 3, 50).await);
+    db.apply_all().await;
     request_refund(&db.pool, id, None).await.unwrap();
-    apply_all(&db).await;
+    db.apply_all().await;
     assert_eq!(status(&db, id).await, ("SUCCEEDED".into(), "FAILED".into()));
     let reason: String = sqlx::query_scalar("SELECT data->>'reason' FROM outbox WHERE event_type = 'refund.failed'")
         .fetch_one(&db.pool)
@@ -252,8 +232,8 @@ async fn refund_and_cancel_reject_bad_input_with_exit_2_and_write_nothing() {
     let db = TestDb::new().await;
     db.open_account(1, 100).await;
     db.open_account(2, 0).await;
-    let id = enqueue_sql(&db, "t", 1, 2, 60).await;
-    apply_all(&db).await;
+    let id = TransferId(db.enqueue_sql("t", 1, 2, 60).await);
+    db.apply_all().await;
     let id = id.to_string();
     let cases: [(&[&str], &str); 8] = [
         (&["refund", "424242"], "transfer 424242 does not exist"),

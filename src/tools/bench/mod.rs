@@ -29,16 +29,16 @@
 
 use std::time::{Duration, Instant};
 
-use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::{Error, Result};
-use crate::outbox::relay::{Relay, RelayConfig};
-use crate::scratch::ScratchDb;
-use crate::transfer::apply::{Applier, ApplyConfig};
-use crate::worker::{self, WorkerConfig};
+use crate::tools::fixtures::{self, ScratchDb};
+use transfer_worker::error::{Error, Result};
+use transfer_worker::outbox::relay::{Relay, RelayConfig};
+use transfer_worker::service::Service;
+use transfer_worker::transfer::apply::{Applier, ApplyConfig};
+use transfer_worker::worker::{self, WorkerConfig};
 
 pub mod ceiling;
 pub mod locks;
@@ -205,7 +205,7 @@ pub async fn run(database_url: &str, config: &BenchConfig) -> Result<BenchReport
 }
 
 async fn measure(pool: &PgPool, config: &BenchConfig) -> Result<BenchReport> {
-    crate::db::migrate(pool).await?;
+    transfer_worker::db::migrate(pool).await?;
     let (fsync, synchronous_commit): (String, String) =
         sqlx::query_as("SELECT current_setting('fsync'), current_setting('synchronous_commit')")
             .fetch_one(pool)
@@ -319,7 +319,7 @@ async fn measure(pool: &PgPool, config: &BenchConfig) -> Result<BenchReport> {
                     let relay =
                         Relay::new(pool.clone(), queue.publisher.clone(), RelayConfig::default(), Default::default());
                     tokio::spawn(async move {
-                        while relay.run_once().await?.claimed > 0 {}
+                        relay.drain().await?;
                         Ok::<(), Error>(())
                     })
                 })
@@ -387,19 +387,10 @@ async fn measure(pool: &PgPool, config: &BenchConfig) -> Result<BenchReport> {
 /// Opens accounts `1..=accounts`; with `--hot`, account 1 holds enough for
 /// every transfer.
 async fn open_accounts(pool: &PgPool, config: &BenchConfig) -> Result<()> {
-    open_accounts_with(pool, config.accounts as i64, OPENING_BALANCE).await?;
+    fixtures::open_accounts(pool, config.accounts as i64, OPENING_BALANCE).await?;
     if config.hot {
         sqlx::query("UPDATE accounts SET balance = $1 WHERE id = 1").bind(HOT_BALANCE).execute(pool).await?;
     }
-    Ok(())
-}
-
-async fn open_accounts_with(pool: &PgPool, accounts: i64, balance: i64) -> Result<()> {
-    sqlx::query("INSERT INTO accounts (id, balance) SELECT g, $2 FROM generate_series(1, $1::bigint) g")
-        .bind(accounts)
-        .bind(balance)
-        .execute(pool)
-        .await?;
     Ok(())
 }
 
@@ -440,9 +431,9 @@ async fn preload(pool: &PgPool, n: usize, accounts: i64) -> Result<()> {
 /// Enqueue latency (the library call, its daily-limit check included) from a
 /// limited account with no transfer today, and from one with 100,000.
 async fn enqueue_latency(pool: &PgPool) -> Result<EnqueueLatency> {
-    use crate::account::AccountId;
-    use crate::transfer::enqueue::{enqueue, NewTransfer};
-    use crate::transfer::Amount;
+    use transfer_worker::account::AccountId;
+    use transfer_worker::transfer::enqueue::{enqueue, NewTransfer};
+    use transfer_worker::transfer::Amount;
     const BUSY: usize = 100_000;
     const CALLS: usize = 300;
     sqlx::query("UPDATE accounts SET daily_limit = 1000000000000, balance = 1000000000000 WHERE id IN (1, 2)")
@@ -506,60 +497,7 @@ async fn seed(pool: &PgPool, config: &BenchConfig) -> Result<()> {
         .await?;
         return Ok(());
     }
-    insert_random_transfers(pool, config.accounts as i64, config.transfers, 1_000, 42).await
-}
-
-/// Opens accounts `1..=accounts` with `balance` each, then enqueues (by plain
-/// SQL, as any producer may) `transfers` random transfers between them of
-/// 1..=`max_amount` each, drawn from `rng_seed`. Shared by `bench` and the
-/// integration tests.
-pub async fn seed_random(
-    pool: &PgPool,
-    accounts: i64,
-    balance: i64,
-    transfers: usize,
-    max_amount: i64,
-    rng_seed: u64,
-) -> Result<()> {
-    if accounts < 2 {
-        return Err(Error::invalid("at least 2 accounts are needed"));
-    }
-    open_accounts_with(pool, accounts, balance).await?;
-    insert_random_transfers(pool, accounts, transfers, max_amount, rng_seed).await
-}
-
-async fn insert_random_transfers(
-    pool: &PgPool,
-    accounts: i64,
-    transfers: usize,
-    max_amount: i64,
-    rng_seed: u64,
-) -> Result<()> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(rng_seed);
-    for chunk_start in (0..transfers).step_by(10_000) {
-        let n = (transfers - chunk_start).min(10_000);
-        let (mut keys, mut from, mut to, mut amount) = (vec![], vec![], vec![], vec![]);
-        for i in 0..n {
-            let f = rng.gen_range(1..=accounts);
-            // Any other account: an offset of 1..accounts-1, wrapped.
-            let t = (f + rng.gen_range(1..accounts) - 1) % accounts + 1;
-            keys.push(format!("seed-{rng_seed}-{}", chunk_start + i));
-            from.push(f);
-            to.push(t);
-            amount.push(rng.gen_range(1..=max_amount));
-        }
-        sqlx::query(
-            "INSERT INTO transfers (idempotency_key, from_account, to_account, amount)
-             SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[])",
-        )
-        .bind(&keys)
-        .bind(&from)
-        .bind(&to)
-        .bind(&amount)
-        .execute(pool)
-        .await?;
-    }
-    Ok(())
+    fixtures::insert_random_transfers(pool, config.accounts as i64, config.transfers, 1_000, 42).await
 }
 
 async fn drain_apply(pool: &PgPool, config: &ApplyConfig, workers: usize) -> Result<()> {
@@ -567,7 +505,7 @@ async fn drain_apply(pool: &PgPool, config: &ApplyConfig, workers: usize) -> Res
         .map(|_| {
             let applier = Applier::new(pool.clone(), config.clone());
             tokio::spawn(async move {
-                while applier.run_once().await?.claimed > 0 {}
+                applier.drain().await?;
                 Ok::<(), Error>(())
             })
         })

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use sqlx::PgPool;
 use tokio::task::JoinSet;
 
-use crate::error::{Error, Result};
+use transfer_worker::error::{Error, Result};
 
 const SETUP: &str = "
 DROP TABLE IF EXISTS c_accounts, c_transfers, c_outbox;

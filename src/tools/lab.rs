@@ -23,9 +23,9 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
 
-use crate::db;
-use crate::error::Result;
-use crate::retry::RetryPolicy;
+use transfer_worker::db;
+use transfer_worker::error::Result;
+use transfer_worker::retry::RetryPolicy;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Strategy {
@@ -106,13 +106,13 @@ async fn run_strategy(pool: &PgPool, strategy: Strategy, workers: usize, increme
                 for _ in 0..increments {
                     retries += increment(&pool, strategy, key).await?;
                 }
-                Ok::<u64, crate::Error>(retries)
+                Ok::<u64, transfer_worker::Error>(retries)
             })
         })
         .collect();
     let mut retries = 0;
     for t in tasks {
-        retries += t.await.map_err(|e| crate::Error::Failed(format!("lab task failed: {e}")))??;
+        retries += t.await.map_err(|e| transfer_worker::Error::Failed(format!("lab task failed: {e}")))??;
     }
     let elapsed = started.elapsed();
     let actual: i64 =

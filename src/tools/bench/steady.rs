@@ -21,11 +21,11 @@ use sqlx::PgPool;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::bench::sqs::{first_receipt_per_transfer, floor_latency, ms_between, Consumer, ScratchQueue};
-use crate::bench::Dist;
-use crate::error::{Error, Result};
-use crate::transfer::apply::Committed;
-use crate::worker::{self, WorkerConfig};
+use crate::tools::bench::sqs::{first_receipt_per_transfer, floor_latency, ms_between, Consumer, ScratchQueue};
+use crate::tools::bench::Dist;
+use transfer_worker::error::{Error, Result};
+use transfer_worker::transfer::apply::Committed;
+use transfer_worker::worker::{self, WorkerConfig};
 
 /// Producer tasks: enough that inserts (a commit each, waiting for the disk)
 /// keep up with the rate.

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant, SystemTime};
 use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, SendMessageBatchRequestEntry};
 use tokio::task::JoinSet;
 
-use crate::error::{Error, Result};
-use crate::outbox::sqs::{client_from_env, create_queue, Publisher, SqsConfig};
-use crate::outbox::EventBody;
+use transfer_worker::error::{Error, Result};
+use transfer_worker::outbox::sqs::{client_from_env, create_queue, Publisher, SqsConfig};
+use transfer_worker::outbox::EventBody;
 
 /// Receive calls in flight at once (each takes up to 10 messages).
 const CONSUMERS: usize = 6;
@@ -187,7 +187,7 @@ pub async fn floor_latency(fifo: bool, rate: f64, seconds: f64) -> Result<Vec<f6
                     .send_message()
                     .queue_url(&url)
                     .message_body(body)
-                    .message_attributes(crate::outbox::sqs::EVENT_TYPE_ATTRIBUTE, attribute);
+                    .message_attributes(transfer_worker::outbox::sqs::EVENT_TYPE_ATTRIBUTE, attribute);
                 if fifo {
                     req = req.message_group_id(i.to_string()).message_deduplication_id(i.to_string());
                 }
