@@ -11,7 +11,7 @@ use serde::Serialize;
 use sqlx::PgExecutor;
 
 use crate::db;
-use crate::error::{Error, Result};
+use crate::error::{Error, Refusal, Result};
 
 /// An account's id, as chosen by whoever opens it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -38,7 +38,7 @@ pub struct Account {
     pub daily_limit: Option<i64>,
 }
 
-/// Opens an account. An id that is taken is [`Error::NotApplied`] (exit 3);
+/// Opens an account. An id that is taken is [`Refusal::AccountExists`] (exit 3);
 /// a negative balance or a non-positive limit is [`Error::Invalid`] (exit 2).
 pub async fn open<'e>(
     db: impl PgExecutor<'e>,
@@ -65,7 +65,7 @@ pub async fn open<'e>(
     .fetch_one(db)
     .await
     .map_err(|e| match db::violated_constraint(&e) {
-        Some("accounts_pkey") => Error::not_applied(format!("account {id} already exists")),
+        Some("accounts_pkey") => Refusal::AccountExists { account: id }.into(),
         _ => e.into(),
     })
 }

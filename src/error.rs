@@ -8,6 +8,10 @@
 
 use std::fmt;
 
+use crate::account::AccountId;
+use crate::outbox::EventState;
+use crate::transfer::{Amount, RefundStatus, TransferId, TransferStatus};
+
 /// Result alias used across the library.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -22,11 +26,10 @@ pub enum Error {
     #[error("{what} {id} does not exist")]
     NotFound { what: &'static str, id: i64 },
 
-    /// A valid request that did not apply: a guarded update matched no row, an
-    /// idempotency key reused with other parameters, an id already taken.
-    /// Nothing was written. Exit code 3.
-    #[error("{0}")]
-    NotApplied(String),
+    /// A valid request that did not apply (see [`Refusal`]). Nothing was
+    /// written. Exit code 3.
+    #[error(transparent)]
+    Refused(#[from] Refusal),
 
     /// PostgreSQL failed in a way that is not the request's fault.
     #[error("database error: {0}")]
@@ -66,8 +69,44 @@ impl Error {
     pub fn invalid(msg: impl fmt::Display) -> Self {
         Error::Invalid(msg.to_string())
     }
+}
 
-    pub fn not_applied(msg: impl fmt::Display) -> Self {
-        Error::NotApplied(msg.to_string())
-    }
+/// Why a valid request did not apply. Each names the state it found;
+/// nothing was written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// A cancel of a transfer that is no longer PENDING.
+    #[error("transfer {transfer} is {status}; only a PENDING transfer can be cancelled; nothing written")]
+    NotCancellable { transfer: TransferId, status: TransferStatus },
+    /// A refund of a transfer that did not succeed (yet, or at all).
+    #[error("transfer {transfer} is {status}; only a SUCCEEDED transfer can be refunded; nothing written")]
+    NotRefundable { transfer: TransferId, status: TransferStatus },
+    /// A second refund of one transfer.
+    #[error("transfer {transfer} already has a refund (refund_status {refund_status}); nothing written")]
+    AlreadyRefunded { transfer: TransferId, refund_status: RefundStatus },
+    /// An idempotency key already used for a transfer with other parameters.
+    #[error("{}idempotency key {key:?} was already used for a transfer with other parameters; nothing enqueued", at(*.line))]
+    KeyReused { key: String, line: Option<usize> },
+    /// The same key twice in one bulk file, with other parameters.
+    #[error(
+        "line {line}: idempotency key {key:?} is used on line {first_line} with other parameters; nothing enqueued"
+    )]
+    KeyRepeatedInFile { key: String, line: usize, first_line: usize },
+    /// An enqueue that would take the source's transfers accepted today above its daily limit.
+    #[error(
+        "{}daily limit of account {account} exceeded: {accepted} already accepted today (UTC) + {amount} > {limit}; nothing enqueued",
+        at(*.line)
+    )]
+    DailyLimit { account: AccountId, accepted: i64, amount: Amount, limit: i64, line: Option<usize> },
+    /// An account id already taken.
+    #[error("account {account} already exists")]
+    AccountExists { account: AccountId },
+    /// A requeue of an event that is not dead.
+    #[error("event {event} is {state}; only dead events can be requeued; nothing written")]
+    NotDead { event: String, state: EventState },
+}
+
+/// "line N: " for a bulk file's line, nothing for a single request.
+fn at(line: Option<usize>) -> String {
+    line.map(|n| format!("line {n}: ")).unwrap_or_default()
 }

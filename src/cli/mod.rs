@@ -153,7 +153,7 @@ pub enum ExitCode {
 pub fn exit_code(err: &Error) -> ExitCode {
     match err {
         Error::Invalid(_) | Error::NotFound { .. } => ExitCode::BadInput,
-        Error::NotApplied(_) => ExitCode::NotApplied,
+        Error::Refused(_) => ExitCode::NotApplied,
         Error::Database(_)
         | Error::Migrate(_)
         | Error::Sqs(_)

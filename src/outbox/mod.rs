@@ -31,10 +31,38 @@ pub enum EventState {
     Pending,
     /// Terminal. SQS accepted it.
     Published,
-    /// SQS rejected it (a sender fault) `max_attempts` times. Holds back the
-    /// later events of its transfer until an operator requeues it.
+    /// SQS refused it for its content `max_attempts` times. Holds back the
+    /// later events of its transfer until an operator requeues it (dead ->
+    /// pending).
     Dead,
 }
+
+impl EventState {
+    pub const ALL: [EventState; 3] = [EventState::Pending, EventState::Published, EventState::Dead];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventState::Pending => "pending",
+            EventState::Published => "published",
+            EventState::Dead => "dead",
+        }
+    }
+}
+
+impl std::fmt::Display for EventState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for EventState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        EventState::ALL.into_iter().find(|t| t.as_str() == s).ok_or_else(|| format!("unknown event state {s:?}"))
+    }
+}
+
+crate::db::text_state!(EventState);
 
 /// The message body published to SQS (the contract's event format).
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]

@@ -40,7 +40,7 @@ use crate::error::Result;
 use crate::health::Health;
 use crate::metrics::metrics;
 use crate::outbox::sqs::{escape_for_sqs, Delivery, Outgoing, Publisher};
-use crate::outbox::EventBody;
+use crate::outbox::{EventBody, EventState};
 use crate::retry::RetryPolicy;
 use crate::service::{Progress, Service};
 use futures::future::BoxFuture;
@@ -308,7 +308,7 @@ impl Relay {
 
         if !rejected_ids.is_empty() {
             let rows = sqlx::query!(
-                "UPDATE outbox o
+                r#"UPDATE outbox o
                     SET attempts = o.attempts + 1,
                         last_error = r.error,
                         state = CASE WHEN o.attempts + 1 >= $4 THEN 'dead' ELSE 'pending' END,
@@ -316,7 +316,7 @@ impl Relay {
                         claimed_until = NULL
                    FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS r(id, error, delay_ms)
                   WHERE o.id = r.id AND o.state = 'pending' AND o.claimed_until = $5::text::timestamptz
-              RETURNING o.id, o.state",
+              RETURNING o.id, o.state AS "state: EventState""#,
                 &rejected_ids,
                 &rejected_errors,
                 &rejected_delays,
@@ -325,13 +325,13 @@ impl Relay {
             )
             .fetch_all(&mut *tx)
             .await?;
-            counts.dead = rows.iter().filter(|r| r.state == "dead").count();
+            counts.dead = rows.iter().filter(|r| r.state == EventState::Dead).count();
             counts.rejected = rows.len() - counts.dead;
             recorded += rows.len();
             for r in &rows {
                 let code = rejected_codes.get(&r.id).map(String::as_str).unwrap_or("");
-                metrics().event_rejected(code, r.state == "dead");
-                if r.state == "dead" {
+                metrics().event_rejected(code, r.state == EventState::Dead);
+                if r.state == EventState::Dead {
                     tracing::error!(
                         outbox_id = r.id,
                         code,

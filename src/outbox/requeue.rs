@@ -9,7 +9,8 @@ use std::str::FromStr;
 use serde::Serialize;
 use sqlx::PgPool;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Refusal, Result};
+use crate::outbox::EventState;
 use crate::wake;
 
 /// Which event: its `outbox.id` or its `event_id` (UUID).
@@ -76,7 +77,7 @@ pub async fn requeue(pool: &PgPool, event: Option<&EventRef>) -> Result<Requeued
     if n == 0 {
         if let Some(e) = event {
             let state = sqlx::query_scalar!(
-                "SELECT state FROM outbox WHERE id = $1 OR event_id = $2::text::uuid",
+                r#"SELECT state AS "state: EventState" FROM outbox WHERE id = $1 OR event_id = $2::text::uuid"#,
                 outbox_id,
                 event_id
             )
@@ -85,9 +86,7 @@ pub async fn requeue(pool: &PgPool, event: Option<&EventRef>) -> Result<Requeued
             tx.rollback().await?;
             return Err(match state {
                 None => Error::invalid(format!("event {e} does not exist")),
-                Some(state) => Error::not_applied(format!(
-                    "event {e} is {state}; only dead events can be requeued; nothing written"
-                )),
+                Some(state) => Refusal::NotDead { event: e.to_string(), state }.into(),
             });
         }
     } else {

@@ -79,7 +79,7 @@ async fn demo(pool: &PgPool, timeout: Duration) -> Result<()> {
         }
     }
     let (first, to_cancel) = (ids[0], ids[3]);
-    show("cancel the 50 while it is PENDING", cancel(&pool, to_cancel).await.map(|c| c.status));
+    show("cancel the 50 while it is PENDING", cancel(&pool, to_cancel).await.map(|c| c.status.to_string()));
 
     println!("== worker running");
     let shutdown = CancellationToken::new();
@@ -96,8 +96,11 @@ async fn demo(pool: &PgPool, timeout: Duration) -> Result<()> {
             .await
             .map(|r| format!("{} {}", r.refund_status, r.refund_amount)),
     );
-    show("refund it again (a double click)", request_refund(&pool, first, None).await.map(|r| r.refund_status));
-    show("cancel bob -> carol 200, too late", cancel(&pool, ids[1]).await.map(|c| c.status));
+    show(
+        "refund it again (a double click)",
+        request_refund(&pool, first, None).await.map(|r| r.refund_status.to_string()),
+    );
+    show("cancel bob -> carol 200, too late", cancel(&pool, ids[1]).await.map(|c| c.status.to_string()));
     wait_until_settled(&pool, &raw_ids, deadline).await?;
     shutdown.cancel();
     worker.await.map_err(|e| Error::Failed(format!("worker task failed: {e}")))??;

@@ -10,15 +10,15 @@
 use serde::Serialize;
 use sqlx::{Acquire, Postgres};
 
-use crate::error::{Error, Result};
-use crate::transfer::TransferId;
+use crate::error::{Error, Refusal, Result};
+use crate::transfer::{TransferId, TransferStatus};
 use crate::wake;
 
 /// What `cancel` prints.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Cancelled {
     pub transfer_id: TransferId,
-    pub status: String,
+    pub status: TransferStatus,
 }
 
 pub async fn cancel<'a, A>(db: A, id: TransferId) -> Result<Cancelled>
@@ -42,14 +42,13 @@ where
     if cancelled.is_some() {
         // Its event was written by this process: wake the workers' relays.
         wake::notify(&mut conn, wake::Work::Outbox).await?;
-        return Ok(Cancelled { transfer_id: id, status: "CANCELLED".into() });
+        return Ok(Cancelled { transfer_id: id, status: TransferStatus::Cancelled });
     }
-    let status =
-        sqlx::query_scalar!("SELECT status FROM transfers WHERE id = $1", id.0).fetch_optional(&mut *conn).await?;
+    let status = sqlx::query_scalar!(r#"SELECT status AS "status: TransferStatus" FROM transfers WHERE id = $1"#, id.0)
+        .fetch_optional(&mut *conn)
+        .await?;
     Err(match status {
         None => Error::NotFound { what: "transfer", id: id.0 },
-        Some(status) => Error::not_applied(format!(
-            "transfer {id} is {status}; only a PENDING transfer can be cancelled; nothing written"
-        )),
+        Some(status) => Refusal::NotCancellable { transfer: id, status }.into(),
     })
 }

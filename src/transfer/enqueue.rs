@@ -15,8 +15,8 @@ use sqlx::{Acquire, PgConnection, Postgres};
 
 use crate::account::AccountId;
 use crate::db;
-use crate::error::{Error, Result};
-use crate::transfer::{Amount, IdempotencyKey, TraceParent, TransferId};
+use crate::error::{Error, Refusal, Result};
+use crate::transfer::{Amount, IdempotencyKey, TraceParent, TransferId, TransferStatus};
 
 /// A transfer to enqueue, with typed, already-validated values.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,7 +58,7 @@ impl NewTransfer {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Enqueued {
     pub transfer_id: TransferId,
-    pub status: String,
+    pub status: TransferStatus,
     pub created: bool,
 }
 
@@ -104,13 +104,6 @@ struct Item<'t> {
     key: String,
 }
 
-impl Item<'_> {
-    /// "line N: " in a file, nothing for a single enqueue.
-    fn at(&self) -> String {
-        self.line.map(|n| format!("line {n}: ")).unwrap_or_default()
-    }
-}
-
 /// How many rows one INSERT carries.
 const INSERT_CHUNK: usize = 1000;
 
@@ -134,7 +127,7 @@ async fn insert(conn: &mut PgConnection, items: &[Item<'_>]) -> Result<Vec<Enque
                    WHERE t.from_account = EXCLUDED.from_account
                      AND t.to_account = EXCLUDED.to_account
                      AND t.amount = EXCLUDED.amount
-               RETURNING t.idempotency_key, t.id, t.status, (t.xmax = 0) AS "created!""#,
+               RETURNING t.idempotency_key, t.id, t.status AS "status: TransferStatus", (t.xmax = 0) AS "created!""#,
             &keys,
             &from,
             &to,
@@ -152,7 +145,7 @@ async fn insert(conn: &mut PgConnection, items: &[Item<'_>]) -> Result<Vec<Enque
         for item in chunk {
             match by_key.remove(&item.key) {
                 Some(e) => out.push(e),
-                None => return Err(Error::not_applied(format!("{}{}", item.at(), key_reused(&item.key)))),
+                None => return Err(Refusal::KeyReused { key: item.key.clone(), line: item.line }.into()),
             }
         }
     }
@@ -236,21 +229,18 @@ async fn check_daily_limits(conn: &mut PgConnection, items: &[Item<'_>]) -> Resu
         let before = used.get(&account).copied().unwrap_or(0);
         let after = before.saturating_add(item.transfer.amount.get());
         if after > limit {
-            return Err(Error::not_applied(format!(
-                "{}daily limit of account {account} exceeded: {before} already accepted today (UTC) + {} > {limit}; nothing enqueued",
-                item.at(),
-                item.transfer.amount
-            )));
+            return Err(Refusal::DailyLimit {
+                account: AccountId(account),
+                accepted: before,
+                amount: item.transfer.amount,
+                limit,
+                line: item.line,
+            }
+            .into());
         }
         used.insert(account, after);
     }
     Ok(())
-}
-
-fn key_reused(key: &str) -> Error {
-    Error::not_applied(format!(
-        "idempotency key {key:?} was already used for a transfer with other parameters; nothing enqueued"
-    ))
 }
 
 fn constraint_error(e: Error, transfer: &NewTransfer) -> Error {
@@ -304,10 +294,12 @@ pub fn parse_bulk(input: &str) -> Result<Vec<(usize, NewTransfer)>> {
             if let Some(&earlier) = keys.get(k.as_str()) {
                 let (first_line, first) = &out[earlier];
                 if first != &t {
-                    return Err(Error::not_applied(format!(
-                        "line {line_no}: idempotency key {:?} is used on line {first_line} with other parameters; nothing enqueued",
-                        k.as_str()
-                    )));
+                    return Err(Refusal::KeyRepeatedInFile {
+                        key: k.as_str().to_owned(),
+                        line: line_no,
+                        first_line: *first_line,
+                    }
+                    .into());
                 }
             } else {
                 keys.insert(k.as_str().to_owned(), out.len());

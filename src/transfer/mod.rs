@@ -202,6 +202,18 @@ impl fmt::Display for TransferStatus {
     }
 }
 
+impl FromStr for TransferStatus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        TransferStatus::ALL
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or_else(|| format!("unknown transfer status {s:?}"))
+    }
+}
+
+crate::db::text_state!(TransferStatus);
+
 /// `transfers.refund_status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -235,6 +247,15 @@ impl fmt::Display for RefundStatus {
         f.write_str(self.as_str())
     }
 }
+
+impl FromStr for RefundStatus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        RefundStatus::ALL.into_iter().find(|t| t.as_str() == s).ok_or_else(|| format!("unknown refund status {s:?}"))
+    }
+}
+
+crate::db::text_state!(RefundStatus);
 
 /// Why a transfer FAILED (`transfers.failure_reason`, the event's `reason`).
 pub mod reason {

@@ -17,15 +17,15 @@
 use serde::Serialize;
 use sqlx::{Acquire, PgConnection, Postgres};
 
-use crate::error::{Error, Result};
-use crate::transfer::{Amount, TransferId};
+use crate::error::{Error, Refusal, Result};
+use crate::transfer::{Amount, RefundStatus, TransferId, TransferStatus};
 use crate::wake;
 
 /// What `refund` prints.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RefundRequested {
     pub transfer_id: TransferId,
-    pub refund_status: String,
+    pub refund_status: RefundStatus,
     pub refund_amount: i64,
 }
 
@@ -66,7 +66,7 @@ where
             let (id, refund_amount) = (r.id, r.refund_amount);
             wake::notify(&mut tx, wake::Work::Refund).await?;
             tx.commit().await?;
-            Ok(RefundRequested { transfer_id: TransferId(id), refund_status: "REQUESTED".into(), refund_amount })
+            Ok(RefundRequested { transfer_id: TransferId(id), refund_status: RefundStatus::Requested, refund_amount })
         }
         None => {
             let err = why_not(&mut tx, id, amount).await?;
@@ -78,25 +78,25 @@ where
 
 /// The error for a refund that did not apply, from the transfer's current state.
 async fn why_not(conn: &mut PgConnection, id: TransferId, amount: Option<Amount>) -> Result<Error> {
-    let current = sqlx::query!("SELECT status, refund_status, amount FROM transfers WHERE id = $1", id.0)
-        .fetch_optional(conn)
-        .await?;
+    let current = sqlx::query!(
+        r#"SELECT status AS "status: TransferStatus", refund_status AS "refund_status: RefundStatus", amount
+             FROM transfers WHERE id = $1"#,
+        id.0
+    )
+    .fetch_optional(conn)
+    .await?;
     let Some(current) = current else {
         return Ok(Error::NotFound { what: "transfer", id: id.0 });
     };
-    let (status, refund_status, transfer_amount) = (current.status, current.refund_status, current.amount);
-    if let Some(a) = amount.filter(|a| a.get() > transfer_amount) {
+    if let Some(a) = amount.filter(|a| a.get() > current.amount) {
         return Ok(Error::invalid(format!(
-            "refund amount {a} exceeds transfer {id}'s amount {transfer_amount}; nothing written"
+            "refund amount {a} exceeds transfer {id}'s amount {}; nothing written",
+            current.amount
         )));
     }
-    Ok(if refund_status != "NONE" {
-        Error::not_applied(format!(
-            "transfer {id} already has a refund (refund_status {refund_status}); nothing written"
-        ))
+    Ok(if current.refund_status != RefundStatus::None {
+        Refusal::AlreadyRefunded { transfer: id, refund_status: current.refund_status }.into()
     } else {
-        Error::not_applied(format!(
-            "transfer {id} is {status}; only a SUCCEEDED transfer can be refunded; nothing written"
-        ))
+        Refusal::NotRefundable { transfer: id, status: current.status }.into()
     })
 }

@@ -5,7 +5,8 @@ use serde::Serialize;
 use sqlx::PgPool;
 
 use crate::error::{Error, Result};
-use crate::transfer::{IdempotencyKey, TransferId};
+use crate::outbox::EventState;
+use crate::transfer::{IdempotencyKey, RefundStatus, TransferId, TransferStatus};
 
 /// Which transfer.
 #[derive(Debug, Clone)]
@@ -23,9 +24,9 @@ pub struct TransferView {
     pub from_account: i64,
     pub to_account: i64,
     pub amount: i64,
-    pub status: String,
+    pub status: TransferStatus,
     pub failure_reason: Option<String>,
-    pub refund_status: String,
+    pub refund_status: RefundStatus,
     pub refund_amount: Option<i64>,
     /// Unexpected errors met while applying (the transfer, or its refund).
     pub attempts: i32,
@@ -38,7 +39,7 @@ pub struct TransferView {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct RefundView {
-    pub status: String,
+    pub status: RefundStatus,
     pub amount: i64,
     pub failure_reason: Option<String>,
     pub requested_at: Option<String>,
@@ -50,8 +51,7 @@ pub struct EventView {
     pub outbox_id: i64,
     pub event_id: String,
     pub event_type: String,
-    /// pending, published or dead.
-    pub state: String,
+    pub state: EventState,
     /// Pending behind a dead event of this transfer.
     pub held: bool,
     /// Rejections by SQS (dead after the configured maximum).
@@ -68,8 +68,9 @@ pub async fn show(pool: &PgPool, lookup: &Lookup) -> Result<TransferView> {
         Lookup::Key(k) => (None, Some(k.as_str())),
     };
     let t = sqlx::query!(
-        r#"SELECT id, idempotency_key, from_account, to_account, amount, status, failure_reason,
-                  refund_status, refund_amount, refund_failure_reason, attempts, last_error,
+        r#"SELECT id, idempotency_key, from_account, to_account, amount, status AS "status: TransferStatus",
+                  failure_reason, refund_status AS "refund_status: RefundStatus", refund_amount,
+                  refund_failure_reason, attempts, last_error,
                   to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS "created_at!",
                   to_char(applied_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS applied_at,
                   to_char(refund_requested_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS refund_requested_at,
@@ -88,7 +89,8 @@ pub async fn show(pool: &PgPool, lookup: &Lookup) -> Result<TransferView> {
         });
     };
     let events = sqlx::query!(
-        r#"SELECT o.id, o.event_id::text AS "event_id!", o.event_type, o.state, o.attempts, o.last_error,
+        r#"SELECT o.id, o.event_id::text AS "event_id!", o.event_type, o.state AS "state: EventState", o.attempts,
+                  o.last_error,
                   o.state = 'pending' AND EXISTS (SELECT 1 FROM outbox d
                                                    WHERE d.transfer_id = o.transfer_id AND d.state = 'dead'
                                                      AND d.id < o.id) AS "held!",
@@ -112,8 +114,8 @@ pub async fn show(pool: &PgPool, lookup: &Lookup) -> Result<TransferView> {
         published_at: e.published_at,
     })
     .collect();
-    let refund = (t.refund_status != "NONE").then(|| RefundView {
-        status: t.refund_status.clone(),
+    let refund = (t.refund_status != RefundStatus::None).then(|| RefundView {
+        status: t.refund_status,
         amount: t.refund_amount.unwrap_or_default(),
         failure_reason: t.refund_failure_reason.clone(),
         requested_at: t.refund_requested_at.clone(),

@@ -2,6 +2,7 @@
 //! bulk files, and plain SQL inserts.
 
 use transfer_worker::account::AccountId;
+use transfer_worker::error::Refusal;
 use transfer_worker::service::Service;
 use transfer_worker::transfer::apply::{Applier, ApplyConfig};
 use transfer_worker::transfer::enqueue::{enqueue, NewTransfer};
@@ -42,7 +43,7 @@ async fn same_key_with_other_parameters_is_refused_and_writes_nothing() {
     enqueue(&db.pool, &transfer(1, 2, 10, "k")).await.unwrap();
     for other in [transfer(1, 2, 11, "k"), transfer(1, 3, 10, "k"), transfer(2, 1, 10, "k")] {
         let err = enqueue(&db.pool, &other).await.unwrap_err();
-        assert!(matches!(err, Error::NotApplied(_)), "{err:?}");
+        assert!(matches!(err, Error::Refused(Refusal::KeyReused { .. })), "{err:?}");
     }
     let out = db.cli(&["enqueue", "--from", "1", "--to", "2", "--amount", "99", "--key", "k"]).await;
     assert_eq!(out.code, 3, "{out:?}");

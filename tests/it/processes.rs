@@ -125,7 +125,7 @@ async fn soak_2000_transfers_with_refunds_and_cancels_on_two_processes_match_the
                     };
                     match result {
                         Ok(()) => applied += 1,
-                        Err(transfer_worker::Error::NotApplied(_)) => refused += 1,
+                        Err(transfer_worker::Error::Refused(_)) => refused += 1,
                         Err(e) => panic!("unexpected error: {e:?}"),
                     }
                     tokio::time::sleep(Duration::from_millis(rng.gen_range(0..5))).await;

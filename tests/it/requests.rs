@@ -3,9 +3,11 @@
 
 use std::time::Duration;
 
+use transfer_worker::error::Refusal;
 use transfer_worker::transfer::apply::{Applier, ApplyConfig, Step};
 use transfer_worker::transfer::cancel::cancel;
 use transfer_worker::transfer::refund::request_refund;
+use transfer_worker::transfer::TransferStatus;
 use transfer_worker::transfer::{Amount, TransferId};
 use transfer_worker::Error;
 
@@ -103,7 +105,10 @@ async fn a_cancel_racing_the_worker_waits_for_it_then_does_not_apply() {
     let (db, id, result) =
         race_with_worker(|pool, id| async move { cancel(&pool, id).await }, "%SET status = 'CANCELLED'%").await;
     let err = result.unwrap_err();
-    assert!(matches!(&err, Error::NotApplied(m) if m.contains("SUCCEEDED")), "{err:?}");
+    assert!(
+        matches!(&err, Error::Refused(Refusal::NotCancellable { status: TransferStatus::Succeeded, .. })),
+        "{err:?}"
+    );
     assert_eq!(status(&db, id).await.0, "SUCCEEDED");
     assert_eq!(events(&db, id).await, vec!["transfer.succeeded"], "no event for the cancel that came too late");
     assert_eq!(db.scalar("SELECT balance FROM accounts WHERE id = 2").await, 60);
@@ -145,7 +150,9 @@ async fn duplicate_refunds_at_once_or_one_after_another_give_one_refund_and_one_
     for t in tasks {
         match t.await.unwrap() {
             Ok(_) => ok += 1,
-            Err(Error::NotApplied(m)) => assert!(m.contains("already has a refund"), "{m}"),
+            Err(Error::Refused(r @ Refusal::AlreadyRefunded { .. })) => {
+                assert!(r.to_string().contains("already has a refund"), "{r}")
+            }
             Err(e) => panic!("{e:?}"),
         }
     }
