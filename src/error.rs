@@ -39,9 +39,10 @@ pub enum Error {
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 
-    /// SQS failed in a way that is not the event's fault (an outage).
+    /// SQS failed in a way that is not the event's fault (an outage), with
+    /// its code and request id.
     #[error("SQS error: {0}")]
-    Sqs(String),
+    Sqs(crate::outbox::sqs::SqsFailure),
 
     /// A service we need cannot be reached (the message names it and why).
     /// Exit code 1.

@@ -11,7 +11,7 @@ use transfer_worker::error::{Error, Result};
 use transfer_worker::health::Health;
 use transfer_worker::maintenance::MaintenanceConfig;
 use transfer_worker::outbox::relay::RelayConfig;
-use transfer_worker::outbox::sqs::{Publisher, SqsConfig};
+use transfer_worker::outbox::sqs::{client_from_env, Publisher, SqsConfig};
 use transfer_worker::retention::PruneConfig;
 use transfer_worker::retry::RetryPolicy;
 use transfer_worker::transfer::apply::ApplyConfig;
@@ -215,7 +215,9 @@ pub async fn run(database_url: &Option<String>, args: RunArgs) -> Result<()> {
     // A database without our schema (or with an older one) would have the
     // worker retry forever while looking ready: refuse to start instead.
     transfer_worker::db::check_schema(&pool).await?;
-    let mut publisher = Publisher::from_env(&sqs).await;
+    // One SQS client, from the environment; a publisher for the events queue on it.
+    let client = client_from_env(sqs.call_timeout).await;
+    let mut publisher = Publisher::new(client, &sqs);
     // Whether the queue is FIFO, from SQS itself when it answers; from the
     // URL otherwise (an SQS outage at start is an outage, not a reason to
     // refuse to apply transfers).

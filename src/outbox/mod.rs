@@ -19,6 +19,7 @@
 pub mod relay;
 pub mod requeue;
 pub mod sqs;
+pub(crate) mod store;
 
 use serde::Serialize;
 

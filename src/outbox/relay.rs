@@ -40,7 +40,7 @@ use crate::error::Result;
 use crate::health::Health;
 use crate::metrics::metrics;
 use crate::outbox::sqs::{escape_for_sqs, Delivery, Outgoing, Publisher};
-use crate::outbox::{EventBody, EventState};
+use crate::outbox::{store, EventBody, EventState};
 use crate::retry::RetryPolicy;
 use crate::service::{Progress, Service};
 use futures::future::BoxFuture;
@@ -182,38 +182,7 @@ impl Relay {
     /// Step 1: claims a batch under a fresh lease (committed before return).
     pub async fn claim(&self) -> Result<Claim> {
         let lease_ms = self.config.lease.as_millis() as f64;
-        // The earliest unpublished event of each transfer, only when its
-        // retry time has come and no live lease is on it. `state <>
-        // 'published'` repeats the partial indexes' predicate so the planner
-        // can use them. SKIP LOCKED: a concurrent claim's rows are not ours.
-        let rows = sqlx::query!(
-            r#"WITH heads AS (
-                   SELECT o.id FROM outbox o
-                    WHERE o.state <> 'published' AND o.state = 'pending'
-                      AND o.next_attempt_at <= now()
-                      AND (o.claimed_until IS NULL OR o.claimed_until < now())
-                      AND NOT EXISTS (SELECT 1 FROM outbox e
-                                       WHERE e.transfer_id = o.transfer_id
-                                         AND e.state <> 'published'
-                                         AND e.id < o.id)
-                    ORDER BY o.id
-                    LIMIT $1
-                      FOR NO KEY UPDATE OF o SKIP LOCKED
-               )
-               UPDATE outbox o SET claimed_until = now() + $2 * interval '1 millisecond'
-                 FROM heads h
-                WHERE o.id = h.id
-            RETURNING (SELECT t.traceparent FROM transfers t WHERE t.id = o.transfer_id) AS traceparent,
-                      o.id, o.event_id::text AS "event_id!", o.transfer_id, o.event_type,
-                      o.data::text AS "data!", o.attempts, o.transient_failures,
-                      o.claimed_until::text AS "lease!",
-                      extract(epoch FROM o.occurred_at)::float8 AS "occurred_epoch!",
-                      to_char(o.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS "occurred_at!""#,
-            self.config.batch_size,
-            lease_ms
-        )
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = store::claim_heads(&self.pool, self.config.batch_size, lease_ms).await?;
         let lease = rows.first().map(|r| r.lease.clone()).unwrap_or_default();
         let mut events: Vec<ClaimedEvent> = rows
             .into_iter()
@@ -271,9 +240,9 @@ impl Relay {
                     deferred_delays.push(self.config.outage_retry.delay_for_attempt(n).as_millis() as i64);
                     tracing::warn!(outbox_id = e.id, event_id = %e.event_id, transfer_id = e.transfer_id, error = %err, "SQS failed an event; retrying it later");
                 }
-                Some(Delivery::Unavailable(msg)) => {
+                Some(Delivery::Unavailable(failure)) => {
                     unavailable_ids.push(e.id);
-                    unavailable_errors.push(msg.clone());
+                    unavailable_errors.push(failure.to_string());
                 }
                 None => {
                     unavailable_ids.push(e.id);
@@ -293,37 +262,18 @@ impl Relay {
         let mut recorded = 0;
         let mut published_now: Vec<i64> = Vec::new();
         if !published.is_empty() {
-            published_now = sqlx::query_scalar!(
-                "UPDATE outbox SET state = 'published', published_at = now(), last_error = NULL, claimed_until = NULL
-                  WHERE id = ANY($1) AND state = 'pending' AND claimed_until = $2::text::timestamptz
-              RETURNING id",
-                &published,
-                lease
-            )
-            .fetch_all(&mut *tx)
-            .await?;
+            published_now = store::mark_published(&mut tx, &published, lease).await?;
             counts.published = published_now.len();
             recorded += published_now.len();
         }
 
         if !rejected_ids.is_empty() {
-            let rows = sqlx::query!(
-                r#"UPDATE outbox o
-                    SET attempts = o.attempts + 1,
-                        last_error = r.error,
-                        state = CASE WHEN o.attempts + 1 >= $4 THEN 'dead' ELSE 'pending' END,
-                        next_attempt_at = now() + r.delay_ms * interval '1 millisecond',
-                        claimed_until = NULL
-                   FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS r(id, error, delay_ms)
-                  WHERE o.id = r.id AND o.state = 'pending' AND o.claimed_until = $5::text::timestamptz
-              RETURNING o.id, o.state AS "state: EventState""#,
-                &rejected_ids,
-                &rejected_errors,
-                &rejected_delays,
+            let rows = store::count_rejections(
+                &mut tx,
+                (&rejected_ids, &rejected_errors, &rejected_delays),
                 self.config.max_attempts,
-                lease
+                lease,
             )
-            .fetch_all(&mut *tx)
             .await?;
             counts.dead = rows.iter().filter(|r| r.state == EventState::Dead).count();
             counts.rejected = rows.len() - counts.dead;
@@ -342,22 +292,7 @@ impl Relay {
         }
 
         if !deferred_ids.is_empty() {
-            let n = sqlx::query!(
-                "UPDATE outbox o
-                    SET transient_failures = o.transient_failures + 1,
-                        last_error = r.error,
-                        next_attempt_at = now() + r.delay_ms * interval '1 millisecond',
-                        claimed_until = NULL
-                   FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS r(id, error, delay_ms)
-                  WHERE o.id = r.id AND o.state = 'pending' AND o.claimed_until = $4::text::timestamptz",
-                &deferred_ids,
-                &deferred_errors,
-                &deferred_delays,
-                lease
-            )
-            .execute(&mut *tx)
-            .await?
-            .rows_affected() as usize;
+            let n = store::defer(&mut tx, (&deferred_ids, &deferred_errors, &deferred_delays), lease).await?;
             counts.deferred = n;
             recorded += n;
         }
@@ -366,17 +301,7 @@ impl Relay {
             // Not the events' fault: attempts stay as they are, and the lease
             // is given back so that the next pass (after the loop's backoff)
             // may take them at once.
-            let n = sqlx::query!(
-                "UPDATE outbox o SET last_error = r.error, claimed_until = NULL
-                   FROM unnest($1::bigint[], $2::text[]) AS r(id, error)
-                  WHERE o.id = r.id AND o.state = 'pending' AND o.claimed_until = $3::text::timestamptz",
-                &unavailable_ids,
-                &unavailable_errors,
-                lease
-            )
-            .execute(&mut *tx)
-            .await?
-            .rows_affected() as usize;
+            let n = store::give_back(&mut tx, &unavailable_ids, &unavailable_errors, lease).await?;
             counts.unavailable = unavailable_ids.len();
             recorded += n;
             tracing::warn!(events = unavailable_ids.len(), error = %unavailable_errors[0], "SQS unavailable; will retry");
@@ -410,14 +335,7 @@ impl Relay {
         if leases.is_empty() {
             return Ok(0);
         }
-        let n = sqlx::query!(
-            "UPDATE outbox SET claimed_until = NULL
-              WHERE state = 'pending' AND claimed_until = ANY($1::text[]::timestamptz[])",
-            &leases
-        )
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
+        let n = store::release_leases(&self.pool, &leases).await?;
         Ok(n)
     }
 }

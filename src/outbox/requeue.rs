@@ -10,7 +10,7 @@ use serde::Serialize;
 use sqlx::PgPool;
 
 use crate::error::{Error, Refusal, Result};
-use crate::outbox::EventState;
+use crate::outbox::store;
 use crate::wake;
 
 /// Which event: its `outbox.id` or its `event_id` (UUID).
@@ -62,27 +62,10 @@ pub async fn requeue(pool: &PgPool, event: Option<&EventRef>) -> Result<Requeued
         Some(EventRef::EventId(id)) => (None, Some(id.as_str())),
     };
     let mut tx = pool.begin().await?;
-    // Guarded by state = 'dead'; with no event given, both keys are NULL and
-    // every dead event matches.
-    let n = sqlx::query!(
-        "UPDATE outbox SET state = 'pending', attempts = 0, transient_failures = 0, next_attempt_at = now(), last_error = NULL, claimed_until = NULL
-          WHERE state = 'dead'
-            AND (($1::bigint IS NULL AND $2::text IS NULL) OR id = $1 OR event_id = $2::text::uuid)",
-        outbox_id,
-        event_id
-    )
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
+    let n = store::requeue_dead(&mut tx, outbox_id, event_id).await?;
     if n == 0 {
         if let Some(e) = event {
-            let state = sqlx::query_scalar!(
-                r#"SELECT state AS "state: EventState" FROM outbox WHERE id = $1 OR event_id = $2::text::uuid"#,
-                outbox_id,
-                event_id
-            )
-            .fetch_optional(&mut *tx)
-            .await?;
+            let state = store::state_of(&mut tx, outbox_id, event_id).await?;
             tx.rollback().await?;
             return Err(match state {
                 None => Error::invalid(format!("event {e} does not exist")),

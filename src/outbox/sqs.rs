@@ -17,6 +17,7 @@ use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::BehaviorVersion;
 use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata};
+use aws_sdk_sqs::operation::RequestId;
 use aws_sdk_sqs::types::{
     BatchResultErrorEntry, MessageAttributeValue, QueueAttributeName, SendMessageBatchRequestEntry,
 };
@@ -93,6 +94,49 @@ pub fn escape_for_sqs(text: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// An SQS call that failed as a whole, with what SQS (or the network) said:
+/// its error code when SQS answered, the request id to quote to AWS support,
+/// and the full error chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SqsFailure {
+    /// What was being done ("SendMessageBatch", "CreateQueue x", ...).
+    pub call: String,
+    pub code: Option<String>,
+    pub request_id: Option<String>,
+    pub message: String,
+}
+
+impl SqsFailure {
+    pub fn from_sdk<E, R>(call: impl Into<String>, err: &aws_sdk_sqs::error::SdkError<E, R>) -> SqsFailure
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+        R: std::fmt::Debug,
+    {
+        let meta = err.as_service_error().map(|e| e.meta());
+        SqsFailure {
+            call: call.into(),
+            code: err.code().map(str::to_owned),
+            request_id: meta.and_then(|m| m.request_id()).map(str::to_owned),
+            message: DisplayErrorContext(err).to_string(),
+        }
+    }
+}
+
+impl fmt::Display for SqsFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.call)?;
+        if let Some(code) = &self.code {
+            write!(f, ": {code}")?;
+        }
+        if let Some(id) = &self.request_id {
+            write!(f, " (request id {id})")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for SqsFailure {}
+
 /// A failure SQS reported for one entry of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EntryError {
@@ -164,7 +208,7 @@ pub enum Delivery {
     /// The whole call failed (unreachable, timed out, throttled, 5xx, queue
     /// missing, credentials, a malformed request): an outage, never counted
     /// against any event, however many the call carried.
-    Unavailable(String),
+    Unavailable(SqsFailure),
 }
 
 impl Delivery {
@@ -233,11 +277,6 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    /// Builds a client from the environment (see [`client_from_env`]).
-    pub async fn from_env(config: &SqsConfig) -> Self {
-        Publisher::new(client_from_env(config.call_timeout).await, config)
-    }
-
     /// A publisher on `client`; whether the queue is FIFO is read from its
     /// URL until [`Publisher::check_queue`] asks SQS.
     pub fn new(client: aws_sdk_sqs::Client, config: &SqsConfig) -> Self {
@@ -267,7 +306,7 @@ impl Publisher {
             .attribute_names(QueueAttributeName::FifoQueue)
             .send()
             .await
-            .map_err(|e| format!("GetQueueAttributes on {}: {}", self.queue_url, DisplayErrorContext(&e)))?;
+            .map_err(|e| SqsFailure::from_sdk(format!("GetQueueAttributes on {}", self.queue_url), &e).to_string())?;
         let fifo = out.attributes().and_then(|a| a.get(&QueueAttributeName::FifoQueue)).is_some_and(|v| v == "true");
         self.fifo = fifo;
         Ok(QueueInfo { fifo })
@@ -395,9 +434,8 @@ impl Publisher {
                 // Whatever the call's error says, it is not one event's fault:
                 // a misconfiguration that fails a batch of one would fail a
                 // batch of ten just the same.
-                let code = err.code().map(|c| format!("{c}: ")).unwrap_or_default();
-                let msg = format!("{code}{}", DisplayErrorContext(&err));
-                batch.iter().map(|e| (e.outbox_id, Delivery::Unavailable(msg.clone()))).collect()
+                let failure = SqsFailure::from_sdk("SendMessageBatch", &err);
+                batch.iter().map(|e| (e.outbox_id, Delivery::Unavailable(failure.clone()))).collect()
             }
         }
     }
@@ -411,11 +449,16 @@ pub async fn create_queue(client: &aws_sdk_sqs::Client, name: &str) -> crate::Re
     if name.ends_with(".fifo") {
         request = request.attributes(aws_sdk_sqs::types::QueueAttributeName::FifoQueue, "true");
     }
-    let created = request
-        .send()
-        .await
-        .map_err(|e| crate::Error::Sqs(format!("cannot create queue {name}: {}", DisplayErrorContext(&e))))?;
-    created.queue_url.ok_or_else(|| crate::Error::Sqs(format!("SQS returned no URL for queue {name}")))
+    let created =
+        request.send().await.map_err(|e| crate::Error::Sqs(SqsFailure::from_sdk(format!("CreateQueue {name}"), &e)))?;
+    created.queue_url.ok_or_else(|| {
+        crate::Error::Sqs(SqsFailure {
+            call: format!("CreateQueue {name}"),
+            code: None,
+            request_id: None,
+            message: "SQS returned no queue URL".into(),
+        })
+    })
 }
 
 /// Splits events into batches of at most [`MAX_BATCH_ENTRIES`] entries and

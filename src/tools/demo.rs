@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::tools::fixtures::ScratchDb;
 use transfer_worker::account::{self, AccountId};
 use transfer_worker::error::{Error, Result};
-use transfer_worker::outbox::sqs::{create_queue, Publisher, SqsConfig};
+use transfer_worker::outbox::sqs::{client_from_env, create_queue, Publisher, SqsConfig, SqsFailure};
 use transfer_worker::outbox::EventBody;
 use transfer_worker::transfer::cancel::cancel;
 use transfer_worker::transfer::enqueue::{enqueue, NewTransfer};
@@ -46,8 +46,10 @@ async fn demo(pool: &PgPool, timeout: Duration) -> Result<()> {
 
     // A queue of its own, so earlier runs' messages do not mix in.
     let queue_name = format!("transfer-worker-demo-{}.fifo", std::process::id());
-    let probe = Publisher::from_env(&sqs_config(String::new())).await;
-    let queue_url = create_queue(probe.client(), &queue_name).await?;
+    // One SQS client for everything: creating the queue, the worker's
+    // publisher, receiving the events back.
+    let client = client_from_env(Duration::from_secs(10)).await;
+    let queue_url = create_queue(&client, &queue_name).await?;
     println!("== queue {queue_url}");
 
     let base =
@@ -83,7 +85,7 @@ async fn demo(pool: &PgPool, timeout: Duration) -> Result<()> {
 
     println!("== worker running");
     let shutdown = CancellationToken::new();
-    let publisher = Publisher::from_env(&sqs_config(queue_url.clone())).await;
+    let publisher = Publisher::new(client.clone(), &sqs_config(queue_url.clone()));
     let config = WorkerConfig { poll_interval: Duration::from_millis(100), ..WorkerConfig::default() };
     let worker = tokio::spawn(worker::run(pool.clone(), publisher, config, shutdown.clone()));
     let raw_ids: Vec<i64> = ids.iter().map(|t| t.0).collect();
@@ -111,8 +113,7 @@ async fn demo(pool: &PgPool, timeout: Duration) -> Result<()> {
     println!("== events received from SQS");
     let mut received = Vec::new();
     while (received.len() as i64) < expected && Instant::now() < deadline {
-        let out = probe
-            .client()
+        let out = client
             .receive_message()
             .queue_url(&queue_url)
             .max_number_of_messages(10)
@@ -120,19 +121,19 @@ async fn demo(pool: &PgPool, timeout: Duration) -> Result<()> {
             .message_attribute_names("All")
             .send()
             .await
-            .map_err(|e| Error::Sqs(format!("{}", aws_sdk_sqs::error::DisplayErrorContext(&e))))?;
+            .map_err(|e| Error::Sqs(SqsFailure::from_sdk("ReceiveMessage", &e)))?;
         for m in out.messages() {
             let body: EventBody = serde_json::from_str(m.body().unwrap_or_default())
-                .map_err(|e| Error::Sqs(format!("unexpected message body: {e}")))?;
+                .map_err(|e| Error::Failed(format!("unexpected message body: {e}")))?;
             println!("   {:<20} transfer {:<6} {}", body.event_type, body.transfer_id, body.data);
             // Delete what we consumed, as a real consumer would.
             if let Some(handle) = m.receipt_handle() {
-                let _ = probe.client().delete_message().queue_url(&queue_url).receipt_handle(handle).send().await;
+                let _ = client.delete_message().queue_url(&queue_url).receipt_handle(handle).send().await;
             }
             received.push(body);
         }
     }
-    let _ = probe.client().delete_queue().queue_url(&queue_url).send().await;
+    let _ = client.delete_queue().queue_url(&queue_url).send().await;
 
     println!("== balances");
     for (id, name) in [(alice, "alice"), (bob, "bob"), (carol, "carol")] {
@@ -157,7 +158,7 @@ async fn demo(pool: &PgPool, timeout: Duration) -> Result<()> {
     }
     println!("== {} events written, {} received from SQS", expected, received.len());
     if (received.len() as i64) < expected {
-        return Err(Error::Sqs(format!("expected {expected} events from SQS, received {}", received.len())));
+        return Err(Error::Failed(format!("expected {expected} events from SQS, received {}", received.len())));
     }
     Ok(())
 }

@@ -42,7 +42,8 @@ use crate::error::{Error, Result};
 use crate::metrics::metrics;
 use crate::retry::RetryPolicy;
 use crate::service::{Progress, Service};
-use crate::transfer::reason;
+use crate::transfer::store::{Claimed, Outcome};
+use crate::transfer::{limits, reason};
 use futures::future::BoxFuture;
 
 /// Tuning of the transfer applier.
@@ -146,234 +147,11 @@ impl Step {
     }
 }
 
-// Each step's statements, compile-time checked. The two steps' SQL differs
-// only in who pays whom (transfer: from -> to `amount`; refund: to -> from
-// `refund_amount`), the waiting-state guard, and the columns a finish sets.
-impl Step {
-    /// The claim of a batch, in id order, skipping rows other workers hold.
-    async fn claim(self, conn: &mut PgConnection, limit: i64, floor: i64) -> sqlx::Result<Vec<Claimed>> {
-        match self {
-            Step::Transfer => {
-                sqlx::query_as!(
-                    Claimed,
-                    r#"SELECT id, from_account AS debit_account, to_account AS credit_account, amount,
-                              to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS "day!",
-                              extract(epoch FROM created_at)::float8 AS "created_epoch!"
-                         FROM transfers
-                        WHERE status = 'PENDING' AND next_attempt_at <= now() AND id >= $2
-                        ORDER BY id
-                        LIMIT $1
-                          FOR NO KEY UPDATE SKIP LOCKED"#,
-                    limit,
-                    floor
-                )
-                .fetch_all(conn)
-                .await
-            }
-            Step::Refund => {
-                sqlx::query_as!(
-                    Claimed,
-                    r#"SELECT id, to_account AS debit_account, from_account AS credit_account,
-                              refund_amount AS "amount!",
-                              to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS "day!",
-                              extract(epoch FROM created_at)::float8 AS "created_epoch!"
-                         FROM transfers
-                        WHERE refund_status = 'REQUESTED' AND next_attempt_at <= now() AND id >= $2
-                        ORDER BY id
-                        LIMIT $1
-                          FOR NO KEY UPDATE SKIP LOCKED"#,
-                    limit,
-                    floor
-                )
-                .fetch_all(conn)
-                .await
-            }
-        }
-    }
-
-    /// The claim of one row by id, for the per-row path.
-    async fn claim_one(self, conn: &mut PgConnection, id: i64) -> sqlx::Result<Option<Claimed>> {
-        match self {
-            Step::Transfer => {
-                sqlx::query_as!(
-                    Claimed,
-                    r#"SELECT id, from_account AS debit_account, to_account AS credit_account, amount,
-                              to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS "day!",
-                              extract(epoch FROM created_at)::float8 AS "created_epoch!"
-                         FROM transfers
-                        WHERE id = $1 AND status = 'PENDING'
-                          FOR NO KEY UPDATE SKIP LOCKED"#,
-                    id
-                )
-                .fetch_optional(conn)
-                .await
-            }
-            Step::Refund => {
-                sqlx::query_as!(
-                    Claimed,
-                    r#"SELECT id, to_account AS debit_account, from_account AS credit_account,
-                              refund_amount AS "amount!",
-                              to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS "day!",
-                              extract(epoch FROM created_at)::float8 AS "created_epoch!"
-                         FROM transfers
-                        WHERE id = $1 AND refund_status = 'REQUESTED'
-                          FOR NO KEY UPDATE SKIP LOCKED"#,
-                    id
-                )
-                .fetch_optional(conn)
-                .await
-            }
-        }
-    }
-
-    /// Moves rows out of the waiting state, guarded by it, and inserts one
-    /// event per row that changed, in one statement; returns how many. The
-    /// event type follows from the new state.
-    async fn finish(
-        self,
-        conn: &mut PgConnection,
-        ids: &[i64],
-        states: &[String],
-        reasons: &[Option<String>],
-        event_ids: &[String],
-    ) -> sqlx::Result<u64> {
-        let done = match self {
-            Step::Transfer => {
-                sqlx::query!(
-                    "WITH applied AS (
-                         UPDATE transfers t
-                            SET status = o.state, failure_reason = o.reason, applied_at = now()
-                           FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[]) AS o(id, state, reason, event_id)
-                          WHERE t.id = o.id AND t.status = 'PENDING'
-                      RETURNING t AS row, o.event_id
-                     )
-                     INSERT INTO outbox (event_id, transfer_id, event_type, data)
-                     SELECT a.event_id::uuid, (a.row).id, e.event_type, transfer_event_data(a.row, e.event_type)
-                       FROM applied a
-                      CROSS JOIN LATERAL (SELECT 'transfer.' || lower((a.row).status) AS event_type) e
-                      ORDER BY (a.row).id",
-                    ids,
-                    states,
-                    reasons as &[Option<String>],
-                    event_ids
-                )
-                .execute(conn)
-                .await?
-            }
-            Step::Refund => {
-                sqlx::query!(
-                    "WITH applied AS (
-                         UPDATE transfers t
-                            SET refund_status = o.state, refund_failure_reason = o.reason, refund_applied_at = now()
-                           FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[]) AS o(id, state, reason, event_id)
-                          WHERE t.id = o.id AND t.refund_status = 'REQUESTED'
-                      RETURNING t AS row, o.event_id
-                     )
-                     INSERT INTO outbox (event_id, transfer_id, event_type, data)
-                     SELECT a.event_id::uuid, (a.row).id, e.event_type, transfer_event_data(a.row, e.event_type)
-                       FROM applied a
-                      CROSS JOIN LATERAL (SELECT 'refund.' || lower((a.row).refund_status) AS event_type) e
-                      ORDER BY (a.row).id",
-                    ids,
-                    states,
-                    reasons as &[Option<String>],
-                    event_ids
-                )
-                .execute(conn)
-                .await?
-            }
-        };
-        Ok(done.rows_affected())
-    }
-
-    /// Counts an unexpected error against a waiting row (guarded by its
-    /// state); returns the new attempt count, or None if it is no longer waiting.
-    async fn record_error(self, conn: &mut PgConnection, id: i64, error: &str) -> sqlx::Result<Option<i32>> {
-        match self {
-            Step::Transfer => {
-                sqlx::query_scalar!(
-                    "UPDATE transfers SET attempts = attempts + 1, last_error = $2
-                      WHERE id = $1 AND status = 'PENDING'
-                  RETURNING attempts",
-                    id,
-                    error
-                )
-                .fetch_optional(conn)
-                .await
-            }
-            Step::Refund => {
-                sqlx::query_scalar!(
-                    "UPDATE transfers SET attempts = attempts + 1, last_error = $2
-                      WHERE id = $1 AND refund_status = 'REQUESTED'
-                  RETURNING attempts",
-                    id,
-                    error
-                )
-                .fetch_optional(conn)
-                .await
-            }
-        }
-    }
-
-    /// Sets when a waiting row may be tried again (guarded by its state).
-    async fn put_off(self, conn: &mut PgConnection, id: i64, delay: Duration, note: &str) -> sqlx::Result<()> {
-        let delay_ms = delay.as_millis() as f64;
-        match self {
-            Step::Transfer => {
-                sqlx::query!(
-                    "UPDATE transfers SET next_attempt_at = now() + $2 * interval '1 millisecond', last_error = $3
-                      WHERE id = $1 AND status = 'PENDING'",
-                    id,
-                    delay_ms,
-                    note
-                )
-                .execute(conn)
-                .await?
-            }
-            Step::Refund => {
-                sqlx::query!(
-                    "UPDATE transfers SET next_attempt_at = now() + $2 * interval '1 millisecond', last_error = $3
-                      WHERE id = $1 AND refund_status = 'REQUESTED'",
-                    id,
-                    delay_ms,
-                    note
-                )
-                .execute(conn)
-                .await?
-            }
-        };
-        Ok(())
-    }
-
-    /// The state names of an outcome for this step.
-    fn state(self, outcome: Outcome) -> &'static str {
-        match (self, outcome) {
-            (Step::Transfer, Outcome::Succeeded) => "SUCCEEDED",
-            (Step::Refund, Outcome::Succeeded) => "COMPLETED",
-            (_, Outcome::Failed(_)) => "FAILED",
-        }
-    }
-}
-
-/// A claimed row, in money-movement terms: `amount` leaves `debit_account`
-/// for `credit_account` if it succeeds.
-#[derive(Debug, Clone)]
-struct Claimed {
-    id: i64,
-    debit_account: i64,
-    credit_account: i64,
-    amount: i64,
-    /// The UTC day the transfer was accepted on, for daily limits.
-    day: String,
-    /// When it was inserted (Unix seconds), for the enqueue -> applied metric.
-    created_epoch: f64,
-}
-
 #[derive(Debug)]
-struct LockedAccount {
-    id: i64,
-    balance: i64,
-    daily_limit: Option<i64>,
+pub(crate) struct LockedAccount {
+    pub id: i64,
+    pub balance: i64,
+    pub daily_limit: Option<i64>,
 }
 
 pub struct Applier {
@@ -711,13 +489,6 @@ fn fault(e: &Error) -> Fault {
     }
 }
 
-/// How a claimed row leaves its waiting state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Outcome {
-    Succeeded,
-    Failed(&'static str),
-}
-
 /// How a batch takes its accounts' row locks.
 #[derive(Debug, Clone, Copy)]
 enum Locking<'a> {
@@ -802,7 +573,7 @@ async fn apply_claimed(
     // Daily limits bound what leaves an account by transfer; a refund moves
     // money back and is not limited.
     let spent = match step {
-        Step::Transfer => Some(spent_today(conn, claimed, &accounts).await?),
+        Step::Transfer => Some(limits::spent_today(conn, claimed, &accounts).await?),
         Step::Refund => None,
     };
     let plan = decide(claimed, &accounts, spent)?;
@@ -824,7 +595,7 @@ async fn apply_claimed(
         }
     }
 
-    add_spent(conn, &plan.spent).await?;
+    limits::add_spent(conn, &plan.spent).await?;
 
     let applied = finish(conn, step, &plan.outcomes).await?;
     if applied != claimed.len() {
@@ -883,57 +654,6 @@ async fn finish(conn: &mut PgConnection, step: Step, outcomes: &[(i64, Outcome)]
     // event_id index instead of on a random page of it.
     let event_ids: Vec<String> = outcomes.iter().map(|_| uuid::Uuid::now_v7().to_string()).collect();
     Ok(step.finish(conn, &ids, &states, &reasons, &event_ids).await? as usize)
-}
-
-/// For source accounts with a daily limit: what already SUCCEEDED from them on
-/// the UTC days the claimed transfers were accepted on, from the running
-/// totals (O(1) per account and day, whatever the day's traffic).
-async fn spent_today(
-    conn: &mut PgConnection,
-    claimed: &[Claimed],
-    accounts: &[LockedAccount],
-) -> Result<HashMap<(i64, String), i64>> {
-    let limited: Vec<i64> = accounts.iter().filter(|a| a.daily_limit.is_some()).map(|a| a.id).collect();
-    let relevant: Vec<&Claimed> = claimed.iter().filter(|t| limited.contains(&t.debit_account)).collect();
-    if relevant.is_empty() {
-        return Ok(HashMap::new());
-    }
-    let from: Vec<i64> = relevant.iter().map(|t| t.debit_account).collect();
-    let days: Vec<String> = relevant.iter().map(|t| t.day.clone()).collect();
-    let rows = sqlx::query!(
-        r#"SELECT s.account_id, k.day AS "day!", s.spent
-             FROM (SELECT DISTINCT * FROM unnest($1::bigint[], $2::text[]) AS k(account, day)) k
-             JOIN daily_spent s ON s.account_id = k.account AND s.day = k.day::date"#,
-        &from,
-        &days
-    )
-    .fetch_all(&mut *conn)
-    .await?;
-    Ok(rows.into_iter().map(|r| ((r.account_id, r.day), r.spent)).collect())
-}
-
-/// Adds what succeeded to the running daily totals of limited accounts. The
-/// caller holds those accounts' row locks, which serializes every writer of
-/// an account's total; the sum saturates instead of overflowing.
-async fn add_spent(conn: &mut PgConnection, increments: &[((i64, String), i64)]) -> Result<()> {
-    if increments.is_empty() {
-        return Ok(());
-    }
-    let accounts: Vec<i64> = increments.iter().map(|((a, _), _)| *a).collect();
-    let days: Vec<String> = increments.iter().map(|((_, d), _)| d.clone()).collect();
-    let amounts: Vec<i64> = increments.iter().map(|(_, n)| *n).collect();
-    sqlx::query!(
-        "INSERT INTO daily_spent AS s (account_id, day, spent)
-         SELECT account, day::date, amount FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS i(account, day, amount)
-         ON CONFLICT (account_id, day) DO UPDATE
-            SET spent = LEAST(s.spent::numeric + EXCLUDED.spent, 9223372036854775807)::bigint",
-        &accounts,
-        &days,
-        &amounts
-    )
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
 }
 
 struct Plan {

@@ -1,4 +1,4 @@
-//! Cancels: PENDING -> CANCELLED, one guarded UPDATE.
+//! Cancels: PENDING -> CANCELLED, one guarded UPDATE (in [`super::store`]).
 //!
 //! The guard `status = 'PENDING'` is in the UPDATE itself: a cancel racing the
 //! worker that is applying the same transfer waits for the worker's row lock,
@@ -11,7 +11,7 @@ use serde::Serialize;
 use sqlx::{Acquire, Postgres};
 
 use crate::error::{Error, Refusal, Result};
-use crate::transfer::{TransferId, TransferStatus};
+use crate::transfer::{store, TransferId, TransferStatus};
 use crate::wake;
 
 /// What `cancel` prints.
@@ -26,28 +26,13 @@ where
     A: Acquire<'a, Database = Postgres>,
 {
     let mut conn = db.acquire().await?;
-    let cancelled = sqlx::query_scalar!(
-        "WITH cancelled AS (
-             UPDATE transfers t SET status = 'CANCELLED', applied_at = now()
-              WHERE t.id = $1 AND t.status = 'PENDING'
-          RETURNING t AS row
-         )
-         INSERT INTO outbox (transfer_id, event_type, data)
-         SELECT (row).id, 'transfer.cancelled', transfer_event_data(row, 'transfer.cancelled') FROM cancelled
-         RETURNING transfer_id",
-        id.0
-    )
-    .fetch_optional(&mut *conn)
-    .await?;
-    if cancelled.is_some() {
+    let cancelled = store::cancel_pending(&mut conn, id).await?;
+    if cancelled {
         // Its event was written by this process: wake the workers' relays.
         wake::notify(&mut conn, wake::Work::Outbox).await?;
         return Ok(Cancelled { transfer_id: id, status: TransferStatus::Cancelled });
     }
-    let status = sqlx::query_scalar!(r#"SELECT status AS "status: TransferStatus" FROM transfers WHERE id = $1"#, id.0)
-        .fetch_optional(&mut *conn)
-        .await?;
-    Err(match status {
+    Err(match store::status_of(&mut conn, id).await? {
         None => Error::NotFound { what: "transfer", id: id.0 },
         Some(status) => Refusal::NotCancellable { transfer: id, status }.into(),
     })

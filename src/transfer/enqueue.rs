@@ -16,7 +16,7 @@ use sqlx::{Acquire, PgConnection, Postgres};
 use crate::account::AccountId;
 use crate::db;
 use crate::error::{Error, Refusal, Result};
-use crate::transfer::{Amount, IdempotencyKey, TraceParent, TransferId, TransferStatus};
+use crate::transfer::{limits, Amount, IdempotencyKey, TraceParent, TransferId, TransferStatus};
 
 /// A transfer to enqueue, with typed, already-validated values.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,51 +165,15 @@ async fn check_daily_limits(conn: &mut PgConnection, items: &[Item<'_>]) -> Resu
     let mut from: Vec<i64> = items.iter().map(|i| i.transfer.from.0).collect();
     from.sort_unstable();
     from.dedup();
-    let limits: HashMap<i64, i64> = sqlx::query!(
-        r#"SELECT id, daily_limit AS "daily_limit!" FROM accounts WHERE id = ANY($1) AND daily_limit IS NOT NULL"#,
-        &from
-    )
-    .fetch_all(&mut *conn)
-    .await?
-    .into_iter()
-    .map(|r| (r.id, r.daily_limit))
-    .collect();
+    let limits = limits::limits_of(conn, &from).await?;
     if limits.is_empty() {
         return Ok(());
     }
     let mut limited: Vec<i64> = limits.keys().copied().collect();
     limited.sort_unstable();
-    // In ascending account order (the subquery's ORDER BY), so two bulk
-    // enqueues cannot deadlock on each other's locks.
-    sqlx::query!(
-        "SELECT count(pg_advisory_xact_lock(hashtextextended('transfer-worker:daily-limit:' || id, 0)))
-           FROM (SELECT id FROM unnest($1::bigint[]) AS id ORDER BY id) ordered",
-        &limited
-    )
-    .fetch_one(&mut *conn)
-    .await?;
+    limits::serialize_enqueues(conn, &limited).await?;
     // Read after the locks: a fresh snapshot sees every accepted transfer.
-    // Accepted today = what SUCCEEDED (the worker's running total, O(1)) plus
-    // what is still PENDING (a partial index holding only pending rows), so
-    // the check costs the same for an account with 100k transfers today as
-    // for one with none. Capped in numeric: SQL producers are not checked
-    // here, and their transfers may add up past 2^63, which is simply "over".
-    let mut used: HashMap<i64, i64> = sqlx::query!(
-        r#"SELECT a.id AS "account!",
-                  LEAST(COALESCE((SELECT s.spent FROM daily_spent s
-                                   WHERE s.account_id = a.id AND s.day = (now() AT TIME ZONE 'UTC')::date), 0)::numeric
-                        + COALESCE((SELECT sum(t.amount) FROM transfers t
-                                     WHERE t.from_account = a.id AND t.status = 'PENDING'
-                                       AND t.created_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'), 0),
-                        9223372036854775807)::bigint AS "used!"
-             FROM unnest($1::bigint[]) AS a(id)"#,
-        &limited
-    )
-    .fetch_all(&mut *conn)
-    .await?
-    .into_iter()
-    .map(|r| (r.account, r.used))
-    .collect();
+    let mut used = limits::accepted_today(conn, &limited).await?;
     // A key that already exists is a repeat, not a new acceptance.
     let keys: Vec<String> = items.iter().map(|i| i.key.clone()).collect();
     let existing: HashSet<String> =

@@ -20,8 +20,10 @@
 pub mod apply;
 pub mod cancel;
 pub mod enqueue;
+pub(crate) mod limits;
 pub mod refund;
 pub mod show;
+pub(crate) mod store;
 
 use std::fmt;
 use std::str::FromStr;

@@ -18,7 +18,7 @@ use serde::Serialize;
 use sqlx::{Acquire, PgConnection, Postgres};
 
 use crate::error::{Error, Refusal, Result};
-use crate::transfer::{Amount, RefundStatus, TransferId, TransferStatus};
+use crate::transfer::{store, Amount, RefundStatus, TransferId};
 use crate::wake;
 
 /// What `refund` prints.
@@ -36,37 +36,16 @@ where
 {
     // A transaction of its own, or a savepoint inside the caller's.
     let mut tx = db.begin().await?;
-    let exists = sqlx::query_scalar!("SELECT id FROM transfers WHERE id = $1 FOR NO KEY UPDATE", id.0)
-        .fetch_optional(&mut *tx)
-        .await?;
-    if exists.is_none() {
+    if !store::lock_for_request(&mut tx, id).await? {
         tx.rollback().await?;
         return Err(Error::NotFound { what: "transfer", id: id.0 });
     }
-    let requested = sqlx::query!(
-        r#"WITH requested AS (
-             UPDATE transfers t
-                SET refund_status = 'REQUESTED', refund_amount = COALESCE($2, t.amount),
-                    refund_requested_at = now(), attempts = 0, next_attempt_at = now(), last_error = NULL
-              WHERE t.id = $1 AND t.status = 'SUCCEEDED' AND t.refund_status = 'NONE'
-                AND COALESCE($2, t.amount) <= t.amount
-          RETURNING t AS row
-         ), event AS (
-             INSERT INTO outbox (transfer_id, event_type, data)
-             SELECT (row).id, 'refund.requested', transfer_event_data(row, 'refund.requested') FROM requested
-         )
-         SELECT (row).id AS "id!", (row).refund_amount AS "refund_amount!" FROM requested"#,
-        id.0,
-        amount.map(Amount::get)
-    )
-    .fetch_optional(&mut *tx)
-    .await?;
+    let requested = store::request_refund(&mut tx, id, amount.map(Amount::get)).await?;
     match requested {
-        Some(r) => {
-            let (id, refund_amount) = (r.id, r.refund_amount);
+        Some(refund_amount) => {
             wake::notify(&mut tx, wake::Work::Refund).await?;
             tx.commit().await?;
-            Ok(RefundRequested { transfer_id: TransferId(id), refund_status: RefundStatus::Requested, refund_amount })
+            Ok(RefundRequested { transfer_id: id, refund_status: RefundStatus::Requested, refund_amount })
         }
         None => {
             let err = why_not(&mut tx, id, amount).await?;
@@ -78,13 +57,7 @@ where
 
 /// The error for a refund that did not apply, from the transfer's current state.
 async fn why_not(conn: &mut PgConnection, id: TransferId, amount: Option<Amount>) -> Result<Error> {
-    let current = sqlx::query!(
-        r#"SELECT status AS "status: TransferStatus", refund_status AS "refund_status: RefundStatus", amount
-             FROM transfers WHERE id = $1"#,
-        id.0
-    )
-    .fetch_optional(conn)
-    .await?;
+    let current = store::refund_state(conn, id).await?;
     let Some(current) = current else {
         return Ok(Error::NotFound { what: "transfer", id: id.0 });
     };

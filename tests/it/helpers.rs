@@ -263,8 +263,7 @@ impl TestQueue {
     }
 
     pub async fn with_attributes(fifo: bool, attributes: &[(QueueAttributeName, &str)]) -> TestQueue {
-        let publisher = Publisher::from_env(&sqs_config("http://unused")).await;
-        let client = publisher.client().clone();
+        let client = transfer_worker::outbox::sqs::client_from_env(Duration::from_secs(5)).await;
         let name = format!("tw-test-{}{}", random_suffix(), if fifo { ".fifo" } else { "" });
         let mut req = client.create_queue().queue_name(name);
         if fifo {

@@ -12,7 +12,7 @@ use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, SendMessageBatchRequest
 use tokio::task::JoinSet;
 
 use transfer_worker::error::{Error, Result};
-use transfer_worker::outbox::sqs::{client_from_env, create_queue, Publisher, SqsConfig};
+use transfer_worker::outbox::sqs::{client_from_env, create_queue, Publisher, SqsConfig, SqsFailure};
 use transfer_worker::outbox::EventBody;
 
 /// Receive calls in flight at once (each takes up to 10 messages).
@@ -247,7 +247,7 @@ pub async fn batch_send_rate(fifo: bool, messages: usize, clients: usize, body_l
                     .set_entries(Some(entries))
                     .send()
                     .await
-                    .map_err(|e| Error::Sqs(format!("{}", aws_sdk_sqs::error::DisplayErrorContext(&e))))?;
+                    .map_err(|e| Error::Sqs(SqsFailure::from_sdk("SendMessageBatch", &e)))?;
             }
         });
     }

@@ -1,0 +1,208 @@
+//! The one owner of the outbox's state transitions: the relay's claim under a
+//! lease and the outcomes it records (pending -> published, pending ->
+//! pending with an attempt counted or dead, pending put off, a lease given
+//! back), and the operator's requeue (dead -> pending). Every update is
+//! guarded by the state it leaves and, for the relay's, by the lease its
+//! claim set; callers check what it returns. (Pruning deletes published
+//! events: see [`crate::retention`].)
+
+use sqlx::{PgConnection, PgPool};
+
+use crate::outbox::EventState;
+
+/// An event as the claim returns it.
+pub(crate) struct ClaimRow {
+    pub id: i64,
+    pub event_id: String,
+    pub transfer_id: i64,
+    pub event_type: String,
+    pub data: String,
+    pub attempts: i32,
+    pub transient_failures: i32,
+    pub lease: String,
+    pub occurred_epoch: f64,
+    pub occurred_at: String,
+    pub traceparent: Option<String>,
+}
+
+/// Claims up to `limit` events under a lease of `lease_ms`: the earliest
+/// unpublished event of each transfer, only when its retry time has come and
+/// no live lease is on it. `state <> 'published'` repeats the partial index's
+/// predicate so the planner can use it. SKIP LOCKED: a concurrent claim's
+/// rows are not ours. One statement, committed at once.
+pub(crate) async fn claim_heads(pool: &PgPool, limit: i64, lease_ms: f64) -> sqlx::Result<Vec<ClaimRow>> {
+    sqlx::query_as!(
+        ClaimRow,
+        r#"WITH heads AS (
+               SELECT o.id FROM outbox o
+                WHERE o.state <> 'published' AND o.state = 'pending'
+                  AND o.next_attempt_at <= now()
+                  AND (o.claimed_until IS NULL OR o.claimed_until < now())
+                  AND NOT EXISTS (SELECT 1 FROM outbox e
+                                   WHERE e.transfer_id = o.transfer_id
+                                     AND e.state <> 'published'
+                                     AND e.id < o.id)
+                ORDER BY o.id
+                LIMIT $1
+                  FOR NO KEY UPDATE OF o SKIP LOCKED
+           )
+           UPDATE outbox o SET claimed_until = now() + $2 * interval '1 millisecond'
+             FROM heads h
+            WHERE o.id = h.id
+        RETURNING (SELECT t.traceparent FROM transfers t WHERE t.id = o.transfer_id) AS traceparent,
+                  o.id, o.event_id::text AS "event_id!", o.transfer_id, o.event_type,
+                  o.data::text AS "data!", o.attempts, o.transient_failures,
+                  o.claimed_until::text AS "lease!",
+                  extract(epoch FROM o.occurred_at)::float8 AS "occurred_epoch!",
+                  to_char(o.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS "occurred_at!""#,
+        limit,
+        lease_ms
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// Events (ids), their errors, and (for retries) their delays in ms.
+pub(crate) type Outcomes<'a> = (&'a [i64], &'a [String], &'a [i64]);
+
+/// pending -> published, where the lease holds; the ids it moved.
+pub(crate) async fn mark_published(conn: &mut PgConnection, ids: &[i64], lease: &str) -> sqlx::Result<Vec<i64>> {
+    sqlx::query_scalar!(
+        "UPDATE outbox SET state = 'published', published_at = now(), last_error = NULL, claimed_until = NULL
+          WHERE id = ANY($1) AND state = 'pending' AND claimed_until = $2::text::timestamptz
+      RETURNING id",
+        ids,
+        lease
+    )
+    .fetch_all(conn)
+    .await
+}
+
+/// A rejection SQS blamed on the message: the attempt counted, dead at
+/// `max_attempts`, otherwise retried after its delay; where the lease holds.
+pub(crate) struct Rejected {
+    pub id: i64,
+    pub state: EventState,
+}
+
+pub(crate) async fn count_rejections(
+    conn: &mut PgConnection,
+    (ids, errors, delays): Outcomes<'_>,
+    max_attempts: i32,
+    lease: &str,
+) -> sqlx::Result<Vec<Rejected>> {
+    sqlx::query_as!(
+        Rejected,
+        r#"UPDATE outbox o
+              SET attempts = o.attempts + 1,
+                  last_error = r.error,
+                  state = CASE WHEN o.attempts + 1 >= $4 THEN 'dead' ELSE 'pending' END,
+                  next_attempt_at = now() + r.delay_ms * interval '1 millisecond',
+                  claimed_until = NULL
+             FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS r(id, error, delay_ms)
+            WHERE o.id = r.id AND o.state = 'pending' AND o.claimed_until = $5::text::timestamptz
+        RETURNING o.id, o.state AS "state: EventState""#,
+        ids,
+        errors,
+        delays,
+        max_attempts,
+        lease
+    )
+    .fetch_all(conn)
+    .await
+}
+
+/// A per-entry failure that was not the message's fault: retried after its
+/// delay, never counted; where the lease holds. How many it moved.
+pub(crate) async fn defer(
+    conn: &mut PgConnection,
+    (ids, errors, delays): Outcomes<'_>,
+    lease: &str,
+) -> sqlx::Result<usize> {
+    Ok(sqlx::query!(
+        "UPDATE outbox o
+            SET transient_failures = o.transient_failures + 1,
+                last_error = r.error,
+                next_attempt_at = now() + r.delay_ms * interval '1 millisecond',
+                claimed_until = NULL
+           FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS r(id, error, delay_ms)
+          WHERE o.id = r.id AND o.state = 'pending' AND o.claimed_until = $4::text::timestamptz",
+        ids,
+        errors,
+        delays,
+        lease
+    )
+    .execute(conn)
+    .await?
+    .rows_affected() as usize)
+}
+
+/// An outage: attempts stay as they are, the error is noted and the lease
+/// given back, so that the next pass (after the loop's backoff) may take
+/// them at once; where the lease holds. How many it moved.
+pub(crate) async fn give_back(
+    conn: &mut PgConnection,
+    ids: &[i64],
+    errors: &[String],
+    lease: &str,
+) -> sqlx::Result<usize> {
+    Ok(sqlx::query!(
+        "UPDATE outbox o SET last_error = r.error, claimed_until = NULL
+           FROM unnest($1::bigint[], $2::text[]) AS r(id, error)
+          WHERE o.id = r.id AND o.state = 'pending' AND o.claimed_until = $3::text::timestamptz",
+        ids,
+        errors,
+        lease
+    )
+    .execute(conn)
+    .await?
+    .rows_affected() as usize)
+}
+
+/// Gives back every lease in `leases` (an abandoned pass's).
+pub(crate) async fn release_leases(pool: &PgPool, leases: &[String]) -> sqlx::Result<u64> {
+    Ok(sqlx::query!(
+        "UPDATE outbox SET claimed_until = NULL
+          WHERE state = 'pending' AND claimed_until = ANY($1::text[]::timestamptz[])",
+        leases
+    )
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
+
+/// dead -> pending, starting over (no attempts, no lease, due now): every
+/// dead event, or the one with this outbox id or event id. How many it moved.
+pub(crate) async fn requeue_dead(
+    conn: &mut PgConnection,
+    outbox_id: Option<i64>,
+    event_id: Option<&str>,
+) -> sqlx::Result<u64> {
+    // With no event given, both keys are NULL and every dead event matches.
+    Ok(sqlx::query!(
+        "UPDATE outbox SET state = 'pending', attempts = 0, transient_failures = 0, next_attempt_at = now(),
+                last_error = NULL, claimed_until = NULL
+          WHERE state = 'dead'
+            AND (($1::bigint IS NULL AND $2::text IS NULL) OR id = $1 OR event_id = $2::text::uuid)",
+        outbox_id,
+        event_id
+    )
+    .execute(conn)
+    .await?
+    .rows_affected())
+}
+
+/// An event's state (to say why a requeue did not apply).
+pub(crate) async fn state_of(
+    conn: &mut PgConnection,
+    outbox_id: Option<i64>,
+    event_id: Option<&str>,
+) -> sqlx::Result<Option<EventState>> {
+    sqlx::query_scalar!(
+        r#"SELECT state AS "state: EventState" FROM outbox WHERE id = $1 OR event_id = $2::text::uuid"#,
+        outbox_id,
+        event_id
+    )
+    .fetch_optional(conn)
+    .await
+}
