@@ -35,6 +35,10 @@ pub enum Error {
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
 
+    /// The same, saying what was being done (which step, which transfer).
+    #[error("database error while {at}: {source}")]
+    DatabaseAt { at: String, source: sqlx::Error },
+
     /// Applying the embedded migrations failed.
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -69,6 +73,22 @@ pub enum Error {
 impl Error {
     pub fn invalid(msg: impl fmt::Display) -> Self {
         Error::Invalid(msg.to_string())
+    }
+
+    /// The database error inside, if this is one.
+    pub fn sql(&self) -> Option<&sqlx::Error> {
+        match self {
+            Error::Database(e) | Error::DatabaseAt { source: e, .. } => Some(e),
+            _ => None,
+        }
+    }
+
+    /// Says what was being done when the database failed.
+    pub fn at(self, what: impl fmt::Display) -> Self {
+        match self {
+            Error::Database(source) => Error::DatabaseAt { at: what.to_string(), source },
+            other => other,
+        }
     }
 }
 

@@ -90,14 +90,47 @@ fn seconds(age: Duration) -> f64 {
     age.as_secs_f64()
 }
 
+/// What one batch of a walk did.
+struct Batch {
+    /// The highest id looked at; None when the walk reached the end.
+    last: Option<i64>,
+    seen: i64,
+    deleted: i64,
+    /// Nothing further can be old enough: stop.
+    done: bool,
+}
+
+/// Walks a table in id order from `cursor`, one batch statement at a time,
+/// until a batch says it is done or the table ends. The cursor moves past a
+/// batch only while everything before it is gone, so the next walk starts
+/// where rows may still be left.
+async fn walk<F, Fut>(cursor: &mut i64, mut batch: F) -> Result<u64>
+where
+    F: FnMut(i64) -> Fut,
+    Fut: std::future::Future<Output = Result<Batch>>,
+{
+    let (mut deleted, mut from, mut all_gone_so_far) = (0, *cursor, true);
+    loop {
+        let b = batch(from).await?;
+        deleted += b.deleted as u64;
+        let Some(last) = b.last else { break };
+        all_gone_so_far &= b.deleted == b.seen;
+        if all_gone_so_far {
+            *cursor = last;
+        }
+        if b.done {
+            break;
+        }
+        from = last;
+    }
+    Ok(deleted)
+}
+
 /// Deletes published events older than `age`. Stops at the first batch whose
 /// events were all written after the cutoff (nothing further can be old
-/// enough). The cursor moves past a batch only when all of it is gone.
+/// enough).
 async fn prune_events(pool: &PgPool, age: Duration, cursor: &mut i64) -> Result<u64> {
-    let mut deleted = 0;
-    let mut from = *cursor;
-    let mut all_gone_so_far = true;
-    loop {
+    walk(cursor, |from| async move {
         let r = sqlx::query!(
             r#"WITH batch AS (
                    SELECT id, occurred_at FROM outbox WHERE id > $1 ORDER BY id LIMIT $2
@@ -117,28 +150,16 @@ async fn prune_events(pool: &PgPool, age: Duration, cursor: &mut i64) -> Result<
         )
         .fetch_one(pool)
         .await?;
-        deleted += r.deleted as u64;
-        let Some(last) = r.last else { break };
-        all_gone_so_far &= r.deleted == r.seen;
-        if all_gone_so_far {
-            *cursor = last;
-        }
-        if r.all_young.unwrap_or(true) {
-            break;
-        }
-        from = last;
-    }
-    Ok(deleted)
+        Ok(Batch { last: r.last, seen: r.seen, deleted: r.deleted, done: r.all_young.unwrap_or(true) })
+    })
+    .await
 }
 
 /// Deletes finished transfers applied (and refunded, if they were) longer
 /// ago than `age` that have no event left. Transfers are walked to the end:
 /// ids follow creation, not completion.
 async fn prune_transfers(pool: &PgPool, age: Duration, cursor: &mut i64) -> Result<u64> {
-    let mut deleted = 0;
-    let mut from = *cursor;
-    let mut all_gone_so_far = true;
-    loop {
+    walk(cursor, |from| async move {
         let r = sqlx::query!(
             r#"WITH batch AS (
                    SELECT id FROM transfers WHERE id > $1 ORDER BY id LIMIT $2
@@ -160,15 +181,9 @@ async fn prune_transfers(pool: &PgPool, age: Duration, cursor: &mut i64) -> Resu
         )
         .fetch_one(pool)
         .await?;
-        deleted += r.deleted as u64;
-        let Some(last) = r.last else { break };
-        all_gone_so_far &= r.deleted == r.seen;
-        if all_gone_so_far {
-            *cursor = last;
-        }
-        from = last;
-    }
-    Ok(deleted)
+        Ok(Batch { last: r.last, seen: r.seen, deleted: r.deleted, done: false })
+    })
+    .await
 }
 
 /// Runs [`prune`] unless another replica is pruning right now (a session

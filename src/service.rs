@@ -53,7 +53,7 @@ pub trait Service: Send + Sync + 'static {
                 Ok(c) if c.claimed() as i64 >= self.batch_size() => Pass::Busy,
                 Ok(_) => Pass::Idle,
                 Err(e) => {
-                    if let crate::Error::Database(db_err) = &e {
+                    if let Some(db_err) = e.sql() {
                         crate::metrics::metrics().db_retry(crate::db::sqlstate(db_err).as_deref());
                     }
                     tracing::warn!(service = Self::NAME, error = %e, "pass failed; will retry");

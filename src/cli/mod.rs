@@ -155,6 +155,7 @@ pub fn exit_code(err: &Error) -> ExitCode {
         Error::Invalid(_) | Error::NotFound { .. } => ExitCode::BadInput,
         Error::Refused(_) => ExitCode::NotApplied,
         Error::Database(_)
+        | Error::DatabaseAt { .. }
         | Error::Migrate(_)
         | Error::Sqs(_)
         | Error::Unavailable(_)

@@ -36,7 +36,7 @@ use std::time::Duration;
 use sqlx::PgPool;
 use tokio::sync::Notify;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::health::Health;
 use crate::metrics::metrics;
 use crate::outbox::sqs::{escape_for_sqs, Delivery, Outgoing, Publisher};
@@ -167,7 +167,7 @@ impl Relay {
         let claimed = started.elapsed();
         let outcomes = self.send(&claim).await;
         let sent = started.elapsed();
-        let counts = self.record(claim, &outcomes).await?;
+        let counts = self.record(claim, &outcomes).await.map_err(|e| e.at("recording what SQS did with a batch"))?;
         tracing::debug!(
             events = counts.claimed,
             published = counts.published,
@@ -182,7 +182,9 @@ impl Relay {
     /// Step 1: claims a batch under a fresh lease (committed before return).
     pub async fn claim(&self) -> Result<Claim> {
         let lease_ms = self.config.lease.as_millis() as f64;
-        let rows = store::claim_heads(&self.pool, self.config.batch_size, lease_ms).await?;
+        let rows = store::claim_heads(&self.pool, self.config.batch_size, lease_ms)
+            .await
+            .map_err(|e| Error::from(e).at("claiming events to publish"))?;
         let lease = rows.first().map(|r| r.lease.clone()).unwrap_or_default();
         let mut events: Vec<ClaimedEvent> = rows
             .into_iter()

@@ -258,7 +258,7 @@ impl Applier {
     /// round trips, and at 1,000 passes a second they add up.
     async fn apply_pass(&self) -> Result<ApplyCounts> {
         use std::sync::atomic::Ordering::Relaxed;
-        let mut counts = self.run_step(Step::Transfer).await?;
+        let mut counts = self.run_step(Step::Transfer).await.map_err(|e| e.at("applying a batch of transfers"))?;
         let backlog = counts.claimed as i64 >= self.config.batch_size;
         let pass = self.passes.fetch_add(1, Relaxed);
         let due = !backlog || pass % REFUND_EVERY == 0;
@@ -271,7 +271,7 @@ impl Applier {
         };
         if look {
             *self.last_refund_look.lock().expect("refund look") = Instant::now();
-            let refunds = self.run_step(Step::Refund).await?;
+            let refunds = self.run_step(Step::Refund).await.map_err(|e| e.at("applying a batch of refunds"))?;
             if refunds.claimed > 0 {
                 if let Some(hint) = &self.refund_hint {
                     hint.store(true, Relaxed);
@@ -318,7 +318,7 @@ impl Applier {
                 // concerned are held back and the others go through.
                 Fault::Row | Fault::Contention => {
                     tx.rollback().await?;
-                    if let Error::Database(db_err) = &e {
+                    if let Some(db_err) = e.sql() {
                         if db::fault(db_err) == Fault::Contention {
                             metrics().db_retry(db::sqlstate(db_err).as_deref());
                         }
@@ -326,7 +326,8 @@ impl Applier {
                     tracing::warn!(error = %e, ?step, rows = claimed.len(), "batch failed; applying its rows one by one");
                     let mut counts = ApplyCounts::default();
                     for t in &claimed {
-                        counts += self.apply_alone(step, t.id).await?;
+                        let one = self.apply_alone(step, t.id).await;
+                        counts += one.map_err(|e| e.at(format_args!("applying {} {} alone", step.name(), t.id)))?;
                     }
                     Ok(counts)
                 }
@@ -435,7 +436,7 @@ impl Applier {
 
     /// Retries a row that met contention later, without counting an attempt.
     async fn put_off(&self, step: Step, t: &Claimed, err: &Error) -> Result<ApplyCounts> {
-        if let Error::Database(db_err) = err {
+        if let Some(db_err) = err.sql() {
             metrics().db_retry(db::sqlstate(db_err).as_deref());
         }
         let delay = self.config.retry.delay_for_attempt(CONTENTION_RETRY_ATTEMPT);
@@ -483,10 +484,7 @@ impl Applier {
 const CONTENTION_RETRY_ATTEMPT: u32 = 3;
 
 fn fault(e: &Error) -> Fault {
-    match e {
-        Error::Database(db_err) => db::fault(db_err),
-        _ => Fault::Row,
-    }
+    e.sql().map(db::fault).unwrap_or(Fault::Row)
 }
 
 /// How a batch takes its accounts' row locks.

@@ -208,7 +208,7 @@ async fn check_daily_limits(conn: &mut PgConnection, items: &[Item<'_>]) -> Resu
 }
 
 fn constraint_error(e: Error, transfer: &NewTransfer) -> Error {
-    let Error::Database(db_err) = &e else {
+    let Some(db_err) = e.sql() else {
         return e;
     };
     match db::violated_constraint(db_err) {

@@ -314,19 +314,14 @@ async fn measure(pool: &PgPool, config: &BenchConfig) -> Result<BenchReport> {
                 sqs::batch_send_rate(config.fifo, config.transfers.min(20_000), config.workers * 8, body_len as usize)
                     .await?;
             let started = Instant::now();
-            let relays: Vec<_> = (0..config.workers)
-                .map(|_| {
-                    let relay =
-                        Relay::new(pool.clone(), queue.publisher.clone(), RelayConfig::default(), Default::default());
-                    tokio::spawn(async move {
-                        relay.drain().await?;
-                        Ok::<(), Error>(())
+            drain_in_parallel(
+                (0..config.workers)
+                    .map(|_| {
+                        Relay::new(pool.clone(), queue.publisher.clone(), RelayConfig::default(), Default::default())
                     })
-                })
-                .collect();
-            for r in relays {
-                r.await.map_err(|e| Error::Failed(format!("relay task failed: {e}")))??;
-            }
+                    .collect(),
+            )
+            .await?;
             let s = started.elapsed().as_secs_f64();
             queue.delete().await;
             report.published_per_s = config.transfers as f64 / s;
@@ -501,17 +496,22 @@ async fn seed(pool: &PgPool, config: &BenchConfig) -> Result<()> {
 }
 
 async fn drain_apply(pool: &PgPool, config: &ApplyConfig, workers: usize) -> Result<()> {
-    let tasks: Vec<_> = (0..workers)
-        .map(|_| {
-            let applier = Applier::new(pool.clone(), config.clone());
+    drain_in_parallel((0..workers).map(|_| Applier::new(pool.clone(), config.clone())).collect()).await
+}
+
+/// Drains each service on a task of its own; waits for them all.
+async fn drain_in_parallel<S: Service>(services: Vec<S>) -> Result<()> {
+    let tasks: Vec<_> = services
+        .into_iter()
+        .map(|s| {
             tokio::spawn(async move {
-                applier.drain().await?;
+                s.drain().await?;
                 Ok::<(), Error>(())
             })
         })
         .collect();
     for t in tasks {
-        t.await.map_err(|e| Error::Failed(format!("apply task failed: {e}")))??;
+        t.await.map_err(|e| Error::Failed(format!("{} task failed: {e}", S::NAME)))??;
     }
     Ok(())
 }
