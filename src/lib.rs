@@ -18,7 +18,8 @@
 //! - [`db`]: pool, migrations, error classification; [`error`]: the error
 //!   type; [`status`]: counts per state from cheap sources;
 //! - [`admin`]: probes, metrics and the console; [`health`]: what `/readyz`
-//!   reports; [`metrics`]: the Prometheus metrics.
+//!   reports; [`metrics`]: the Prometheus metrics; `trace`: the worker's
+//!   spans continue a producer's W3C trace context.
 
 #![deny(dead_code)]
 
@@ -35,6 +36,7 @@ pub mod retry;
 pub mod service;
 pub mod shutdown;
 pub mod status;
+mod trace;
 pub mod transfer;
 pub mod wake;
 pub mod worker;

@@ -15,6 +15,7 @@ mod prune;
 mod refund;
 mod run;
 mod status;
+pub mod telemetry;
 mod transfer;
 
 use clap::{Parser, Subcommand};

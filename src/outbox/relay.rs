@@ -122,6 +122,9 @@ pub struct Claim {
     /// only where it still holds.
     pub lease: String,
     pub events: Vec<ClaimedEvent>,
+    /// The `outbox.publish` spans of events whose transfer carries a trace
+    /// context, by outbox id; they end when the outcome is recorded.
+    spans: Vec<(i64, tracing::Span)>,
 }
 
 pub struct Relay {
@@ -205,7 +208,8 @@ impl Relay {
         if !events.is_empty() {
             self.open_leases.lock().expect("lease set").insert(lease.clone());
         }
-        Ok(Claim { lease, events })
+        let spans = events.iter_mut().filter_map(publish_span).collect();
+        Ok(Claim { lease, events, spans })
     }
 
     /// Step 2: sends the claimed events; no transaction is open meanwhile.
@@ -258,6 +262,10 @@ impl Relay {
                 Some(e) => health.sqs_unavailable(e.clone()),
                 None => health.sqs_answered("SendMessageBatch answered"),
             }
+        }
+
+        for (id, span) in &claim.spans {
+            span.record("outcome", outcomes.get(id).map_or("unavailable", Delivery::name));
         }
 
         let mut tx = self.pool.begin().await?;
@@ -389,6 +397,25 @@ impl Relay {
     pub fn timing(&self) -> (Duration, RetryPolicy) {
         (self.config.poll_interval, self.config.outage_retry)
     }
+}
+
+/// Opens the publish span of an event whose transfer carries a trace
+/// context, and makes the event carry the span's context (see
+/// [`crate::trace`]).
+fn publish_span(e: &mut ClaimedEvent) -> Option<(i64, tracing::Span)> {
+    let traceparent = e.traceparent.as_deref()?;
+    let span = tracing::info_span!(
+        "publish",
+        otel.name = "outbox.publish",
+        otel.kind = "producer",
+        outbox_id = e.id,
+        event_id = %e.event_id,
+        event_type = %e.event_type,
+        transfer_id = e.transfer_id,
+        outcome = tracing::field::Empty,
+    );
+    e.traceparent = Some(crate::trace::continue_remote(&span, traceparent));
+    Some((e.id, span))
 }
 
 /// The contract's message body for an event, escaped for SQS: a producer's

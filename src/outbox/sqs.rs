@@ -223,6 +223,16 @@ impl Delivery {
             Delivery::Rejected(error)
         }
     }
+
+    /// What happened, in a word (for spans).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Delivery::Sent => "sent",
+            Delivery::Rejected(_) => "rejected",
+            Delivery::Deferred(_) => "deferred",
+            Delivery::Unavailable(_) => "unavailable",
+        }
+    }
 }
 
 /// How the SQS client behaves.

@@ -302,9 +302,11 @@ impl Applier {
         let must_wait = self.must_wait(step, &claimed);
         let locking =
             if self.config.max_skips == 0 { Locking::Wait } else { Locking::SkipLocked { must_wait: &must_wait } };
+        let traced = TracedRows::open(step, &claimed);
         match apply_claimed(&mut tx, step, &claimed, locking).await {
             Ok(applied) => {
                 tx.commit().await?;
+                traced.close(step, &applied);
                 self.committed(step, &applied.finished, started);
                 self.note_skips(step, &claimed, &applied.skipped);
                 Ok(applied.counts)
@@ -346,9 +348,11 @@ impl Applier {
         let Some(t) = step.claim_one(&mut tx, id).await? else {
             return Ok(ApplyCounts::default()); // another worker has it, or it is done
         };
+        let traced = TracedRows::open(step, std::slice::from_ref(&t));
         match apply_claimed(&mut tx, step, std::slice::from_ref(&t), Locking::Wait).await {
             Ok(applied) => {
                 tx.commit().await?;
+                traced.close(step, &applied);
                 self.committed(step, &applied.finished, started);
                 Ok(applied.counts)
             }
@@ -415,11 +419,7 @@ impl Applier {
         m.apply_batch(step.name(), finished.len(), started.elapsed());
         let now_epoch = now.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
         for f in finished {
-            let (outcome, reason) = match (step, f.outcome) {
-                (Step::Transfer, Outcome::Succeeded) => ("succeeded", None),
-                (Step::Refund, Outcome::Succeeded) => ("completed", None),
-                (_, Outcome::Failed(r)) => ("failed", Some(r)),
-            };
+            let (outcome, reason) = step.outcome_name(f.outcome);
             match step {
                 Step::Transfer => {
                     m.transfer_finished(outcome, reason);
@@ -618,6 +618,69 @@ async fn apply_claimed(
     Ok(Applied { counts, skipped, finished })
 }
 
+impl Step {
+    /// How an outcome is named in metrics and spans, and its reason.
+    fn outcome_name(self, outcome: Outcome) -> (&'static str, Option<&'static str>) {
+        match (self, outcome) {
+            (Step::Transfer, Outcome::Succeeded) => ("succeeded", None),
+            (Step::Refund, Outcome::Succeeded) => ("completed", None),
+            (_, Outcome::Failed(r)) => ("failed", Some(r)),
+        }
+    }
+}
+
+/// The spans of claimed rows whose producers sent a trace context (see
+/// [`crate::trace`]), open from the claim to the commit. Untraced rows get
+/// none.
+struct TracedRows(Vec<(i64, tracing::Span)>);
+
+impl TracedRows {
+    fn open(step: Step, claimed: &[Claimed]) -> Self {
+        let name = match step {
+            Step::Transfer => "transfer.apply",
+            Step::Refund => "refund.apply",
+        };
+        TracedRows(
+            claimed
+                .iter()
+                .filter_map(|t| {
+                    let traceparent = t.traceparent.as_deref()?;
+                    let span = tracing::info_span!(
+                        "apply",
+                        otel.name = name,
+                        transfer_id = t.id,
+                        amount = t.amount,
+                        outcome = tracing::field::Empty,
+                        reason = tracing::field::Empty,
+                    );
+                    crate::trace::continue_remote(&span, traceparent);
+                    Some((t.id, span))
+                })
+                .collect(),
+        )
+    }
+
+    /// Records each row's outcome once its transaction committed; the spans
+    /// end here. (Dropped without this, after a rollback, they end with no
+    /// outcome: the rows are tried again under new spans.)
+    fn close(self, step: Step, applied: &Applied) {
+        for (id, span) in self.0 {
+            match applied.finished.iter().find(|f| f.id == id) {
+                Some(f) => {
+                    let (outcome, reason) = step.outcome_name(f.outcome);
+                    span.record("outcome", outcome);
+                    if let Some(r) = reason {
+                        span.record("reason", r);
+                    }
+                }
+                None => {
+                    span.record("outcome", "skipped: an account was busy; left pending for the next pass");
+                }
+            }
+        }
+    }
+}
+
 /// What [`apply_claimed`] did, for the caller to commit and report.
 struct Applied {
     counts: ApplyCounts,
@@ -721,7 +784,7 @@ mod tests {
     use super::*;
 
     fn t(id: i64, from: i64, to: i64, amount: i64) -> Claimed {
-        Claimed { id, debit_account: from, credit_account: to, amount, day: "2026-11-22".into(), created_epoch: 0.0 }
+        Claimed { id, debit_account: from, credit_account: to, amount, day: "2026-11-22".into(), created_epoch: 0.0, traceparent: None }
     }
 
     fn acct(id: i64, balance: i64, daily_limit: Option<i64>) -> LockedAccount {

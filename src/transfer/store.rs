@@ -28,6 +28,8 @@ pub(crate) struct Claimed {
     pub day: String,
     /// When it was inserted (Unix seconds), for the enqueue -> applied metric.
     pub created_epoch: f64,
+    /// The producer's W3C trace context, if it gave one.
+    pub traceparent: Option<String>,
 }
 
 /// How a claimed row leaves its waiting state.
@@ -49,7 +51,7 @@ impl Step {
                     Claimed,
                     r#"SELECT id, from_account AS debit_account, to_account AS credit_account, amount,
                               to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS "day!",
-                              extract(epoch FROM created_at)::float8 AS "created_epoch!"
+                              extract(epoch FROM created_at)::float8 AS "created_epoch!", traceparent
                          FROM transfers
                         WHERE status = 'PENDING' AND next_attempt_at <= now() AND id >= $2
                         ORDER BY id
@@ -67,7 +69,7 @@ impl Step {
                     r#"SELECT id, to_account AS debit_account, from_account AS credit_account,
                               refund_amount AS "amount!",
                               to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS "day!",
-                              extract(epoch FROM created_at)::float8 AS "created_epoch!"
+                              extract(epoch FROM created_at)::float8 AS "created_epoch!", traceparent
                          FROM transfers
                         WHERE refund_status = 'REQUESTED' AND next_attempt_at <= now() AND id >= $2
                         ORDER BY id
@@ -90,7 +92,7 @@ impl Step {
                     Claimed,
                     r#"SELECT id, from_account AS debit_account, to_account AS credit_account, amount,
                               to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS "day!",
-                              extract(epoch FROM created_at)::float8 AS "created_epoch!"
+                              extract(epoch FROM created_at)::float8 AS "created_epoch!", traceparent
                          FROM transfers
                         WHERE id = $1 AND status = 'PENDING'
                           FOR NO KEY UPDATE SKIP LOCKED"#,
@@ -105,7 +107,7 @@ impl Step {
                     r#"SELECT id, to_account AS debit_account, from_account AS credit_account,
                               refund_amount AS "amount!",
                               to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS "day!",
-                              extract(epoch FROM created_at)::float8 AS "created_epoch!"
+                              extract(epoch FROM created_at)::float8 AS "created_epoch!", traceparent
                          FROM transfers
                         WHERE id = $1 AND refund_status = 'REQUESTED'
                           FOR NO KEY UPDATE SKIP LOCKED"#,

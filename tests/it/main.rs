@@ -15,3 +15,4 @@ mod operating;
 mod processes;
 mod relay;
 mod requests;
+mod traces;
