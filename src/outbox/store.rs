@@ -63,6 +63,14 @@ pub(crate) async fn claim_heads(pool: &PgPool, limit: i64, lease_ms: f64) -> sql
 }
 
 /// Events (ids), their errors, and (for retries) their delays in ms.
+///
+/// The statements that join these to the outbox write their state guard as
+/// `state || '' = 'pending'`, so that the partial index of unpublished
+/// events cannot serve it: with statistics from before an outage's backlog
+/// the planner takes that index for empty and hashes the whole backlog per
+/// pass (measured: 465 ms instead of 4 with 100,000 pending). The rows are
+/// reached from their ids through the primary key instead. (`mark_published`
+/// needs no such care: its `id = ANY($1)` is an index condition on either.)
 pub(crate) type Outcomes<'a> = (&'a [i64], &'a [String], &'a [i64]);
 
 /// pending -> published, where the lease holds; the ids it moved.
@@ -100,7 +108,7 @@ pub(crate) async fn count_rejections(
                   next_attempt_at = now() + r.delay_ms * interval '1 millisecond',
                   claimed_until = NULL
              FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS r(id, error, delay_ms)
-            WHERE o.id = r.id AND o.state = 'pending' AND o.claimed_until = $5::text::timestamptz
+            WHERE o.id = r.id AND o.state || '' = 'pending' AND o.claimed_until = $5::text::timestamptz
         RETURNING o.id, o.state AS "state: EventState""#,
         ids,
         errors,
@@ -126,7 +134,7 @@ pub(crate) async fn defer(
                 next_attempt_at = now() + r.delay_ms * interval '1 millisecond',
                 claimed_until = NULL
            FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS r(id, error, delay_ms)
-          WHERE o.id = r.id AND o.state = 'pending' AND o.claimed_until = $4::text::timestamptz",
+          WHERE o.id = r.id AND o.state || '' = 'pending' AND o.claimed_until = $4::text::timestamptz",
         ids,
         errors,
         delays,
@@ -149,7 +157,7 @@ pub(crate) async fn give_back(
     Ok(sqlx::query!(
         "UPDATE outbox o SET last_error = r.error, claimed_until = NULL
            FROM unnest($1::bigint[], $2::text[]) AS r(id, error)
-          WHERE o.id = r.id AND o.state = 'pending' AND o.claimed_until = $3::text::timestamptz",
+          WHERE o.id = r.id AND o.state || '' = 'pending' AND o.claimed_until = $3::text::timestamptz",
         ids,
         errors,
         lease

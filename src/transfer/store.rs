@@ -122,6 +122,14 @@ impl Step {
     /// Moves rows out of the waiting state, guarded by it, and inserts one
     /// event per row that changed, in one statement; returns how many. The
     /// event type follows from the new state.
+    ///
+    /// The guard is written `status || '' = ...` so that no partial index on
+    /// the waiting state can serve it: the planner sizes those indexes from
+    /// statistics taken before a burst (a million finished rows and an
+    /// unanalyzed backlog of 100,000 look like an empty index), and would
+    /// then hash the whole backlog for every batch of 100 (measured: 60 ms a
+    /// batch instead of 5). This way the rows are reached from their ids,
+    /// through the primary key, whatever the statistics say.
     pub(crate) async fn finish(
         self,
         conn: &mut PgConnection,
@@ -137,7 +145,7 @@ impl Step {
                          UPDATE transfers t
                             SET status = o.state, failure_reason = o.reason, applied_at = now()
                            FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[]) AS o(id, state, reason, event_id)
-                          WHERE t.id = o.id AND t.status = 'PENDING'
+                          WHERE t.id = o.id AND t.status || '' = 'PENDING'
                       RETURNING t AS row, o.event_id
                      )
                      INSERT INTO outbox (event_id, transfer_id, event_type, data)
@@ -159,7 +167,7 @@ impl Step {
                          UPDATE transfers t
                             SET refund_status = o.state, refund_failure_reason = o.reason, refund_applied_at = now()
                            FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[]) AS o(id, state, reason, event_id)
-                          WHERE t.id = o.id AND t.refund_status = 'REQUESTED'
+                          WHERE t.id = o.id AND t.refund_status || '' = 'REQUESTED'
                       RETURNING t AS row, o.event_id
                      )
                      INSERT INTO outbox (event_id, transfer_id, event_type, data)
