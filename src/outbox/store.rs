@@ -30,6 +30,13 @@ pub(crate) struct ClaimRow {
 /// no live lease is on it. `state <> 'published'` repeats the partial index's
 /// predicate so the planner can use it. SKIP LOCKED: a concurrent claim's
 /// rows are not ours. One statement, committed at once.
+///
+/// The earlier-event check must go through `(transfer_id, id)`: a few rows
+/// per head. Its state test is written `state || '' <> 'published'` so the
+/// partial index of unpublished events cannot serve it; with statistics from
+/// before an outage's backlog the planner took that index for empty and
+/// scanned the whole backlog once per head (measured with 50,000 pending:
+/// 2.3 s a claim instead of 4.6 ms).
 pub(crate) async fn claim_heads(pool: &PgPool, limit: i64, lease_ms: f64) -> sqlx::Result<Vec<ClaimRow>> {
     sqlx::query_as!(
         ClaimRow,
@@ -40,8 +47,8 @@ pub(crate) async fn claim_heads(pool: &PgPool, limit: i64, lease_ms: f64) -> sql
                   AND (o.claimed_until IS NULL OR o.claimed_until < now())
                   AND NOT EXISTS (SELECT 1 FROM outbox e
                                    WHERE e.transfer_id = o.transfer_id
-                                     AND e.state <> 'published'
-                                     AND e.id < o.id)
+                                     AND e.id < o.id
+                                     AND e.state || '' <> 'published')
                 ORDER BY o.id
                 LIMIT $1
                   FOR NO KEY UPDATE OF o SKIP LOCKED

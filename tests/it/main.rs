@@ -12,6 +12,7 @@ mod experiments;
 mod fixtures;
 mod helpers;
 mod operating;
+mod plans;
 mod processes;
 mod relay;
 mod requests;
