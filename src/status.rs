@@ -61,7 +61,7 @@ pub async fn compact_counts(pool: &PgPool) -> Result<i64> {
 
 /// Reads the status without scanning any table: counts per state from the
 /// maintained counters, `held` from the (few) dead events, the oldest
-/// unpublished event from the head of the unpublished-events index.
+/// unpublished event from the heads of the pending and dead events' indexes.
 pub async fn read(pool: &PgPool) -> Result<Status> {
     let counts = sqlx::query!(r#"SELECT kind AS "kind!", state AS "state!", n AS "n!" FROM current_state_counts"#)
         .fetch_all(pool)
@@ -81,8 +81,8 @@ pub async fn read(pool: &PgPool) -> Result<Status> {
     // Pending events behind a dead one of the same transfer: walks the dead
     // events (a partial index) and, per transfer, its events through
     // (transfer_id, id). The state tests are written `state || ''` so that
-    // the index of unpublished events, which statistics from before a
-    // backlog make look empty, is never walked once per dead event.
+    // the index of pending events, which statistics from before a backlog
+    // make look empty, is never walked once per dead event.
     let held = sqlx::query_scalar!(
         r#"SELECT count(DISTINCT o.id) AS "held!"
              FROM outbox d
@@ -96,13 +96,15 @@ pub async fn read(pool: &PgPool) -> Result<Status> {
     let outbox =
         OutboxCounts { pending: event("pending") - held, published: event("published"), dead: event("dead"), held };
 
-    // The head of the unpublished-events index: the oldest event still
-    // waiting (ids follow write order).
+    // The oldest event still waiting: the head of the pending events' index,
+    // or a dead event (few, from their own index) if one is older.
     let oldest = sqlx::query_scalar!(
-        r#"SELECT EXTRACT(EPOCH FROM now() - occurred_at)::float8 AS "age!"
-             FROM outbox WHERE state <> 'published' ORDER BY id LIMIT 1"#
+        r#"SELECT EXTRACT(EPOCH FROM now() - min(occurred_at))::float8 AS "age"
+             FROM ((SELECT occurred_at FROM outbox WHERE state = 'pending' ORDER BY id LIMIT 1)
+                   UNION ALL
+                   (SELECT occurred_at FROM outbox WHERE state = 'dead' ORDER BY id LIMIT 1)) heads"#
     )
-    .fetch_optional(pool)
+    .fetch_one(pool)
     .await?
     .unwrap_or(0.0);
 
