@@ -50,6 +50,25 @@ macro_rules! text_state {
 pub(crate) use text_state;
 
 /// The migrations under `migrations/`, embedded in the binary.
+/// How the worker's claiming transactions begin: `BEGIN`, and no explicit
+/// sorts in this transaction, in the same round trip.
+///
+/// A claim takes the lowest waiting ids (`ORDER BY id LIMIT n`) from a
+/// partial index that is already in id order. When the statistics predate a
+/// burst (the index looked almost empty when last analyzed: a quiet table,
+/// or a new one), the planner expects fewer rows than the limit and prefers
+/// to fetch them all and sort: with a backlog of 200,000 that is a 14 MB
+/// on-disk sort per claim, 0.5 to 0.9 s each (seen at the start of every
+/// bench run until autovacuum analyzed the table). Without sorts to choose,
+/// the claim walks the index in order and stops after `n` rows, whatever the
+/// statistics say. Sorts are allowed again right after the claim
+/// ([`SORTS_ALLOWED`]): the account locks that follow need one (PostgreSQL
+/// 15 cannot return `id = ANY(..)` in index order).
+pub(crate) const BEGIN_CLAIM: &str = "BEGIN; SET LOCAL enable_sort = off";
+
+/// Undoes [`BEGIN_CLAIM`]'s setting for the rest of the transaction.
+pub(crate) const SORTS_ALLOWED: &str = "SET LOCAL enable_sort = on";
+
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Limits every session of ours sets for itself, whatever the database or

@@ -291,7 +291,7 @@ impl Applier {
     /// Claims and applies one batch of `step`.
     pub async fn run_step(&self, step: Step) -> Result<ApplyCounts> {
         let started = Instant::now();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with(db::BEGIN_CLAIM).await?;
         // SKIP LOCKED: a row another worker holds is simply not ours this time.
         let claimed = step.claim(&mut tx, self.config.batch_size, self.floor(step)).await?;
         self.set_floor(step, &claimed, self.config.batch_size);

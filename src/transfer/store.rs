@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use sqlx::PgConnection;
 
+use crate::db;
 use crate::transfer::apply::Step;
 use crate::transfer::{RefundStatus, TransferId, TransferStatus};
 
@@ -44,7 +45,16 @@ pub(crate) enum Outcome {
 // `refund_amount`), the waiting-state guard, and the columns a finish sets.
 impl Step {
     /// The claim of a batch, in id order, skipping rows other workers hold.
+    /// `conn` is in a transaction begun with [`db::BEGIN_CLAIM`], so that the
+    /// claim walks the waiting index in order; sorts are allowed again
+    /// after it.
     pub(crate) async fn claim(self, conn: &mut PgConnection, limit: i64, floor: i64) -> sqlx::Result<Vec<Claimed>> {
+        let claimed = self.claim_in_order(&mut *conn, limit, floor).await?;
+        sqlx::raw_sql(db::SORTS_ALLOWED).execute(&mut *conn).await?;
+        Ok(claimed)
+    }
+
+    async fn claim_in_order(self, conn: &mut PgConnection, limit: i64, floor: i64) -> sqlx::Result<Vec<Claimed>> {
         match self {
             Step::Transfer => {
                 sqlx::query_as!(

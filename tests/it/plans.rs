@@ -89,6 +89,48 @@ async fn a_batch_reaches_its_rows_by_id_through_a_backlog_the_statistics_do_not_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_walks_the_waiting_index_in_order_instead_of_sorting_a_backlog() {
+    // A table last analyzed when it was small (a new deployment, a quiet
+    // night), then a burst: the planner expects a handful of waiting rows.
+    let db = TestDb::new().await;
+    for sql in [
+        "ALTER TABLE transfers SET (autovacuum_enabled = false)",
+        "ALTER TABLE outbox SET (autovacuum_enabled = false)",
+        "INSERT INTO accounts (id, balance) SELECT g, 1000000000 FROM generate_series(1, 100) g",
+        "ANALYZE transfers, outbox",
+    ] {
+        sqlx::query(sql).execute(&db.pool).await.unwrap();
+    }
+    sqlx::query(
+        "INSERT INTO transfers (idempotency_key, from_account, to_account, amount)
+         SELECT 'burst-' || g, 1 + g % 100, 1 + (g * 7 + 3) % 100, 1 FROM generate_series(1, $1::bigint) g",
+    )
+    .bind(4 * BURST)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let before = index_reads(&db, "transfers_pending_idx").await;
+    let applier = Applier::new(db.pool.clone(), ApplyConfig::default());
+    assert_eq!(applier.run_once().await.unwrap().succeeded, 100);
+    let read = entries_read_since(&db, "transfers_pending_idx", before).await;
+    // In order from the index: about 100 entries. Fetching every waiting row
+    // to sort them would read all 20,000.
+    assert!(read < 1_000, "a claim of 100 read {read} entries of the pending index");
+
+    // The relay's claim, likewise, from the index of pending events.
+    let queue = TestQueue::new(false).await;
+    sqlx::query("INSERT INTO outbox (transfer_id, event_type, data) SELECT id, 'refund.requested', '{}' FROM transfers")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let before = index_reads(&db, "outbox_pending_idx").await;
+    let relay = Relay::new(db.pool.clone(), queue.publisher().await, RelayConfig::default(), Default::default());
+    assert_eq!(relay.claim().await.unwrap().events.len(), 100);
+    let read = entries_read_since(&db, "outbox_pending_idx", before).await;
+    assert!(read < 1_000, "a relay claim of 100 read {read} entries of the pending events' index");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_claim_checks_earlier_events_by_transfer_not_by_walking_the_backlog() {
     let db = quiet_past().await;
     let queue = TestQueue::new(false).await;
