@@ -280,6 +280,35 @@ impl TestQueue {
         Publisher::new(self.client.clone(), &sqs_config(&self.url))
     }
 
+    /// Receives `n` events (or what came within a minute): each one's
+    /// idempotency key, event type and `traceparent` attribute.
+    pub async fn receive_traced(&self, n: usize) -> Vec<(String, String, Option<String>)> {
+        let mut got = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while got.len() < n && Instant::now() < deadline {
+            let resp = self
+                .client
+                .receive_message()
+                .queue_url(&self.url)
+                .max_number_of_messages(10)
+                .wait_time_seconds(1)
+                .message_attribute_names("All")
+                .send()
+                .await
+                .expect("receive");
+            for m in resp.messages() {
+                let body: serde_json::Value = serde_json::from_str(m.body().unwrap()).expect("event body");
+                let tp = m.message_attributes().and_then(|a| a.get("traceparent")).and_then(|v| v.string_value());
+                got.push((
+                    body["data"]["idempotency_key"].as_str().unwrap_or_default().to_owned(),
+                    body["event_type"].as_str().unwrap_or_default().to_owned(),
+                    tp.map(str::to_owned),
+                ));
+            }
+        }
+        got
+    }
+
     /// Receives (and deletes) messages until `expected` arrived or nothing
     /// more came for `quiet`; returns them in arrival order.
     pub async fn receive(&self, expected: usize, quiet: Duration) -> Vec<EventBody> {

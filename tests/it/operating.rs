@@ -6,8 +6,6 @@ use std::collections::HashMap;
 use std::time::Duration;
 use transfer_worker::service::Service;
 
-use aws_sdk_sqs::types::MessageSystemAttributeName;
-
 use crate::admin::{free_port, http};
 use crate::helpers::{signal, wait_exit, wait_for, KillOnDrop, TestDb, TestQueue};
 
@@ -352,31 +350,8 @@ async fn a_producers_trace_context_reaches_the_consumer_on_every_event() {
         Default::default(),
     );
     assert_eq!(relay.run_once().await.unwrap().published, 4);
-    let mut by_key: HashMap<String, Option<String>> = HashMap::new();
-    let mut got = 0;
-    while got < 4 {
-        let resp = queue
-            .client
-            .receive_message()
-            .queue_url(&queue.url)
-            .max_number_of_messages(10)
-            .wait_time_seconds(2)
-            .message_attribute_names("All")
-            .message_system_attribute_names(MessageSystemAttributeName::All)
-            .send()
-            .await
-            .unwrap();
-        for m in resp.messages() {
-            let body: serde_json::Value = serde_json::from_str(m.body().unwrap()).unwrap();
-            let tp = m
-                .message_attributes()
-                .and_then(|a| a.get("traceparent"))
-                .and_then(|v| v.string_value())
-                .map(str::to_owned);
-            by_key.insert(body["data"]["idempotency_key"].as_str().unwrap().to_owned(), tp);
-            got += 1;
-        }
-    }
+    let by_key: HashMap<String, Option<String>> =
+        queue.receive_traced(4).await.into_iter().map(|(key, _, tp)| (key, tp)).collect();
     assert_eq!(by_key["cli"].as_deref(), Some(tp_cli));
     assert_eq!(by_key["sql"].as_deref(), Some(tp_sql));
     assert_eq!(by_key["file"].as_deref(), Some(tp_file));

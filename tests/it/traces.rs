@@ -6,7 +6,6 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use aws_sdk_sqs::types::MessageSystemAttributeName;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use prost::Message;
@@ -87,35 +86,6 @@ fn value(v: Option<&opentelemetry_proto::tonic::common::v1::AnyValue>) -> String
     }
 }
 
-/// Receives `n` messages; (idempotency key, traceparent attribute) of each.
-async fn receive(queue: &TestQueue, n: usize) -> Vec<(String, String, Option<String>)> {
-    let mut got = Vec::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while got.len() < n && std::time::Instant::now() < deadline {
-        let resp = queue
-            .client
-            .receive_message()
-            .queue_url(&queue.url)
-            .max_number_of_messages(10)
-            .wait_time_seconds(1)
-            .message_attribute_names("All")
-            .message_system_attribute_names(MessageSystemAttributeName::All)
-            .send()
-            .await
-            .unwrap();
-        for m in resp.messages() {
-            let body: serde_json::Value = serde_json::from_str(m.body().unwrap()).unwrap();
-            let tp = m.message_attributes().and_then(|a| a.get("traceparent")).and_then(|v| v.string_value());
-            got.push((
-                body["data"]["idempotency_key"].as_str().unwrap_or_default().to_owned(),
-                body["event_type"].as_str().unwrap().to_owned(),
-                tp.map(str::to_owned),
-            ));
-        }
-    }
-    got
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_workers_spans_continue_the_producers_trace_and_the_consumer_continues_the_publish() {
     let (endpoint, spans) = collector().await;
@@ -132,7 +102,7 @@ async fn the_workers_spans_continue_the_producers_trace_and_the_consumer_continu
     let mut cmd = db.worker_command(&queue.url, &[]);
     cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint).env("OTEL_BSP_SCHEDULE_DELAY", "100");
     let mut w = KillOnDrop(cmd.spawn().unwrap());
-    let messages = receive(&queue, 2).await;
+    let messages = queue.receive_traced(2).await;
     wait_for("spans of the apply and the publish", Duration::from_secs(30), || {
         let n = spans.lock().unwrap().len();
         async move { n >= 2 }
@@ -179,7 +149,7 @@ async fn a_dead_collector_costs_the_worker_nothing() {
     let mut cmd = db.worker_command(&queue.url, &[]);
     cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9").env("OTEL_BSP_SCHEDULE_DELAY", "50");
     let mut w = KillOnDrop(cmd.spawn().unwrap());
-    let messages = receive(&queue, 20).await;
+    let messages = queue.receive_traced(20).await;
     assert_eq!(messages.len(), 20);
     assert!(messages.iter().all(|(_, _, t)| t.as_deref().is_some_and(|t| t.contains("0af7651916cd43dd8448eb211c80319c"))));
     signal(&w.0, "TERM");
