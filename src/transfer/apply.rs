@@ -784,7 +784,15 @@ mod tests {
     use super::*;
 
     fn t(id: i64, from: i64, to: i64, amount: i64) -> Claimed {
-        Claimed { id, debit_account: from, credit_account: to, amount, day: "2026-11-22".into(), created_epoch: 0.0, traceparent: None }
+        Claimed {
+            id,
+            debit_account: from,
+            credit_account: to,
+            amount,
+            day: "2026-11-22".into(),
+            created_epoch: 0.0,
+            traceparent: None,
+        }
     }
 
     fn acct(id: i64, balance: i64, daily_limit: Option<i64>) -> LockedAccount {

@@ -119,10 +119,12 @@ async fn a_claim_walks_the_waiting_index_in_order_instead_of_sorting_a_backlog()
 
     // The relay's claim, likewise, from the index of pending events.
     let queue = TestQueue::new(false).await;
-    sqlx::query("INSERT INTO outbox (transfer_id, event_type, data) SELECT id, 'refund.requested', '{}' FROM transfers")
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    sqlx::query(
+        "INSERT INTO outbox (transfer_id, event_type, data) SELECT id, 'refund.requested', '{}' FROM transfers",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
     let before = index_reads(&db, "outbox_pending_idx").await;
     let relay = Relay::new(db.pool.clone(), queue.publisher().await, RelayConfig::default(), Default::default());
     assert_eq!(relay.claim().await.unwrap().events.len(), 100);

@@ -58,7 +58,11 @@ async fn collector() -> (String, Arc<Mutex<Vec<Exported>>>) {
                             parent_span_id: hex(&span.parent_span_id),
                             kind: span.kind,
                             service: service.clone(),
-                            attributes: span.attributes.iter().map(|a| (a.key.clone(), value(a.value.as_ref()))).collect(),
+                            attributes: span
+                                .attributes
+                                .iter()
+                                .map(|a| (a.key.clone(), value(a.value.as_ref())))
+                                .collect(),
                         });
                     }
                 }
@@ -95,7 +99,9 @@ async fn the_workers_spans_continue_the_producers_trace_and_the_consumer_continu
     db.open_account(2, 0).await;
     let (trace_id, producer_span) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
     let tp = format!("00-{trace_id}-{producer_span}-01");
-    let out = db.cli(&["enqueue", "--from", "1", "--to", "2", "--amount", "5", "--key", "traced", "--traceparent", &tp]).await;
+    let out = db
+        .cli(&["enqueue", "--from", "1", "--to", "2", "--amount", "5", "--key", "traced", "--traceparent", &tp])
+        .await;
     assert_eq!(out.code, 0, "{out:?}");
     db.enqueue_sql("untraced", 1, 2, 5).await;
 
@@ -142,7 +148,8 @@ async fn a_dead_collector_costs_the_worker_nothing() {
     let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
     for i in 0..20 {
         let key = format!("k{i}");
-        let out = db.cli(&["enqueue", "--from", "1", "--to", "2", "--amount", "1", "--key", &key, "--traceparent", tp]).await;
+        let out =
+            db.cli(&["enqueue", "--from", "1", "--to", "2", "--amount", "1", "--key", &key, "--traceparent", tp]).await;
         assert_eq!(out.code, 0, "{out:?}");
     }
     // Nothing listens on port 9 (discard) here: every export fails.
@@ -151,7 +158,9 @@ async fn a_dead_collector_costs_the_worker_nothing() {
     let mut w = KillOnDrop(cmd.spawn().unwrap());
     let messages = queue.receive_traced(20).await;
     assert_eq!(messages.len(), 20);
-    assert!(messages.iter().all(|(_, _, t)| t.as_deref().is_some_and(|t| t.contains("0af7651916cd43dd8448eb211c80319c"))));
+    assert!(messages
+        .iter()
+        .all(|(_, _, t)| t.as_deref().is_some_and(|t| t.contains("0af7651916cd43dd8448eb211c80319c"))));
     signal(&w.0, "TERM");
     let started = std::time::Instant::now();
     assert!(wait_exit(&mut w.0, Duration::from_secs(30)).await.success());
