@@ -50,14 +50,7 @@ async fn an_operator_requeues_a_dead_event_from_the_console_in_a_browser() {
     })
     .await;
     // The operator fixes the cause first.
-    queue
-        .client
-        .set_queue_attributes()
-        .queue_url(&queue.url)
-        .attributes(QueueAttributeName::MaximumMessageSize, "1048576")
-        .send()
-        .await
-        .unwrap();
+    queue.set_max_message_size(1_048_576).await;
 
     let screenshot = format!("{}/target/console.png", env!("CARGO_MANIFEST_DIR"));
     let _ = std::fs::remove_file(&screenshot);

@@ -276,6 +276,18 @@ impl TestQueue {
         TestQueue { url, client }
     }
 
+    /// Lets the queue take messages of up to `bytes` (what an operator
+    /// does to fix a queue that refused events as too large).
+    pub async fn set_max_message_size(&self, bytes: u32) {
+        self.client
+            .set_queue_attributes()
+            .queue_url(&self.url)
+            .attributes(QueueAttributeName::MaximumMessageSize, bytes.to_string())
+            .send()
+            .await
+            .expect("set MaximumMessageSize");
+    }
+
     pub async fn publisher(&self) -> Publisher {
         Publisher::new(self.client.clone(), &sqs_config(&self.url))
     }

@@ -330,14 +330,7 @@ async fn requeue_brings_a_dead_event_back_and_it_goes_out_before_the_events_it_h
     assert_eq!(db.scalar("SELECT count(*) FROM outbox WHERE state = 'dead'").await, 1, "nothing written");
 
     // The operator fixes the cause, then requeues.
-    queue
-        .client
-        .set_queue_attributes()
-        .queue_url(&queue.url)
-        .attributes(QueueAttributeName::MaximumMessageSize, "1048576")
-        .send()
-        .await
-        .unwrap();
+    queue.set_max_message_size(1_048_576).await;
     let out = db.cli(&["outbox", "requeue", "--event", dead_id]).await;
     assert_eq!(out.code, 0, "{out:?}");
     assert_eq!(out.json(), serde_json::json!({"requeued": 1}));
