@@ -107,7 +107,7 @@ start_localstack() {
   else
     log "starting LocalStack (SQS) on 127.0.0.1:$ls_port"
     mkdir -p "$ls_dir"
-    GATEWAY_LISTEN=127.0.0.1:$ls_port SERVICES=sqs SQS_ENDPOINT_STRATEGY=path \
+    GATEWAY_LISTEN=127.0.0.1:$ls_port SERVICES=sqs SQS_ENDPOINT_STRATEGY=path LS_LOG=${LS_LOG:-warn} \
       LOCALSTACK_HOST=127.0.0.1:$ls_port FILESYSTEM_ROOT=$ls_dir \
       nohup "$venv/bin/python" -m localstack.runtime.main >"$ls_dir/log" 2>&1 &
     echo $! >"$ls_dir/pid"

@@ -11,7 +11,7 @@ use transfer_worker::error::{Error, Result};
 use transfer_worker::health::Health;
 use transfer_worker::maintenance::MaintenanceConfig;
 use transfer_worker::outbox::relay::RelayConfig;
-use transfer_worker::outbox::sqs::{client_from_env, Publisher, SqsConfig};
+use transfer_worker::outbox::sqs::{client_from_env, Publisher, SqsConfig, DEFAULT_CONCURRENCY};
 use transfer_worker::retention::PruneConfig;
 use transfer_worker::retry::RetryPolicy;
 use transfer_worker::transfer::apply::ApplyConfig;
@@ -48,7 +48,7 @@ pub struct RunArgs {
     #[arg(long, env = "TRANSFER_WORKER_RELAY_BATCH_SIZE", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub relay_batch_size: u32,
     /// SendMessageBatch calls in flight per relay pass.
-    #[arg(long, env = "TRANSFER_WORKER_RELAY_CONCURRENCY", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
+    #[arg(long, env = "TRANSFER_WORKER_RELAY_CONCURRENCY", default_value_t = DEFAULT_CONCURRENCY as u32, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub relay_concurrency: u32,
     /// Rejections by SQS (sender faults) before an event is dead. Outages never count.
     #[arg(long, env = "TRANSFER_WORKER_RELAY_MAX_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]

@@ -235,6 +235,11 @@ impl Delivery {
     }
 }
 
+/// `SendMessageBatch` calls a relay pass keeps in flight unless told
+/// otherwise: a default pass (100 events) goes out in one wave of 10 calls,
+/// so no call waits for a slot while SQS has room.
+pub const DEFAULT_CONCURRENCY: usize = 10;
+
 /// How the SQS client behaves.
 #[derive(Debug, Clone)]
 pub struct SqsConfig {

@@ -46,6 +46,7 @@ pub mod sqs;
 pub mod steady;
 
 use sqs::ScratchQueue;
+use transfer_worker::outbox::sqs::DEFAULT_CONCURRENCY;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -304,7 +305,7 @@ async fn measure(pool: &PgPool, config: &BenchConfig) -> Result<BenchReport> {
         Mode::Relay => {
             seed(pool, config).await?;
             drain_apply(pool, &apply, config.workers).await?;
-            let queue = ScratchQueue::create(config.fifo, 8).await?;
+            let queue = ScratchQueue::create(config.fifo, DEFAULT_CONCURRENCY).await?;
             let body_len: i64 = sqlx::query_scalar(
                 "SELECT COALESCE(avg(length(data::text)), 100)::bigint + 200 FROM outbox WHERE state = 'pending'",
             )
@@ -332,7 +333,7 @@ async fn measure(pool: &PgPool, config: &BenchConfig) -> Result<BenchReport> {
         }
         Mode::Both => {
             seed(pool, config).await?;
-            let queue = ScratchQueue::create(config.fifo, 8).await?;
+            let queue = ScratchQueue::create(config.fifo, DEFAULT_CONCURRENCY).await?;
             let shutdown = CancellationToken::new();
             let worker_config = WorkerConfig {
                 workers: config.workers,

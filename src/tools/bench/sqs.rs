@@ -12,7 +12,9 @@ use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, SendMessageBatchRequest
 use tokio::task::JoinSet;
 
 use transfer_worker::error::{Error, Result};
-use transfer_worker::outbox::sqs::{client_from_env, create_queue, Publisher, SqsConfig, SqsFailure};
+use transfer_worker::outbox::sqs::{
+    client_from_env, create_queue, Publisher, SqsConfig, SqsFailure, DEFAULT_CONCURRENCY, EVENT_TYPE_ATTRIBUTE,
+};
 use transfer_worker::outbox::EventBody;
 
 /// Receive calls in flight at once (each takes up to 10 messages).
@@ -156,7 +158,7 @@ pub fn first_receipt_per_transfer(receipts: &[Receipt]) -> HashMap<i64, SystemTi
 /// returns each message's send -> receive latency in ms. This is the floor
 /// no relay can beat.
 pub async fn floor_latency(fifo: bool, rate: f64, seconds: f64) -> Result<Vec<f64>> {
-    let queue = ScratchQueue::create(fifo, 8).await?;
+    let queue = ScratchQueue::create(fifo, DEFAULT_CONCURRENCY).await?;
     let consumer = Consumer::start(&queue);
     let total = (rate * seconds).round() as u64;
     let sent: Arc<Mutex<HashMap<u64, SystemTime>>> = Arc::new(Mutex::new(HashMap::new()));
@@ -178,16 +180,11 @@ pub async fn floor_latency(fifo: bool, rate: f64, seconds: f64) -> Result<Vec<f6
                 let body = format!(
                     "{{\"i\":{i},\"event_id\":\"0195e0a4-7c1f-7000-8000-{i:012}\",\"event_type\":\"transfer.succeeded\",\"transfer_id\":{i},\"occurred_at\":\"2026-12-01T00:00:00.000000Z\",\"data\":{{\"from_account\":1,\"to_account\":2,\"amount\":500,\"idempotency_key\":\"steady-{i}\"}}}}"
                 );
-                let attribute = aws_sdk_sqs::types::MessageAttributeValue::builder()
-                    .data_type("String")
-                    .string_value("transfer.succeeded")
-                    .build()
-                    .expect("data_type is set");
                 let mut req = client
                     .send_message()
                     .queue_url(&url)
                     .message_body(body)
-                    .message_attributes(transfer_worker::outbox::sqs::EVENT_TYPE_ATTRIBUTE, attribute);
+                    .message_attributes(EVENT_TYPE_ATTRIBUTE, event_type_attribute());
                 if fifo {
                     req = req.message_group_id(i.to_string()).message_deduplication_id(i.to_string());
                 }
@@ -234,7 +231,12 @@ pub async fn batch_send_rate(fifo: bool, messages: usize, clients: usize, body_l
                 let entries: Vec<_> = (0..10)
                     .map(|e| {
                         let id = format!("{b}-{e}");
-                        let mut entry = SendMessageBatchRequestEntry::builder().id(e.to_string()).message_body(&body);
+                        // The relay's message shape: a body of an event's length
+                        // and the `event_type` attribute every event carries.
+                        let mut entry = SendMessageBatchRequestEntry::builder()
+                            .id(e.to_string())
+                            .message_body(&body)
+                            .message_attributes(EVENT_TYPE_ATTRIBUTE, event_type_attribute());
                         if fifo {
                             entry = entry.message_group_id(&id).message_deduplication_id(&id);
                         }
@@ -258,6 +260,15 @@ pub async fn batch_send_rate(fifo: bool, messages: usize, clients: usize, body_l
     let _ = queue.client().purge_queue().queue_url(&queue.url).send().await;
     queue.delete().await;
     Ok(rate)
+}
+
+/// The `event_type` attribute of a `transfer.succeeded` event.
+fn event_type_attribute() -> aws_sdk_sqs::types::MessageAttributeValue {
+    aws_sdk_sqs::types::MessageAttributeValue::builder()
+        .data_type("String")
+        .string_value("transfer.succeeded")
+        .build()
+        .expect("data_type is set")
 }
 
 /// Milliseconds from `from` to `to` (0 if `to` is earlier).

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::tools::bench::sqs::{first_receipt_per_transfer, floor_latency, ms_between, Consumer, ScratchQueue};
 use crate::tools::bench::Dist;
 use transfer_worker::error::{Error, Result};
+use transfer_worker::outbox::sqs::DEFAULT_CONCURRENCY;
 use transfer_worker::transfer::apply::Committed;
 use transfer_worker::worker::{self, WorkerConfig};
 
@@ -75,7 +76,7 @@ pub struct SteadyReport {
 pub async fn measure(pool: &PgPool, config: &SteadyConfig) -> Result<SteadyReport> {
     let floor = Dist::of(floor_latency(config.fifo, config.rate, config.seconds).await?);
 
-    let queue = ScratchQueue::create(config.fifo, 8).await?;
+    let queue = ScratchQueue::create(config.fifo, DEFAULT_CONCURRENCY).await?;
     let consumer = Consumer::start(&queue);
     let (observer, mut commits) = tokio::sync::mpsc::unbounded_channel::<Committed>();
     let shutdown = CancellationToken::new();
