@@ -107,6 +107,8 @@ start_localstack() {
   else
     log "starting LocalStack (SQS) on 127.0.0.1:$ls_port"
     mkdir -p "$ls_dir"
+    # LS_LOG=warn: one INFO line per request costs LocalStack (a single Python
+    # process) about a tenth of its CPU under load; LS_LOG=info brings them back.
     GATEWAY_LISTEN=127.0.0.1:$ls_port SERVICES=sqs SQS_ENDPOINT_STRATEGY=path LS_LOG=${LS_LOG:-warn} \
       LOCALSTACK_HOST=127.0.0.1:$ls_port FILESYSTEM_ROOT=$ls_dir \
       nohup "$venv/bin/python" -m localstack.runtime.main >"$ls_dir/log" 2>&1 &
