@@ -125,7 +125,8 @@ fn print_text(r: &BenchReport) {
         println!("received  {}  (enqueue -> consumer)", dist(d));
     }
     if let Some(d) = &r.floor_latency_ms {
-        println!("floor     {}  (SQS alone: send -> consumer)", dist(d));
+        let took = r.floor_sent_per_s.map(|t| format!(", SQS took {}", rate(t))).unwrap_or_default();
+        println!("floor     {}  (SQS alone: send -> consumer{took})", dist(d));
     }
     if let Some(b) = r.backlog_max {
         println!("backlog   at most {b} events waiting");

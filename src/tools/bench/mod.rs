@@ -160,6 +160,10 @@ pub struct BenchReport {
     /// steady: SQS's own send -> receive, same consumer, same rate.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub floor_latency_ms: Option<Dist>,
+    /// steady: the rate SQS took the floor's messages at (below the offered
+    /// rate when SQS alone cannot keep up: then no floor holds at that rate).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub floor_sent_per_s: Option<f64>,
     /// steady: enqueue -> applied (commit), with its max.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub applied_latency_ms: Option<Dist>,
@@ -235,6 +239,7 @@ async fn measure(pool: &PgPool, config: &BenchConfig) -> Result<BenchReport> {
         offered_per_s: None,
         received_latency_ms: None,
         floor_latency_ms: None,
+        floor_sent_per_s: None,
         applied_latency_ms: None,
         backlog_max: None,
         enqueue_ms: None,
@@ -273,6 +278,7 @@ async fn measure(pool: &PgPool, config: &BenchConfig) -> Result<BenchReport> {
         report.offered_per_s = Some(steady.offered_per_s);
         report.received_latency_ms = Some(steady.received_latency_ms);
         report.floor_latency_ms = Some(steady.floor_latency_ms);
+        report.floor_sent_per_s = Some(steady.floor_sent_per_s);
         report.applied_latency_ms = Some(steady.applied_latency_ms);
         report.backlog_max = Some(steady.backlog_max);
         report.outbox_footprint = Some(steady.outbox_footprint);

@@ -155,9 +155,10 @@ pub fn first_receipt_per_transfer(receipts: &[Receipt]) -> HashMap<i64, SystemTi
 
 /// SQS alone: `SendMessage` at `rate` for `seconds` (from several tasks, each
 /// message sent at its due time), received by the same kind of consumer;
-/// returns each message's send -> receive latency in ms. This is the floor
-/// no relay can beat.
-pub async fn floor_latency(fifo: bool, rate: f64, seconds: f64) -> Result<Vec<f64>> {
+/// returns each message's send -> receive latency in ms, and the rate SQS
+/// took them at (below `rate` when SQS itself cannot keep up: then the floor
+/// is a queue, not a latency). This is the floor no relay can beat.
+pub async fn floor_latency(fifo: bool, rate: f64, seconds: f64) -> Result<(Vec<f64>, f64)> {
     let queue = ScratchQueue::create(fifo, DEFAULT_CONCURRENCY).await?;
     let consumer = Consumer::start(&queue);
     let total = (rate * seconds).round() as u64;
@@ -196,6 +197,7 @@ pub async fn floor_latency(fifo: bool, rate: f64, seconds: f64) -> Result<Vec<f6
     }
     while senders.join_next().await.is_some() {}
     let sent_count = sent.lock().expect("sent").len() as u64;
+    let sent_per_s = sent_count as f64 / started.elapsed().as_secs_f64();
     consumer.wait_for(sent_count, Duration::from_secs(30)).await;
     let receipts = consumer.stop().await;
     queue.delete().await;
@@ -207,7 +209,7 @@ pub async fn floor_latency(fifo: bool, rate: f64, seconds: f64) -> Result<Vec<f6
         };
         first.entry(i).and_modify(|t| *t = (*t).min(r.at)).or_insert(r.at);
     }
-    Ok(first.iter().filter_map(|(i, at)| sent.get(i).map(|s| ms_between(*s, *at))).collect())
+    Ok((first.iter().filter_map(|(i, at)| sent.get(i).map(|s| ms_between(*s, *at))).collect(), sent_per_s))
 }
 
 /// SQS alone: how many messages per second `SendMessageBatch` of 10 takes,

@@ -65,6 +65,9 @@ pub struct SteadyReport {
     pub applied_latency_ms: Dist,
     pub received_latency_ms: Dist,
     pub floor_latency_ms: Dist,
+    /// The rate SQS took the floor's messages at (below `offered_per_s`: SQS
+    /// itself could not keep up).
+    pub floor_sent_per_s: f64,
     /// The most events waiting in the outbox at any sample (every 100 ms).
     pub backlog_max: i64,
     /// The outbox's size on disk (table and indexes, MiB) and its dead tuples,
@@ -74,7 +77,8 @@ pub struct SteadyReport {
 }
 
 pub async fn measure(pool: &PgPool, config: &SteadyConfig) -> Result<SteadyReport> {
-    let floor = Dist::of(floor_latency(config.fifo, config.rate, config.seconds).await?);
+    let (floor, floor_sent_per_s) = floor_latency(config.fifo, config.rate, config.seconds).await?;
+    let floor = Dist::of(floor);
 
     let queue = ScratchQueue::create(config.fifo, DEFAULT_CONCURRENCY).await?;
     let consumer = Consumer::start(&queue);
@@ -185,6 +189,7 @@ pub async fn measure(pool: &PgPool, config: &SteadyConfig) -> Result<SteadyRepor
         applied_latency_ms: Dist::of(applied_ms),
         received_latency_ms: Dist::of(received_ms),
         floor_latency_ms: floor,
+        floor_sent_per_s,
         backlog_max: backlog_max.load(Ordering::Relaxed) as i64,
         outbox_footprint,
         transfers: enqueued.len(),
