@@ -22,7 +22,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::tools::bench::sqs::{first_receipt_per_transfer, floor_latency, ms_between, Consumer, ScratchQueue};
-use crate::tools::bench::Dist;
+use crate::tools::bench::{unfinished, Dist};
 use transfer_worker::error::{Error, Result};
 use transfer_worker::outbox::sqs::DEFAULT_CONCURRENCY;
 use transfer_worker::transfer::apply::Committed;
@@ -118,10 +118,7 @@ pub async fn measure(pool: &PgPool, config: &SteadyConfig) -> Result<SteadyRepor
             let started = Instant::now();
             let mut next_footprint = started;
             while !stop.is_cancelled() {
-                let n: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE state <> 'published'")
-                    .fetch_one(&pool)
-                    .await
-                    .unwrap_or(0);
+                let n = unfinished(&pool).await.map(|(_, events)| events).unwrap_or(0);
                 backlog_max.fetch_max(n.max(0) as u64, Ordering::Relaxed);
                 if Instant::now() >= next_footprint {
                     next_footprint += Duration::from_secs(5);
