@@ -127,6 +127,12 @@ async fn bench_reports_each_figure_next_to_its_bar_from_the_same_run() {
     assert_eq!(v["invariants_ok"], true, "{v}");
     assert!(v["offered_per_s"].as_f64().unwrap() > 50.0, "{v}");
     assert!(dist_ok(&v["received_latency_ms"]) && dist_ok(&v["floor_latency_ms"]), "{v}");
+    // The rate SQS took the floor's messages at: never above the offered rate
+    // (senders wait for each message's due time), so a figure below it means
+    // SQS alone could not keep up.
+    let took = v["floor_sent_per_s"].as_f64().unwrap();
+    assert!(took > 0.0 && took <= 100.0 * 1.05, "{v}");
+    assert!(v["backlog_max"].as_i64().unwrap() >= 0, "{v}");
     assert_eq!(v["transfers"], 200);
     assert_eq!(v["preload"], 5000);
 
