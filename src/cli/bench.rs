@@ -53,6 +53,12 @@ pub struct BenchArgs {
     /// second (30s, 15m ...), to watch the outbox's footprint level off.
     #[arg(long, value_parser = transfer_worker::retention::parse_age)]
     prune_after: Option<std::time::Duration>,
+    /// Steady-rate mode: also measure SQS's own send -> receive at this many
+    /// messages/s on a queue and consumer of its own *while* the pipeline
+    /// runs, to see how much slower SQS itself is under the run's load than
+    /// in the floor measured alone (a diagnostic: it adds that load too).
+    #[arg(long)]
+    floor_alongside: Option<f64>,
     /// How long the apply mode measures the PostgreSQL ceiling first (0: skip).
     #[arg(long, default_value_t = 10.0)]
     ceiling_seconds: f64,
@@ -77,6 +83,7 @@ pub async fn run(database_url: &Option<String>, args: BenchArgs) -> Result<()> {
         ceiling_seconds: args.ceiling_seconds.max(0.0),
         relays: args.relays.map(|r| r as usize),
         prune_after: args.prune_after,
+        floor_alongside: args.floor_alongside,
     };
     let report = crate::tools::bench::run(url, &config).await?;
     if args.json {
@@ -127,6 +134,9 @@ fn print_text(r: &BenchReport) {
     if let Some(d) = &r.floor_latency_ms {
         let took = r.floor_sent_per_s.map(|t| format!(", SQS took {}", rate(t))).unwrap_or_default();
         println!("floor     {}  (SQS alone: send -> consumer{took})", dist(d));
+    }
+    if let Some(d) = &r.floor_alongside_latency_ms {
+        println!("alongside {}  (SQS alone, measured while the pipeline ran)", dist(d));
     }
     if let Some(b) = r.backlog_max {
         println!("backlog   at most {b} events waiting");

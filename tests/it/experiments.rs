@@ -55,6 +55,11 @@ async fn bench_reports_rates_latency_and_invariants_for_each_mode() {
     let bad = db.cli(&["bench", "--rate", "0"]).await;
     assert_eq!(bad.code, 2, "{bad:?}");
     assert!(bad.stderr.contains("--rate"), "{}", bad.stderr);
+    for args in [&["bench", "--floor-alongside", "5"][..], &["bench", "--rate", "50", "--floor-alongside", "0"][..]] {
+        let bad = db.cli(args).await;
+        assert_eq!(bad.code, 2, "{args:?}: {bad:?}");
+        assert!(bad.stderr.contains("--floor-alongside"), "{}", bad.stderr);
+    }
     assert_eq!(db.scalar("SELECT count(*) FROM transfers").await, 0, "bench never touches the real database's rows");
 }
 
@@ -120,8 +125,22 @@ async fn bench_reports_each_figure_next_to_its_bar_from_the_same_run() {
     let v = relay.json();
     assert!(v["sqs_batch_per_s"].as_f64().unwrap() > 0.0 && v["relay_ratio"].as_f64().unwrap() > 0.0, "{v}");
 
-    let steady =
-        db.cli(&["bench", "--rate", "100", "--seconds", "2", "--fifo", "--hot", "--preload", "5000", "--json"]).await;
+    let steady = db
+        .cli(&[
+            "bench",
+            "--rate",
+            "100",
+            "--seconds",
+            "2",
+            "--fifo",
+            "--hot",
+            "--preload",
+            "5000",
+            "--floor-alongside",
+            "10",
+            "--json",
+        ])
+        .await;
     assert_eq!(steady.code, 0, "{steady:?}");
     let v = steady.json();
     assert_eq!(v["invariants_ok"], true, "{v}");
@@ -133,6 +152,8 @@ async fn bench_reports_each_figure_next_to_its_bar_from_the_same_run() {
     let took = v["floor_sent_per_s"].as_f64().unwrap();
     assert!(took > 0.0 && took <= 100.0 * 1.05, "{v}");
     assert!(v["backlog_max"].as_i64().unwrap() >= 0, "{v}");
+    // SQS's own latency measured while the pipeline ran: 10/s for 2 s.
+    assert!(dist_ok(&v["floor_alongside_latency_ms"]), "{v}");
     assert_eq!(v["transfers"], 200);
     assert_eq!(v["preload"], 5000);
 

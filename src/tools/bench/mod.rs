@@ -79,6 +79,9 @@ pub struct BenchConfig {
     pub relays: Option<usize>,
     /// Steady: prune events published longer ago than this, every second.
     pub prune_after: Option<Duration>,
+    /// Steady: also measure SQS's own latency at this rate while the
+    /// pipeline runs (its own queue and consumer).
+    pub floor_alongside: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -164,6 +167,10 @@ pub struct BenchReport {
     /// rate when SQS alone cannot keep up: then no floor holds at that rate).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub floor_sent_per_s: Option<f64>,
+    /// steady with `--floor-alongside R`: SQS's own send -> receive at R/s,
+    /// measured while the pipeline ran (SQS under the run's load).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub floor_alongside_latency_ms: Option<Dist>,
     /// steady: enqueue -> applied (commit), with its max.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub applied_latency_ms: Option<Dist>,
@@ -200,6 +207,11 @@ pub async fn run(database_url: &str, config: &BenchConfig) -> Result<BenchReport
     }
     if config.rate.is_some_and(|r| !(r > 0.0 && r <= 50_000.0)) || !(config.seconds > 0.0) {
         return Err(Error::invalid("--rate must be in (0, 50000] and --seconds > 0"));
+    }
+    if let Some(r) = config.floor_alongside {
+        if config.rate.is_none() || !(r > 0.0 && r <= 50_000.0) {
+            return Err(Error::invalid("--floor-alongside needs --rate, and must be in (0, 50000]"));
+        }
     }
     let producers = config.rate.map(steady::producers).unwrap_or(0) as u32;
     let scratch =
@@ -240,6 +252,7 @@ async fn measure(pool: &PgPool, config: &BenchConfig) -> Result<BenchReport> {
         received_latency_ms: None,
         floor_latency_ms: None,
         floor_sent_per_s: None,
+        floor_alongside_latency_ms: None,
         applied_latency_ms: None,
         backlog_max: None,
         enqueue_ms: None,
@@ -268,6 +281,7 @@ async fn measure(pool: &PgPool, config: &BenchConfig) -> Result<BenchReport> {
                 hot: config.hot,
                 relays: config.relays,
                 prune_after: config.prune_after,
+                floor_alongside: config.floor_alongside,
             },
         )
         .await?;
@@ -279,6 +293,7 @@ async fn measure(pool: &PgPool, config: &BenchConfig) -> Result<BenchReport> {
         report.received_latency_ms = Some(steady.received_latency_ms);
         report.floor_latency_ms = Some(steady.floor_latency_ms);
         report.floor_sent_per_s = Some(steady.floor_sent_per_s);
+        report.floor_alongside_latency_ms = steady.floor_alongside_latency_ms;
         report.applied_latency_ms = Some(steady.applied_latency_ms);
         report.backlog_max = Some(steady.backlog_max);
         report.outbox_footprint = Some(steady.outbox_footprint);

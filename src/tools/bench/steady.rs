@@ -46,6 +46,8 @@ pub struct SteadyConfig {
     /// Prune events published longer ago than this, every second (retention
     /// under load); None: the run loop's default (7 days, so nothing here).
     pub prune_after: Option<Duration>,
+    /// Also measure SQS's own latency at this rate while the pipeline runs.
+    pub floor_alongside: Option<f64>,
 }
 
 /// One sample of the outbox's footprint.
@@ -68,6 +70,8 @@ pub struct SteadyReport {
     /// The rate SQS took the floor's messages at (below `offered_per_s`: SQS
     /// itself could not keep up).
     pub floor_sent_per_s: f64,
+    /// SQS's own send -> receive measured while the pipeline ran, if asked.
+    pub floor_alongside_latency_ms: Option<Dist>,
     /// The most events waiting in the outbox at any sample (every 100 ms).
     pub backlog_max: i64,
     /// The outbox's size on disk (table and indexes, MiB) and its dead tuples,
@@ -145,7 +149,17 @@ pub async fn measure(pool: &PgPool, config: &SteadyConfig) -> Result<SteadyRepor
         })
     };
 
+    // SQS alone again, on its own queue and consumer, while the pipeline
+    // runs: the floor above was measured on an otherwise idle machine.
+    let alongside = config.floor_alongside.map(|rate| tokio::spawn(floor_latency(config.fifo, rate, config.seconds)));
     let (enqueued, produce_s) = produce(pool, config).await?;
+    let floor_alongside_latency_ms = match alongside {
+        Some(task) => {
+            let (latencies, _) = task.await.map_err(|e| Error::Failed(format!("floor alongside failed: {e}")))??;
+            Some(Dist::of(latencies))
+        }
+        None => None,
+    };
     let first_enqueue = enqueued.values().min().copied().unwrap_or_else(SystemTime::now);
     let all_received = consumer.wait_for(enqueued.len() as u64, Duration::from_secs(60)).await;
     shutdown.cancel();
@@ -187,6 +201,7 @@ pub async fn measure(pool: &PgPool, config: &SteadyConfig) -> Result<SteadyRepor
         received_latency_ms: Dist::of(received_ms),
         floor_latency_ms: floor,
         floor_sent_per_s,
+        floor_alongside_latency_ms,
         backlog_max: backlog_max.load(Ordering::Relaxed) as i64,
         outbox_footprint,
         transfers: enqueued.len(),
