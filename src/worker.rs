@@ -34,6 +34,7 @@ use crate::outbox::sqs::Publisher;
 use crate::retry::RetryPolicy;
 use crate::service::{self, Service};
 use crate::transfer::apply::{Applier, ApplyConfig, CommitObserver};
+use crate::transfer::busy::BusyAccounts;
 use crate::wake::Wakers;
 
 /// Everything `run` can be tuned with (see `transfer-worker run --help`).
@@ -111,9 +112,12 @@ pub async fn run_with_health(
     background.spawn(crate::maintenance::run(pool.clone(), config.maintenance, shutdown.clone(), config.db_retry));
 
     let mut appliers = JoinSet::new();
+    // What one apply task learns about accounts held elsewhere, all know.
+    let busy = Arc::new(BusyAccounts::default());
     for _ in 0..config.workers.max(1) {
         let applier = Arc::new(
             Applier::new(pool.clone(), config.apply.clone())
+                .sharing_busy_accounts(busy.clone())
                 .waking_on_events(wakers.outbox.clone())
                 .with_refund_hint(wakers.refunds.clone())
                 .observing(config.observer.clone()),

@@ -42,6 +42,7 @@ use crate::error::{Error, Result};
 use crate::metrics::metrics;
 use crate::retry::RetryPolicy;
 use crate::service::{Progress, Service};
+use crate::transfer::busy::{BusyAccounts, TURN_WAIT};
 use crate::transfer::store::{Claimed, Outcome};
 use crate::transfer::{limits, reason};
 use futures::future::BoxFuture;
@@ -169,6 +170,9 @@ pub struct Applier {
     observer: Option<CommitObserver>,
     refund_hint: Option<Arc<std::sync::atomic::AtomicBool>>,
     last_refund_look: std::sync::Mutex<Instant>,
+    /// Accounts another session holds: claims leave their transfers alone
+    /// for a while (shared by the process's apply tasks; see [`BusyAccounts`]).
+    busy: Arc<BusyAccounts>,
 }
 
 /// With a refund hint, refunds are looked for at least this often.
@@ -211,7 +215,15 @@ impl Applier {
             observer: None,
             refund_hint: None,
             last_refund_look: std::sync::Mutex::new(Instant::now()),
+            busy: Arc::new(BusyAccounts::default()),
         }
+    }
+
+    /// Shares what this applier learns about accounts held elsewhere with
+    /// the other apply tasks of the process (and theirs with it).
+    pub fn sharing_busy_accounts(mut self, busy: Arc<BusyAccounts>) -> Self {
+        self.busy = busy;
+        self
     }
 
     /// Wakes `notify` whenever a batch that wrote events commits.
@@ -293,7 +305,8 @@ impl Applier {
         let started = Instant::now();
         let mut tx = self.pool.begin_with(db::BEGIN_CLAIM).await?;
         // SKIP LOCKED: a row another worker holds is simply not ours this time.
-        let claimed = step.claim(&mut tx, self.config.batch_size, self.floor(step)).await?;
+        let busy = self.busy.current();
+        let claimed = step.claim(&mut tx, self.config.batch_size, self.floor(step), &busy).await?;
         self.set_floor(step, &claimed, self.config.batch_size);
         if claimed.is_empty() {
             tx.commit().await?;
@@ -309,6 +322,7 @@ impl Applier {
                 traced.close(step, &applied);
                 self.committed(step, &applied.finished, started);
                 self.note_skips(step, &claimed, &applied.skipped);
+                self.note_locks(&applied.locks);
                 Ok(applied.counts)
             }
             Err(e) => match fault(&e) {
@@ -348,12 +362,27 @@ impl Applier {
         let Some(t) = step.claim_one(&mut tx, id).await? else {
             return Ok(ApplyCounts::default()); // another worker has it, or it is done
         };
+        // An account known to be held elsewhere: no need to wait to know.
+        let busy: Vec<i64> =
+            [t.debit_account, t.credit_account].into_iter().filter(|a| self.busy.is_busy(*a)).collect();
+        if !busy.is_empty() {
+            tx.rollback().await?;
+            return self.put_off_held(step, &t, &busy).await;
+        }
         let traced = TracedRows::open(step, std::slice::from_ref(&t));
-        match apply_claimed(&mut tx, step, std::slice::from_ref(&t), Locking::Wait).await {
+        // Its turn: it waits for its accounts, but at most TURN_WAIT.
+        let turn = HashSet::from([t.id]);
+        match apply_claimed(&mut tx, step, std::slice::from_ref(&t), Locking::SkipLocked { must_wait: &turn }).await {
+            Ok(applied) if applied.finished.is_empty() => {
+                tx.rollback().await?;
+                self.note_locks(&applied.locks);
+                self.put_off_held(step, &t, &applied.locks.held_elsewhere).await
+            }
             Ok(applied) => {
                 tx.commit().await?;
                 traced.close(step, &applied);
                 self.committed(step, &applied.finished, started);
+                self.note_locks(&applied.locks);
                 Ok(applied.counts)
             }
             Err(e) => match fault(&e) {
@@ -368,6 +397,13 @@ impl Applier {
                 }
             },
         }
+    }
+
+    /// What a batch learnt about its accounts, for the claims that follow.
+    fn note_locks(&self, locks: &Locks) {
+        self.busy.held(&locks.held_elsewhere);
+        self.busy.skipped(&locks.not_taken);
+        self.busy.taken(locks.taken.iter().copied());
     }
 
     /// The claimed rows that were skipped `max_skips` times already: this
@@ -439,11 +475,25 @@ impl Applier {
         if let Some(db_err) = err.sql() {
             metrics().db_retry(db::sqlstate(db_err).as_deref());
         }
+        self.put_off_with(step, t, &format!("{err} (contention: retried, not counted)")).await
+    }
+
+    /// Retries a row whose accounts another session holds later, without
+    /// counting an attempt.
+    async fn put_off_held(&self, step: Step, t: &Claimed, held: &[i64]) -> Result<ApplyCounts> {
+        let note = format!(
+            "account(s) {held:?} held by another session (lock not granted within {} ms, lock_timeout): \
+             put off, not counted",
+            TURN_WAIT.as_millis()
+        );
+        self.put_off_with(step, t, &note).await
+    }
+
+    async fn put_off_with(&self, step: Step, t: &Claimed, note: &str) -> Result<ApplyCounts> {
         let delay = self.config.retry.delay_for_attempt(CONTENTION_RETRY_ATTEMPT);
-        tracing::warn!(transfer_id = t.id, ?step, retry_in = ?delay, error = %err, "contention; put off, not counted");
+        tracing::warn!(transfer_id = t.id, ?step, retry_in = ?delay, why = note, "contention; put off, not counted");
         let mut conn = self.pool.acquire().await?;
-        let note = format!("{err} (contention: retried, not counted)");
-        step.put_off(&mut conn, t.id, delay, &note).await?;
+        step.put_off(&mut conn, t.id, delay, note).await?;
         Ok(ApplyCounts { claimed: 1, put_off: 1, ..Default::default() })
     }
 
@@ -495,7 +545,8 @@ enum Locking<'a> {
     /// Take the accounts nobody holds (`SKIP LOCKED`) and apply only the rows
     /// whose accounts were all taken; the others stay PENDING for a later
     /// pass. Rows in `must_wait` (skipped too often already) wait their turn
-    /// instead, so that a hot account cannot starve them.
+    /// instead, so that a hot account cannot starve them, but at most
+    /// [`TURN_WAIT`] (see [`wait_turn`]).
     SkipLocked { must_wait: &'a HashSet<i64> },
 }
 
@@ -506,55 +557,8 @@ async fn apply_claimed(
     claimed: &[Claimed],
     locking: Locking<'_>,
 ) -> Result<Applied> {
-    let accounts_of = |rows: &mut dyn Iterator<Item = &Claimed>| {
-        let mut ids: Vec<i64> = rows.flat_map(|t| [t.debit_account, t.credit_account]).collect();
-        ids.sort_unstable();
-        ids.dedup();
-        ids
-    };
-    // FOR NO KEY UPDATE, not FOR UPDATE: a producer whose transaction
-    // inserted a transfer holds a KEY SHARE lock on both accounts (the
-    // foreign-key check) until it commits, and FOR UPDATE would wait for it;
-    // a balance change never touches the key, so the weaker lock suffices.
-    //
-    // Deadlock freedom: every lock a transaction *waits* for is taken in
-    // ascending id order, in one statement, before it takes any lock with
-    // SKIP LOCKED (which never waits). So no transaction ever waits while
-    // holding a lock with a higher id than the one it waits for.
-    let (waited, skip_locked): (Vec<i64>, Vec<i64>) = match locking {
-        Locking::Wait => (accounts_of(&mut claimed.iter()), Vec::new()),
-        Locking::SkipLocked { must_wait } => {
-            let waited = accounts_of(&mut claimed.iter().filter(|t| must_wait.contains(&t.id)));
-            let rest =
-                accounts_of(&mut claimed.iter()).into_iter().filter(|a| waited.binary_search(a).is_err()).collect();
-            (waited, rest)
-        }
-    };
-    let mut accounts = Vec::with_capacity(waited.len() + skip_locked.len());
-    if !waited.is_empty() {
-        accounts.extend(
-            sqlx::query_as!(
-                LockedAccount,
-                "SELECT id, balance, daily_limit FROM accounts WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
-                &waited
-            )
-            .fetch_all(&mut *conn)
-            .await?,
-        );
-    }
-    if !skip_locked.is_empty() {
-        accounts.extend(
-            sqlx::query_as!(
-                LockedAccount,
-                "SELECT id, balance, daily_limit FROM accounts WHERE id = ANY($1) ORDER BY id
-                   FOR NO KEY UPDATE SKIP LOCKED",
-                &skip_locked
-            )
-            .fetch_all(&mut *conn)
-            .await?,
-        );
-    }
-    let held: HashSet<i64> = accounts.iter().map(|a| a.id).collect();
+    let locks = lock_accounts(conn, claimed, locking).await?;
+    let held: HashSet<i64> = locks.taken.iter().copied().collect();
     let (ready, skipped): (Vec<Claimed>, Vec<Claimed>) = match locking {
         Locking::Wait => (claimed.to_vec(), Vec::new()),
         Locking::SkipLocked { .. } => {
@@ -562,9 +566,11 @@ async fn apply_claimed(
         }
     };
     let skipped: Vec<i64> = skipped.into_iter().map(|t| t.id).collect();
+    let accounts = locks.accounts;
+    let locks = Locks { accounts: Vec::new(), ..locks };
     if ready.is_empty() {
         let counts = ApplyCounts { claimed: claimed.len(), skipped: skipped.len(), ..Default::default() };
-        return Ok(Applied { counts, skipped, finished: Vec::new() });
+        return Ok(Applied { counts, skipped, finished: Vec::new(), locks });
     }
     let claimed = ready.as_slice();
 
@@ -615,7 +621,116 @@ async fn apply_claimed(
         .zip(claimed)
         .map(|((id, outcome), t)| Finished { id: *id, outcome: *outcome, created_epoch: t.created_epoch })
         .collect();
-    Ok(Applied { counts, skipped, finished })
+    Ok(Applied { counts, skipped, finished, locks })
+}
+
+/// The account locks a batch took, and what it learnt about the others.
+#[derive(Debug, Default)]
+struct Locks {
+    /// The accounts it holds now, with what it read of them under the lock.
+    accounts: Vec<LockedAccount>,
+    /// Their ids.
+    taken: Vec<i64>,
+    /// Still held by someone else after a wait of [`TURN_WAIT`].
+    held_elsewhere: Vec<i64>,
+    /// Held by someone else when asked with `SKIP LOCKED` (never waited for).
+    not_taken: Vec<i64>,
+}
+
+/// Step 2: the row locks on the claimed rows' accounts.
+///
+/// FOR NO KEY UPDATE, not FOR UPDATE: a producer whose transaction inserted
+/// a transfer holds a KEY SHARE lock on both accounts (the foreign-key check)
+/// until it commits, and FOR UPDATE would wait for it; a balance change never
+/// touches the key, so the weaker lock suffices.
+///
+/// Deadlock freedom: every lock a transaction *waits* for is taken in
+/// ascending id order, in one statement, before it takes any lock with SKIP
+/// LOCKED (which never waits). So no transaction ever waits while holding a
+/// lock with a higher id than the one it waits for.
+async fn lock_accounts(conn: &mut PgConnection, claimed: &[Claimed], locking: Locking<'_>) -> Result<Locks> {
+    let accounts_of = |rows: &mut dyn Iterator<Item = &Claimed>| {
+        let mut ids: Vec<i64> = rows.flat_map(|t| [t.debit_account, t.credit_account]).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    };
+    let mut locks = Locks::default();
+    let rest = match locking {
+        Locking::Wait => {
+            let all = accounts_of(&mut claimed.iter());
+            locks.accounts = lock_waiting(conn, &all).await?;
+            Vec::new()
+        }
+        Locking::SkipLocked { must_wait } => {
+            let turn = accounts_of(&mut claimed.iter().filter(|t| must_wait.contains(&t.id)));
+            if !turn.is_empty() {
+                let (taken, held) = wait_turn(conn, &turn).await?;
+                locks.accounts = taken;
+                locks.held_elsewhere = held;
+            }
+            accounts_of(&mut claimed.iter()).into_iter().filter(|a| turn.binary_search(a).is_err()).collect()
+        }
+    };
+    if !rest.is_empty() {
+        let taken = lock_skipping(conn, &rest).await?;
+        let got: HashSet<i64> = taken.iter().map(|a| a.id).collect();
+        locks.not_taken = rest.into_iter().filter(|a| !got.contains(a)).collect();
+        locks.accounts.extend(taken);
+    }
+    locks.taken = locks.accounts.iter().map(|a| a.id).collect();
+    Ok(locks)
+}
+
+async fn lock_waiting(conn: &mut PgConnection, ids: &[i64]) -> sqlx::Result<Vec<LockedAccount>> {
+    sqlx::query_as!(
+        LockedAccount,
+        "SELECT id, balance, daily_limit FROM accounts WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
+        ids
+    )
+    .fetch_all(&mut *conn)
+    .await
+}
+
+async fn lock_skipping(conn: &mut PgConnection, ids: &[i64]) -> sqlx::Result<Vec<LockedAccount>> {
+    sqlx::query_as!(
+        LockedAccount,
+        "SELECT id, balance, daily_limit FROM accounts WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE SKIP LOCKED",
+        ids
+    )
+    .fetch_all(&mut *conn)
+    .await
+}
+
+/// Opens a savepoint and lowers `lock_timeout` to [`TURN_WAIT`] inside it
+/// (both undone by a rollback to the savepoint).
+const TURN_BEGIN: &str = "SAVEPOINT turn; SET LOCAL lock_timeout = '250ms'";
+/// Keeps what the wait took; the rest of the batch runs with the session's
+/// own `lock_timeout` again.
+const TURN_TAKEN: &str = "RELEASE SAVEPOINT turn; SET LOCAL lock_timeout TO DEFAULT";
+const TURN_HELD: &str = "ROLLBACK TO SAVEPOINT turn";
+
+/// Waits for `ids` in lock order, but at most [`TURN_WAIT`]: our own
+/// batches hold an account for milliseconds, so one still held after that is
+/// held by another session, for who knows how long. Then it takes what it
+/// can without waiting and returns the others as held elsewhere; the batch
+/// goes on without them.
+async fn wait_turn(conn: &mut PgConnection, ids: &[i64]) -> Result<(Vec<LockedAccount>, Vec<i64>)> {
+    sqlx::raw_sql(TURN_BEGIN).execute(&mut *conn).await?;
+    match lock_waiting(conn, ids).await {
+        Ok(taken) => {
+            sqlx::raw_sql(TURN_TAKEN).execute(&mut *conn).await?;
+            Ok((taken, Vec::new()))
+        }
+        Err(e) if db::fault(&e) == Fault::Contention => {
+            sqlx::raw_sql(TURN_HELD).execute(&mut *conn).await?;
+            metrics().db_retry(db::sqlstate(&e).as_deref());
+            let taken = lock_skipping(conn, ids).await?;
+            let held = ids.iter().copied().filter(|id| !taken.iter().any(|a| a.id == *id)).collect();
+            Ok((taken, held))
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 impl Step {
@@ -687,6 +802,9 @@ struct Applied {
     /// Rows left PENDING because another transaction held one of their accounts.
     skipped: Vec<i64>,
     finished: Vec<Finished>,
+    /// What the batch learnt about its accounts (the locked rows themselves
+    /// are not kept).
+    locks: Locks,
 }
 
 /// A row moved out of its waiting state.
@@ -821,6 +939,11 @@ mod tests {
         // Refunds (no `spent`) are not limited.
         let plan = decide(&claimed, &accounts, None).unwrap();
         assert_eq!(plan.outcomes, vec![(1, Outcome::Succeeded), (2, Outcome::Succeeded)]);
+    }
+
+    #[test]
+    fn a_turn_waits_as_long_as_documented() {
+        assert!(TURN_BEGIN.contains(&format!("'{}ms'", TURN_WAIT.as_millis())), "{TURN_BEGIN}");
     }
 
     #[test]

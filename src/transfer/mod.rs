@@ -18,6 +18,7 @@
 //! refunds on, [`cancel`] and [`refund`] take requests.
 
 pub mod apply;
+pub mod busy;
 pub mod cancel;
 pub mod enqueue;
 pub(crate) mod limits;

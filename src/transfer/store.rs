@@ -48,13 +48,29 @@ impl Step {
     /// `conn` is in a transaction begun with [`db::BEGIN_CLAIM`], so that the
     /// claim walks the waiting index in order; sorts are allowed again
     /// after it.
-    pub(crate) async fn claim(self, conn: &mut PgConnection, limit: i64, floor: i64) -> sqlx::Result<Vec<Claimed>> {
-        let claimed = self.claim_in_order(&mut *conn, limit, floor).await?;
+    ///
+    /// Transfers touching a `busy` account (held by another session, see
+    /// [`super::busy`]) are left alone: they would only take the slots of
+    /// transfers that can go through.
+    pub(crate) async fn claim(
+        self,
+        conn: &mut PgConnection,
+        limit: i64,
+        floor: i64,
+        busy: &[i64],
+    ) -> sqlx::Result<Vec<Claimed>> {
+        let claimed = self.claim_in_order(&mut *conn, limit, floor, busy).await?;
         sqlx::raw_sql(db::SORTS_ALLOWED).execute(&mut *conn).await?;
         Ok(claimed)
     }
 
-    async fn claim_in_order(self, conn: &mut PgConnection, limit: i64, floor: i64) -> sqlx::Result<Vec<Claimed>> {
+    async fn claim_in_order(
+        self,
+        conn: &mut PgConnection,
+        limit: i64,
+        floor: i64,
+        busy: &[i64],
+    ) -> sqlx::Result<Vec<Claimed>> {
         match self {
             Step::Transfer => {
                 sqlx::query_as!(
@@ -64,11 +80,13 @@ impl Step {
                               extract(epoch FROM created_at)::float8 AS "created_epoch!", traceparent
                          FROM transfers
                         WHERE status = 'PENDING' AND next_attempt_at <= now() AND id >= $2
+                          AND NOT (from_account = ANY($3) OR to_account = ANY($3))
                         ORDER BY id
                         LIMIT $1
                           FOR NO KEY UPDATE SKIP LOCKED"#,
                     limit,
-                    floor
+                    floor,
+                    busy
                 )
                 .fetch_all(conn)
                 .await
@@ -82,11 +100,13 @@ impl Step {
                               extract(epoch FROM created_at)::float8 AS "created_epoch!", traceparent
                          FROM transfers
                         WHERE refund_status = 'REQUESTED' AND next_attempt_at <= now() AND id >= $2
+                          AND NOT (from_account = ANY($3) OR to_account = ANY($3))
                         ORDER BY id
                         LIMIT $1
                           FOR NO KEY UPDATE SKIP LOCKED"#,
                     limit,
-                    floor
+                    floor,
+                    busy
                 )
                 .fetch_all(conn)
                 .await

@@ -7,11 +7,12 @@ use transfer_worker::service::Service;
 use transfer_worker::db::SessionLimits;
 use transfer_worker::retry::RetryPolicy;
 use transfer_worker::transfer::apply::{Applier, ApplyConfig};
+use transfer_worker::transfer::busy::TURN_WAIT;
 use transfer_worker::transfer::cancel::cancel;
 use transfer_worker::transfer::refund::request_refund;
 use transfer_worker::transfer::TransferId;
 
-use crate::helpers::{wait_for, TestDb};
+use crate::helpers::{wait_for, KillOnDrop, TestDb, TestQueue};
 
 #[tokio::test]
 async fn eight_concurrent_apply_tasks_apply_each_of_2000_transfers_exactly_once() {
@@ -482,10 +483,15 @@ async fn a_batch_takes_the_accounts_it_can_and_a_row_skipped_too_often_waits_its
     assert!(started.elapsed() < Duration::from_millis(250), "the batch did not wait for account 1");
     let c = applier.run_once().await.unwrap();
     assert_eq!((c.skipped, c.put_off), (1, 0), "skipped a second time: {c:?}");
-    // Skipped max_skips times: now it waits in lock order (and here, with
-    // the lock held for good, times out and is put off, uncounted).
+    // Skipped max_skips times: now it waits its turn, but at most
+    // TURN_WAIT; the lock is still held, so account 1 is held elsewhere: the
+    // row stays PENDING, uncounted, and claims leave account 1 alone.
+    let started = std::time::Instant::now();
     let c = applier.run_once().await.unwrap();
-    assert_eq!((c.skipped, c.put_off, c.errored), (0, 1, 0), "{c:?}");
+    assert_eq!((c.succeeded, c.skipped, c.put_off, c.errored), (0, 1, 0, 0), "{c:?}");
+    assert!(started.elapsed() < TURN_WAIT + Duration::from_millis(500), "waited {:?}", started.elapsed());
+    let c = applier.run_once().await.unwrap();
+    assert_eq!(c.claimed, 0, "account 1 is busy: its transfer is not claimed again at once: {c:?}");
     other.rollback().await.unwrap();
     wait_for("the held transfer to be applied", Duration::from_secs(10), || async {
         applier.run_once().await.unwrap();
@@ -525,4 +531,71 @@ async fn a_hot_account_touched_by_every_transfer_ends_with_exact_balances() {
     }
     assert_eq!(db.scalar("SELECT count(*) FROM transfers WHERE status = 'PENDING'").await, 0);
     db.assert_invariants(1_000_000 + 19_000, &opening).await;
+}
+
+/// An outside session holds account 1's row lock for as long as the test
+/// runs (an `UPDATE` left uncommitted in an operator's psql). A backlog
+/// of transfers on account 1 waits; transfers between other accounts,
+/// enqueued meanwhile, are applied with their usual latency by a real worker
+/// process with its default settings; once the lock goes, the backlog is
+/// applied too, with no attempt counted.
+#[tokio::test]
+async fn an_account_locked_elsewhere_for_minutes_delays_only_its_own_transfers() {
+    let db = TestDb::new().await;
+    for id in 1..=4 {
+        db.open_account(id, 1_000_000).await;
+    }
+    sqlx::query(
+        "INSERT INTO transfers (idempotency_key, from_account, to_account, amount)
+         SELECT 'held-' || g, 1, 2, 1 FROM generate_series(1, 500) g",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    // An UPDATE left uncommitted: the row lock an outside writer holds.
+    let mut outside = db.pool.begin().await.unwrap();
+    sqlx::query("UPDATE accounts SET balance = balance WHERE id = 1").execute(&mut *outside).await.unwrap();
+    let queue = TestQueue::new(false).await;
+    let _worker = KillOnDrop(db.spawn_worker(&queue.url, &[]));
+
+    // 30 rounds of 10 unrelated transfers, 100 ms apart.
+    for round in 0..30 {
+        sqlx::query(
+            "INSERT INTO transfers (idempotency_key, from_account, to_account, amount)
+             SELECT 'free-' || $1 || '-' || g, 3 + g % 2, 4 - g % 2, 1 FROM generate_series(1, 10) g",
+        )
+        .bind(round)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_for("the unrelated transfers to be applied", Duration::from_secs(30), || async {
+        db.scalar("SELECT count(*) FROM transfers WHERE idempotency_key LIKE 'free-%' AND status = 'SUCCEEDED'").await
+            == 300
+    })
+    .await;
+    let latencies: Vec<f64> = sqlx::query_scalar(
+        "SELECT extract(epoch FROM applied_at - created_at)::float8 FROM transfers
+          WHERE idempotency_key LIKE 'free-%' ORDER BY 1",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let p99 = latencies[latencies.len() * 99 / 100 - 1];
+    let max = latencies[latencies.len() - 1];
+    assert!(p99 < 1.5 && max < 3.0, "unrelated transfers waited: p99 {p99:.3} s, max {max:.3} s");
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM transfers WHERE idempotency_key LIKE 'held-%' AND status = 'PENDING'").await,
+        500,
+        "the transfers that need account 1 wait for it"
+    );
+
+    outside.rollback().await.unwrap();
+    wait_for("the held transfers to be applied once the lock goes", Duration::from_secs(20), || async {
+        db.scalar("SELECT count(*) FROM transfers WHERE status = 'SUCCEEDED'").await == 800
+    })
+    .await;
+    assert_eq!(db.scalar("SELECT max(attempts)::bigint FROM transfers").await, 0, "contention is never counted");
+    assert_eq!(db.total_balance().await, 4_000_000);
 }
