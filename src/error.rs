@@ -108,6 +108,13 @@ pub enum Refusal {
     /// An idempotency key already used for a transfer with other parameters.
     #[error("{}idempotency key {key:?} was already used for a transfer with other parameters; nothing enqueued", at(*.line))]
     KeyReused { key: String, line: Option<usize> },
+    /// An idempotency key of a transfer since pruned (its record is kept for
+    /// the keys' window), with other parameters.
+    #[error(
+        "{}idempotency key {key:?} was used for transfer {transfer} (since pruned) with other parameters; nothing enqueued",
+        at(*.line)
+    )]
+    KeyRetired { key: String, transfer: TransferId, line: Option<usize> },
     /// The same key twice in one bulk file, with other parameters.
     #[error(
         "line {line}: idempotency key {key:?} is used on line {first_line} with other parameters; nothing enqueued"

@@ -38,6 +38,7 @@ impl Default for MaintenanceConfig {
             prune: PruneConfig {
                 published_older_than: Some(Duration::from_secs(7 * 86_400)),
                 transfers_older_than: None,
+                keys_older_than: Some(retention::DEFAULT_KEYS_OLDER_THAN),
             },
             prune_interval: Duration::from_secs(60),
         }
@@ -66,16 +67,17 @@ pub async fn run(pool: PgPool, config: MaintenanceConfig, shutdown: Cancellation
                 return Pass::Unavailable;
             }
             let mut state = state.lock().await;
+            let p = &config.prune;
             let wants_prune =
-                config.prune.published_older_than.is_some() || config.prune.transfers_older_than.is_some();
+                p.published_older_than.is_some() || p.transfers_older_than.is_some() || p.keys_older_than.is_some();
             if wants_prune && state.last_prune.is_none_or(|t| t.elapsed() >= config.prune_interval) {
                 state.last_prune = Some(Instant::now());
                 match retention::prune_exclusively(&pool, config.prune, &mut state.cursors).await {
-                    Ok(Some(p)) if p.published_events + p.transfers + p.daily_totals > 0 => {
+                    Ok(Some(p)) if p.published_events + p.transfers + p.retired_keys > 0 => {
                         tracing::info!(
                             published_events = p.published_events,
                             transfers = p.transfers,
-                            daily_totals = p.daily_totals,
+                            retired_keys = p.retired_keys,
                             "pruned"
                         );
                     }

@@ -6,6 +6,13 @@
 //! `--prune-published-older-than` (default 7 days) every
 //! `--prune-interval-ms`, one replica at a time (a session advisory lock).
 //!
+//! A pruned transfer's idempotency key is not forgotten: the same statement
+//! that deletes the transfer records its key, id, parameters and final
+//! states in `retired_keys`, so that a late retry gets the original answer
+//! (CLI, library) or a unique violation (plain SQL) instead of a second
+//! payment. Those records go after their own window (`keys_older_than`,
+//! counted from the transfer's creation, never shorter than the transfers').
+//!
 //! Deletes go in small batches walked in id order, each its own short
 //! statement: no long lock, nothing a concurrent writer waits for, and the
 //! space is reused by the next inserts once vacuum has passed. Every delete
@@ -29,25 +36,59 @@ pub struct PruneConfig {
     pub published_older_than: Option<Duration>,
     /// Finished transfers, applied longer ago than this, whose events are all gone.
     pub transfers_older_than: Option<Duration>,
+    /// Records of pruned transfers' idempotency keys, for transfers created
+    /// longer ago than this (None: kept). See [`PruneConfig::check`].
+    pub keys_older_than: Option<Duration>,
+}
+
+/// How long the keys of pruned transfers are remembered by default (the
+/// worker's `--prune-keys-older-than`): far longer than any client retries.
+pub const DEFAULT_KEYS_OLDER_THAN: Duration = Duration::from_secs(90 * 86_400);
+
+impl PruneConfig {
+    /// Refuses a key window shorter than the transfers' (it would let a
+    /// retry that comes after its transfer was pruned create a second one).
+    pub fn check(&self) -> std::result::Result<(), String> {
+        match (self.transfers_older_than, self.keys_older_than) {
+            (Some(t), Some(k)) if k < t => Err(format!(
+                "the idempotency keys of pruned transfers must be kept at least as long as the transfers \
+                 ({}s < {}s): a late retry would pay twice",
+                k.as_secs(),
+                t.as_secs()
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// What `prune` deleted (printed as JSON).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 pub struct Pruned {
     pub published_events: u64,
+    /// Transfers deleted (their keys are kept in `retired_keys`).
     pub transfers: u64,
-    /// Daily-limit running totals of days no limit check can ask about any more.
-    pub daily_totals: u64,
+    /// Records of pruned transfers' keys whose window ended.
+    pub retired_keys: u64,
 }
 
 /// Where the next walk of each table may start: every row below it was
 /// looked at and deleted. Kept by the worker between runs so that a run does
 /// not walk again over what earlier runs cleared.
+///
+/// A row can commit after a walk passed its id (its id was taken by a
+/// transaction that was still open), so at least every [`FULL_WALK_EVERY`]
+/// a run walks from the start again.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Cursors {
     pub events: i64,
     pub transfers: i64,
+    /// When the last walk from the start began (None: never).
+    pub last_full_walk: Option<std::time::Instant>,
 }
+
+/// How often a prune walks from the start, for rows that committed after an
+/// earlier walk passed their ids.
+pub const FULL_WALK_EVERY: Duration = Duration::from_secs(3_600);
 
 /// Parses an age: a whole number and a unit, `s`, `m`, `h` or `d` (`30s`,
 /// `15m`, `12h`, `7d`).
@@ -69,6 +110,9 @@ pub fn parse_age(text: &str) -> std::result::Result<Duration, String> {
 /// Prunes what `config` asks for, starting the walks at `cursors` (zero for
 /// a full walk) and moving them on.
 pub async fn prune(pool: &PgPool, config: PruneConfig, cursors: &mut Cursors) -> Result<Pruned> {
+    if cursors.last_full_walk.is_none_or(|t| t.elapsed() >= FULL_WALK_EVERY) {
+        *cursors = Cursors { last_full_walk: Some(std::time::Instant::now()), ..Cursors::default() };
+    }
     let mut pruned = Pruned::default();
     if let Some(age) = config.published_older_than {
         pruned.published_events = prune_events(pool, age, &mut cursors.events).await?;
@@ -76,14 +120,32 @@ pub async fn prune(pool: &PgPool, config: PruneConfig, cursors: &mut Cursors) ->
     if let Some(age) = config.transfers_older_than {
         pruned.transfers = prune_transfers(pool, age, &mut cursors.transfers).await?;
     }
-    // The enqueue check asks about today; the apply check about the day a
-    // pending transfer was accepted on. Two days back is more than either needs
-    // while a transfer waits; older totals are never read again.
-    pruned.daily_totals = sqlx::query!("DELETE FROM daily_spent WHERE day < (now() AT TIME ZONE 'UTC')::date - 2")
+    if let Some(age) = config.keys_older_than {
+        pruned.retired_keys = prune_retired_keys(pool, age).await?;
+    }
+    Ok(pruned)
+}
+
+/// Forgets the keys of pruned transfers created longer ago than `age`, in
+/// statements of [`BATCH`] rows.
+async fn prune_retired_keys(pool: &PgPool, age: Duration) -> Result<u64> {
+    let mut deleted = 0;
+    loop {
+        let n = sqlx::query!(
+            "DELETE FROM retired_keys WHERE idempotency_key IN (
+                 SELECT idempotency_key FROM retired_keys
+                  WHERE created_at < now() - $1 * interval '1 second' LIMIT $2)",
+            seconds(age),
+            BATCH
+        )
         .execute(pool)
         .await?
         .rows_affected();
-    Ok(pruned)
+        deleted += n;
+        if n < BATCH as u64 {
+            return Ok(deleted);
+        }
+    }
 }
 
 fn seconds(age: Duration) -> f64 {
@@ -156,8 +218,9 @@ async fn prune_events(pool: &PgPool, age: Duration, cursor: &mut i64) -> Result<
 }
 
 /// Deletes finished transfers applied (and refunded, if they were) longer
-/// ago than `age` that have no event left. Transfers are walked to the end:
-/// ids follow creation, not completion.
+/// ago than `age` that have no event left, and keeps each one's key in
+/// `retired_keys` (same statement). Transfers are walked to the end: ids
+/// follow creation, not completion.
 async fn prune_transfers(pool: &PgPool, age: Duration, cursor: &mut i64) -> Result<u64> {
     walk(cursor, |from| async move {
         let r = sqlx::query!(
@@ -170,7 +233,14 @@ async fn prune_transfers(pool: &PgPool, age: Duration, cursor: &mut i64) -> Resu
                       AND t.refund_status <> 'REQUESTED'
                       AND COALESCE(t.refund_applied_at, t.applied_at) < now() - $3 * interval '1 second'
                       AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.transfer_id = t.id)
-                RETURNING t.id
+                RETURNING t.id, t.idempotency_key, t.from_account, t.to_account, t.amount, t.status,
+                          t.refund_status, t.created_at
+               ), retired AS (
+                   INSERT INTO retired_keys (idempotency_key, transfer_id, from_account, to_account, amount,
+                                             status, refund_status, created_at)
+                   SELECT idempotency_key, id, from_account, to_account, amount, status, refund_status, created_at
+                     FROM gone
+                   ON CONFLICT (idempotency_key) DO NOTHING
                )
                SELECT (SELECT max(id) FROM batch) AS "last",
                       (SELECT count(*) FROM batch) AS "seen!",

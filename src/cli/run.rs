@@ -86,6 +86,11 @@ pub struct RunArgs {
     /// are gone (`off`, the default: transfers are the ledger).
     #[arg(long, env = "TRANSFER_WORKER_PRUNE_TRANSFERS_OLDER_THAN", default_value = "off", value_parser = parse_optional_age)]
     pub prune_transfers_older_than: OptionalAge,
+    /// Forget the idempotency keys of pruned transfers created longer ago than
+    /// this (`off`: never). Until then a retry with such a key gets the
+    /// original answer. At least --prune-transfers-older-than.
+    #[arg(long, env = "TRANSFER_WORKER_PRUNE_KEYS_OLDER_THAN", default_value = "90d", value_parser = parse_optional_age)]
+    pub prune_keys_older_than: OptionalAge,
     /// How often to prune, in ms (one replica at a time).
     #[arg(long, env = "TRANSFER_WORKER_PRUNE_INTERVAL_MS", default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub prune_interval_ms: u64,
@@ -137,9 +142,14 @@ impl RunArgs {
             shutdown_timeout: Duration::from_millis(self.shutdown_timeout_ms),
             observer: None,
             maintenance: MaintenanceConfig {
-                prune: PruneConfig {
-                    published_older_than: self.prune_published_older_than.0,
-                    transfers_older_than: self.prune_transfers_older_than.0,
+                prune: {
+                    let prune = PruneConfig {
+                        published_older_than: self.prune_published_older_than.0,
+                        transfers_older_than: self.prune_transfers_older_than.0,
+                        keys_older_than: self.prune_keys_older_than.0,
+                    };
+                    prune.check().map_err(|e| Error::invalid(format!("--prune-keys-older-than: {e}")))?;
+                    prune
                 },
                 prune_interval: Duration::from_millis(self.prune_interval_ms),
             },

@@ -201,7 +201,8 @@ impl Relay {
                 attempts: r.attempts,
                 transient_failures: r.transient_failures,
                 occurred_epoch: r.occurred_epoch,
-                traceparent: r.traceparent,
+                // Only what the producer API accepts travels on (W3C Trace Context).
+                traceparent: r.traceparent.filter(|t| crate::transfer::TraceParent::new(t).is_ok()),
             })
             .collect();
         events.sort_by_key(|e| e.id);

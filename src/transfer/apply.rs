@@ -44,7 +44,7 @@ use crate::retry::RetryPolicy;
 use crate::service::{Progress, Service};
 use crate::transfer::busy::{BusyAccounts, TURN_WAIT};
 use crate::transfer::store::{Claimed, Outcome};
-use crate::transfer::{limits, reason};
+use crate::transfer::{reason, TraceParent};
 use futures::future::BoxFuture;
 
 /// Tuning of the transfer applier.
@@ -148,11 +148,15 @@ impl Step {
     }
 }
 
+/// An account as a batch read it under its row lock.
 #[derive(Debug)]
 pub(crate) struct LockedAccount {
     pub id: i64,
     pub balance: i64,
     pub daily_limit: Option<i64>,
+    /// What left it by transfer so far on the current UTC day (every
+    /// account keeps this, limited or not: a limit may be set at any time).
+    pub spent_today: i64,
 }
 
 pub struct Applier {
@@ -575,21 +579,31 @@ async fn apply_claimed(
     let claimed = ready.as_slice();
 
     // Daily limits bound what leaves an account by transfer; a refund moves
-    // money back and is not limited.
-    let spent = match step {
-        Step::Transfer => Some(limits::spent_today(conn, claimed, &accounts).await?),
-        Step::Refund => None,
-    };
-    let plan = decide(claimed, &accounts, spent)?;
+    // money back and is neither limited nor counted.
+    let plan = decide(claimed, &accounts, step == Step::Transfer)?;
 
-    if !plan.deltas.is_empty() {
-        let (ids, deltas): (Vec<i64>, Vec<i64>) = plan.deltas.iter().copied().unzip();
+    if !plan.changes.is_empty() {
+        let ids: Vec<i64> = plan.changes.iter().map(|c| c.account).collect();
+        let deltas: Vec<i64> = plan.changes.iter().map(|c| c.delta).collect();
+        let spent: Vec<i64> = plan.changes.iter().map(|c| c.spent).collect();
+        // The day's total follows the balance in the same statement, under
+        // the same row lock: `now()` is this transaction's start, the same
+        // instant the totals were read at. It saturates (an unlimited
+        // account may send more than i64::MAX in a day; that is just "over
+        // any limit").
         let updated = sqlx::query!(
-            "UPDATE accounts a SET balance = a.balance + d.delta
-               FROM unnest($1::bigint[], $2::bigint[]) AS d(id, delta)
+            "UPDATE accounts a
+                SET balance = a.balance + d.delta,
+                    spent_today = CASE WHEN d.spent = 0 THEN a.spent_today
+                                       WHEN a.spent_day = (now() AT TIME ZONE 'UTC')::date
+                                       THEN LEAST(a.spent_today::numeric + d.spent, 9223372036854775807)::bigint
+                                       ELSE d.spent END,
+                    spent_day = CASE WHEN d.spent = 0 THEN a.spent_day ELSE (now() AT TIME ZONE 'UTC')::date END
+               FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS d(id, delta, spent)
               WHERE a.id = d.id",
             &ids,
-            &deltas
+            &deltas,
+            &spent
         )
         .execute(&mut *conn)
         .await?
@@ -598,8 +612,6 @@ async fn apply_claimed(
             return Err(Error::Inconsistent(format!("expected to update {} accounts, updated {updated}", ids.len())));
         }
     }
-
-    limits::add_spent(conn, &plan.spent).await?;
 
     let applied = finish(conn, step, &plan.outcomes).await?;
     if applied != claimed.len() {
@@ -685,7 +697,9 @@ async fn lock_accounts(conn: &mut PgConnection, claimed: &[Claimed], locking: Lo
 async fn lock_waiting(conn: &mut PgConnection, ids: &[i64]) -> sqlx::Result<Vec<LockedAccount>> {
     sqlx::query_as!(
         LockedAccount,
-        "SELECT id, balance, daily_limit FROM accounts WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
+        r#"SELECT id, balance, daily_limit,
+                  CASE WHEN spent_day = (now() AT TIME ZONE 'UTC')::date THEN spent_today ELSE 0 END AS "spent_today!"
+             FROM accounts WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE"#,
         ids
     )
     .fetch_all(&mut *conn)
@@ -695,7 +709,9 @@ async fn lock_waiting(conn: &mut PgConnection, ids: &[i64]) -> sqlx::Result<Vec<
 async fn lock_skipping(conn: &mut PgConnection, ids: &[i64]) -> sqlx::Result<Vec<LockedAccount>> {
     sqlx::query_as!(
         LockedAccount,
-        "SELECT id, balance, daily_limit FROM accounts WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE SKIP LOCKED",
+        r#"SELECT id, balance, daily_limit,
+                  CASE WHEN spent_day = (now() AT TIME ZONE 'UTC')::date THEN spent_today ELSE 0 END AS "spent_today!"
+             FROM accounts WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE SKIP LOCKED"#,
         ids
     )
     .fetch_all(&mut *conn)
@@ -759,7 +775,7 @@ impl TracedRows {
             claimed
                 .iter()
                 .filter_map(|t| {
-                    let traceparent = t.traceparent.as_deref()?;
+                    let traceparent = t.traceparent.as_deref().filter(|t| TraceParent::new(t).is_ok())?;
                     let span = tracing::info_span!(
                         "apply",
                         otel.name = name,
@@ -837,35 +853,33 @@ async fn finish(conn: &mut PgConnection, step: Step, outcomes: &[(i64, Outcome)]
 
 struct Plan {
     outcomes: Vec<(i64, Outcome)>,
-    /// Net balance change per account, for accounts that change.
-    deltas: Vec<(i64, i64)>,
-    /// What succeeded per limited account and UTC day, for the running totals.
-    spent: Vec<((i64, String), i64)>,
+    /// Per account that changes: its net balance change and what it sent
+    /// by transfer (for the day's total), in account order.
+    changes: Vec<AccountChange>,
 }
 
-/// Step 3: decides each row in id order against running balances, and
-/// against daily limits when `spent` is given (transfers; a refund moves money
-/// back and is not limited). Pure, so the rules are unit-tested without a
-/// database.
-fn decide(
-    claimed: &[Claimed],
-    accounts: &[LockedAccount],
-    mut spent: Option<HashMap<(i64, String), i64>>,
-) -> Result<Plan> {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct AccountChange {
+    account: i64,
+    delta: i64,
+    spent: i64,
+}
+
+/// Step 3: decides each row in id order against running balances, and, for
+/// transfers (`limited`), against the source's daily limit: what it sent
+/// today (read under its lock) plus what this batch already took from it.
+/// Pure, so the rules are unit-tested without a database.
+fn decide(claimed: &[Claimed], accounts: &[LockedAccount], limited: bool) -> Result<Plan> {
     let mut balance: HashMap<i64, i64> = accounts.iter().map(|a| (a.id, a.balance)).collect();
+    let mut spent: HashMap<i64, i64> = accounts.iter().map(|a| (a.id, a.spent_today)).collect();
     let limits: HashMap<i64, Option<i64>> = accounts.iter().map(|a| (a.id, a.daily_limit)).collect();
-    let mut delta: HashMap<i64, i64> = HashMap::new();
-    let mut added: HashMap<(i64, String), i64> = HashMap::new();
+    let mut changes: HashMap<i64, AccountChange> = HashMap::new();
     let mut outcomes = Vec::with_capacity(claimed.len());
     for t in claimed {
         let (debit, credit) = (t.debit_account, t.credit_account);
         let from = *balance.get(&debit).ok_or(Error::NotFound { what: "account", id: debit })?;
         let to = *balance.get(&credit).ok_or(Error::NotFound { what: "account", id: credit })?;
-        let spent_key = (debit, t.day.clone());
-        let over_limit = match (&spent, limits[&debit]) {
-            (Some(spent), Some(limit)) => spent.get(&spent_key).copied().unwrap_or(0).saturating_add(t.amount) > limit,
-            _ => false,
-        };
+        let over_limit = limited && limits[&debit].is_some_and(|limit| spent[&debit].saturating_add(t.amount) > limit);
         let outcome = if from < t.amount {
             Outcome::Failed(reason::INSUFFICIENT_FUNDS)
         } else if over_limit {
@@ -876,25 +890,22 @@ fn decide(
                 .ok_or_else(|| Error::invalid(format!("balance of account {credit} would overflow")))?;
             balance.insert(debit, from - t.amount);
             balance.insert(credit, credited);
-            *delta.entry(debit).or_default() -= t.amount;
-            *delta.entry(credit).or_default() += t.amount;
-            // Running totals only where a limit applies, and saturating: an
-            // unlimited account may move any sum in a day.
-            if let (Some(spent), Some(_)) = (spent.as_mut(), limits[&debit]) {
-                let total = spent.entry(spent_key.clone()).or_default();
-                *total = total.saturating_add(t.amount);
-                let total = added.entry(spent_key).or_default();
+            let change = |id| AccountChange { account: id, delta: 0, spent: 0 };
+            let d = changes.entry(debit).or_insert_with(|| change(debit));
+            d.delta -= t.amount;
+            if limited {
+                d.spent = d.spent.saturating_add(t.amount);
+                let total = spent.get_mut(&debit).expect("every claimed account was read");
                 *total = total.saturating_add(t.amount);
             }
+            changes.entry(credit).or_insert_with(|| change(credit)).delta += t.amount;
             Outcome::Succeeded
         };
         outcomes.push((t.id, outcome));
     }
-    let mut deltas: Vec<(i64, i64)> = delta.into_iter().filter(|(_, d)| *d != 0).collect();
-    deltas.sort_unstable();
-    let mut spent: Vec<((i64, String), i64)> = added.into_iter().collect();
-    spent.sort_unstable();
-    Ok(Plan { outcomes, deltas, spent })
+    let mut changes: Vec<AccountChange> = changes.into_values().filter(|c| c.delta != 0 || c.spent != 0).collect();
+    changes.sort_unstable_by_key(|c| c.account);
+    Ok(Plan { outcomes, changes })
 }
 
 #[cfg(test)]
@@ -902,43 +913,56 @@ mod tests {
     use super::*;
 
     fn t(id: i64, from: i64, to: i64, amount: i64) -> Claimed {
-        Claimed {
-            id,
-            debit_account: from,
-            credit_account: to,
-            amount,
-            day: "2026-11-22".into(),
-            created_epoch: 0.0,
-            traceparent: None,
-        }
+        Claimed { id, debit_account: from, credit_account: to, amount, created_epoch: 0.0, traceparent: None }
     }
 
-    fn acct(id: i64, balance: i64, daily_limit: Option<i64>) -> LockedAccount {
-        LockedAccount { id, balance, daily_limit }
+    fn acct(id: i64, balance: i64, daily_limit: Option<i64>, spent_today: i64) -> LockedAccount {
+        LockedAccount { id, balance, daily_limit, spent_today }
+    }
+
+    fn change(account: i64, delta: i64, spent: i64) -> AccountChange {
+        AccountChange { account, delta, spent }
     }
 
     #[test]
     fn later_transfers_see_the_balances_left_by_earlier_ones() {
         let claimed = [t(1, 1, 2, 60), t(2, 1, 2, 60), t(3, 2, 1, 100)];
-        let plan = decide(&claimed, &[acct(1, 100, None), acct(2, 50, None)], Some(HashMap::new())).unwrap();
+        let plan = decide(&claimed, &[acct(1, 100, None, 0), acct(2, 50, None, 0)], true).unwrap();
         assert_eq!(
             plan.outcomes,
             vec![(1, Outcome::Succeeded), (2, Outcome::Failed(reason::INSUFFICIENT_FUNDS)), (3, Outcome::Succeeded)]
         );
-        // 1 -> 2: 60, 2 -> 1: 100; net +40 / -40.
-        assert_eq!(plan.deltas, vec![(1, 40), (2, -40)]);
+        // 1 -> 2: 60, 2 -> 1: 100; net +40 / -40; each sent what it sent.
+        assert_eq!(plan.changes, vec![change(1, 40, 60), change(2, -40, 100)]);
     }
 
     #[test]
-    fn daily_limit_counts_what_already_succeeded_that_day() {
+    fn daily_limit_counts_what_already_left_the_account_that_day() {
         let claimed = [t(1, 1, 2, 30), t(2, 1, 2, 30)];
-        let spent = HashMap::from([((1, "2026-11-22".to_string()), 50)]);
-        let accounts = [acct(1, 1000, Some(100)), acct(2, 0, None)];
-        let plan = decide(&claimed, &accounts, Some(spent)).unwrap();
+        let accounts = [acct(1, 1000, Some(100), 50), acct(2, 0, None, 0)];
+        let plan = decide(&claimed, &accounts, true).unwrap();
         assert_eq!(plan.outcomes, vec![(1, Outcome::Succeeded), (2, Outcome::Failed(reason::DAILY_LIMIT_EXCEEDED))]);
-        // Refunds (no `spent`) are not limited.
-        let plan = decide(&claimed, &accounts, None).unwrap();
+        assert_eq!(plan.changes, vec![change(1, -30, 30), change(2, 30, 0)]);
+        // Refunds are not limited, and not counted as sent.
+        let plan = decide(&claimed, &accounts, false).unwrap();
         assert_eq!(plan.outcomes, vec![(1, Outcome::Succeeded), (2, Outcome::Succeeded)]);
+        assert_eq!(plan.changes, vec![change(1, -60, 0), change(2, 60, 0)]);
+    }
+
+    #[test]
+    fn an_account_that_sends_and_receives_as_much_still_counts_what_it_sent() {
+        let claimed = [t(1, 1, 2, 10), t(2, 2, 1, 10)];
+        let plan = decide(&claimed, &[acct(1, 10, None, 0), acct(2, 0, None, 0)], true).unwrap();
+        assert_eq!(plan.changes, vec![change(1, 0, 10), change(2, 0, 10)]);
+    }
+
+    #[test]
+    fn a_days_total_saturates_instead_of_overflowing() {
+        let claimed = [t(1, 1, 2, 10)];
+        let plan = decide(&claimed, &[acct(1, 10, Some(100), i64::MAX - 5), acct(2, 0, None, 0)], true).unwrap();
+        assert_eq!(plan.outcomes, vec![(1, Outcome::Failed(reason::DAILY_LIMIT_EXCEEDED))]);
+        let plan = decide(&claimed, &[acct(1, 10, None, i64::MAX - 5), acct(2, 0, None, 0)], true).unwrap();
+        assert_eq!(plan.outcomes, vec![(1, Outcome::Succeeded)]);
     }
 
     #[test]
@@ -949,6 +973,6 @@ mod tests {
     #[test]
     fn an_overflowing_credit_is_an_error_not_a_wrap() {
         let claimed = [t(1, 1, 2, 10)];
-        assert!(decide(&claimed, &[acct(1, 10, None), acct(2, i64::MAX - 5, None)], None).is_err());
+        assert!(decide(&claimed, &[acct(1, 10, None, 0), acct(2, i64::MAX - 5, None, 0)], true).is_err());
     }
 }

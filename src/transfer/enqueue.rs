@@ -109,33 +109,44 @@ const INSERT_CHUNK: usize = 1000;
 
 /// Checks daily limits, then inserts (idempotently) every item, whose keys
 /// must be distinct. Any item that cannot be accepted fails the whole call.
+///
+/// A key whose transfer was pruned is still known (`retired_keys`): the same
+/// parameters get the original answer (its id and final status, `created:
+/// false`), others a refusal. Nothing is inserted for it: that would be a
+/// second payment for a retry that came late.
 async fn insert(conn: &mut PgConnection, items: &[Item<'_>]) -> Result<Vec<Enqueued>> {
-    check_daily_limits(conn, items).await?;
+    let retired = retired(conn, items).await?;
+    check_daily_limits(conn, items, &retired).await?;
     let mut out = Vec::with_capacity(items.len());
     for chunk in items.chunks(INSERT_CHUNK) {
-        let keys: Vec<String> = chunk.iter().map(|i| i.key.clone()).collect();
-        let from: Vec<i64> = chunk.iter().map(|i| i.transfer.from.0).collect();
-        let to: Vec<i64> = chunk.iter().map(|i| i.transfer.to.0).collect();
-        let amounts: Vec<i64> = chunk.iter().map(|i| i.transfer.amount.get()).collect();
+        let fresh: Vec<&Item<'_>> = chunk.iter().filter(|i| !retired.contains_key(&i.key)).collect();
+        let keys: Vec<String> = fresh.iter().map(|i| i.key.clone()).collect();
+        let from: Vec<i64> = fresh.iter().map(|i| i.transfer.from.0).collect();
+        let to: Vec<i64> = fresh.iter().map(|i| i.transfer.to.0).collect();
+        let amounts: Vec<i64> = fresh.iter().map(|i| i.transfer.amount.get()).collect();
         let traceparents: Vec<Option<String>> =
-            chunk.iter().map(|i| i.transfer.traceparent.as_ref().map(|t| t.as_str().to_owned())).collect();
-        let rows = sqlx::query!(
-            r#"INSERT INTO transfers AS t (idempotency_key, from_account, to_account, amount, traceparent)
-               SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::text[])
-               ON CONFLICT (idempotency_key) DO UPDATE
-                   SET idempotency_key = EXCLUDED.idempotency_key
-                   WHERE t.from_account = EXCLUDED.from_account
-                     AND t.to_account = EXCLUDED.to_account
-                     AND t.amount = EXCLUDED.amount
-               RETURNING t.idempotency_key, t.id, t.status AS "status: TransferStatus", (t.xmax = 0) AS "created!""#,
-            &keys,
-            &from,
-            &to,
-            &amounts,
-            &traceparents as &[Option<String>]
-        )
-        .fetch_all(&mut *conn)
-        .await?;
+            fresh.iter().map(|i| i.transfer.traceparent.as_ref().map(|t| t.as_str().to_owned())).collect();
+        let rows = if fresh.is_empty() {
+            Vec::new()
+        } else {
+            sqlx::query!(
+                r#"INSERT INTO transfers AS t (idempotency_key, from_account, to_account, amount, traceparent)
+                   SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::text[])
+                   ON CONFLICT (idempotency_key) DO UPDATE
+                       SET idempotency_key = EXCLUDED.idempotency_key
+                       WHERE t.from_account = EXCLUDED.from_account
+                         AND t.to_account = EXCLUDED.to_account
+                         AND t.amount = EXCLUDED.amount
+                   RETURNING t.idempotency_key, t.id, t.status AS "status: TransferStatus", (t.xmax = 0) AS "created!""#,
+                &keys,
+                &from,
+                &to,
+                &amounts,
+                &traceparents as &[Option<String>]
+            )
+            .fetch_all(&mut *conn)
+            .await?
+        };
         let mut by_key: HashMap<String, Enqueued> = rows
             .into_iter()
             .map(|r| {
@@ -143,6 +154,15 @@ async fn insert(conn: &mut PgConnection, items: &[Item<'_>]) -> Result<Vec<Enque
             })
             .collect();
         for item in chunk {
+            if let Some(r) = retired.get(&item.key) {
+                if !r.same_as(item.transfer) {
+                    return Err(
+                        Refusal::KeyRetired { key: item.key.clone(), transfer: r.transfer, line: item.line }.into()
+                    );
+                }
+                out.push(Enqueued { transfer_id: r.transfer, status: r.status, created: false });
+                continue;
+            }
             match by_key.remove(&item.key) {
                 Some(e) => out.push(e),
                 None => return Err(Refusal::KeyReused { key: item.key.clone(), line: item.line }.into()),
@@ -152,16 +172,59 @@ async fn insert(conn: &mut PgConnection, items: &[Item<'_>]) -> Result<Vec<Enque
     Ok(out)
 }
 
+/// What is kept of a pruned transfer to recognise its key.
+struct RetiredKey {
+    transfer: TransferId,
+    from: i64,
+    to: i64,
+    amount: i64,
+    status: TransferStatus,
+}
+
+impl RetiredKey {
+    fn same_as(&self, t: &NewTransfer) -> bool {
+        (self.from, self.to, self.amount) == (t.from.0, t.to.0, t.amount.get())
+    }
+}
+
+/// The items whose keys belonged to transfers since pruned.
+async fn retired(conn: &mut PgConnection, items: &[Item<'_>]) -> Result<HashMap<String, RetiredKey>> {
+    let keys: Vec<String> = items.iter().map(|i| i.key.clone()).collect();
+    Ok(sqlx::query!(
+        r#"SELECT idempotency_key, transfer_id, from_account, to_account, amount, status AS "status: TransferStatus"
+             FROM retired_keys WHERE idempotency_key = ANY($1)"#,
+        &keys
+    )
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .map(|r| {
+        let key = RetiredKey {
+            transfer: TransferId(r.transfer_id),
+            from: r.from_account,
+            to: r.to_account,
+            amount: r.amount,
+            status: r.status,
+        };
+        (r.idempotency_key, key)
+    })
+    .collect())
+}
+
 /// Refuses (exit 3) any item that would take its source account's transfers
 /// accepted on this UTC day above the account's `daily_limit`.
 ///
-/// Accepted means PENDING or SUCCEEDED. Concurrent enqueues from one limited
+/// Accepted means sent today or still PENDING (see [`limits`]). Concurrent enqueues from one limited
 /// account are serialized by a transaction-scoped advisory lock on a hashed
 /// string key (`transfer-worker:daily-limit:<account>`), taken in account
 /// order, so two producers cannot both fit under the limit with the same
 /// headroom. The lock, unlike a row lock on the account, never blocks a
 /// worker moving that account's money. Accounts without a limit take no lock.
-async fn check_daily_limits(conn: &mut PgConnection, items: &[Item<'_>]) -> Result<()> {
+async fn check_daily_limits(
+    conn: &mut PgConnection,
+    items: &[Item<'_>],
+    retired: &HashMap<String, RetiredKey>,
+) -> Result<()> {
     let mut from: Vec<i64> = items.iter().map(|i| i.transfer.from.0).collect();
     from.sort_unstable();
     from.dedup();
@@ -187,7 +250,7 @@ async fn check_daily_limits(conn: &mut PgConnection, items: &[Item<'_>]) -> Resu
         let Some(&limit) = limits.get(&account) else {
             continue;
         };
-        if existing.contains(&item.key) {
+        if existing.contains(&item.key) || retired.contains_key(&item.key) {
             continue;
         }
         let before = used.get(&account).copied().unwrap_or(0);
@@ -214,6 +277,12 @@ fn constraint_error(e: Error, transfer: &NewTransfer) -> Error {
     match db::violated_constraint(db_err) {
         Some("transfers_from_account_fkey") => Error::NotFound { what: "account", id: transfer.from.0 },
         Some("transfers_to_account_fkey") => Error::NotFound { what: "account", id: transfer.to.0 },
+        // A key retired between our look-up and the insert (a prune running
+        // at that moment): still never a second transfer.
+        Some("transfers_idempotency_key_retired") => Error::Refused(Refusal::KeyReused {
+            key: transfer.key.as_ref().map(|k| k.as_str().to_owned()).unwrap_or_default(),
+            line: None,
+        }),
         Some("transfers_distinct_accounts") => {
             Error::invalid(format!("from and to must be different accounts, both are {}", transfer.from))
         }

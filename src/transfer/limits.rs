@@ -1,22 +1,26 @@
 //! Daily limits, in one place: what an account with a `daily_limit` may still
-//! send on a UTC day. Both checks are O(1) in the day's traffic:
+//! send on a UTC day. A transfer counts on the UTC day the worker applies it
+//! (when the money leaves). Every account, limited or not, keeps what it sent
+//! by transfer on the current UTC day on its own row (`spent_day`,
+//! `spent_today`), updated by the worker in the statement that moves its
+//! balance, under its row lock; so a limit set at any time of day, by the
+//! CLI or by SQL, counts the whole day, and nothing needs pruning. Both
+//! checks are O(1) in the day's traffic:
 //! - at enqueue (CLI, library), under a transaction-scoped advisory lock on
 //!   the hashed key `transfer-worker:daily-limit:<account>` that serializes
-//!   enqueues from one limited account: accepted today = what SUCCEEDED (the
-//!   running total below) + what is still PENDING (a partial index of pending
-//!   transfers by source);
+//!   enqueues from one limited account: accepted = what it sent today + every
+//!   transfer still PENDING from it (a partial index of pending transfers by
+//!   source), so an accepted transfer still fits when it is applied, today or
+//!   later, unless the limit is lowered meanwhile;
 //! - at apply (a transfer enqueued by plain SQL is checked only here): what
-//!   SUCCEEDED that day, from the running total `daily_spent`, which the
-//!   worker keeps under the account's row lock. Accounts without a limit keep
-//!   no total.
+//!   it sent today, read under the row lock, plus the transfer
+//!   (`apply::decide`).
 
 use std::collections::HashMap;
 
 use sqlx::PgConnection;
 
 use crate::error::Result;
-use crate::transfer::apply::LockedAccount;
-use crate::transfer::store::Claimed;
 
 /// The daily limits of those of `accounts` that have one.
 pub(crate) async fn limits_of(conn: &mut PgConnection, accounts: &[i64]) -> Result<HashMap<i64, i64>> {
@@ -47,19 +51,21 @@ pub(crate) async fn serialize_enqueues(conn: &mut PgConnection, limited: &[i64])
     Ok(())
 }
 
-/// What each account has had accepted today (PENDING or SUCCEEDED). Capped
+/// What each account has had accepted today: what it sent by transfer
+/// since midnight UTC (kept on its row by the worker) plus every transfer
+/// still PENDING from it, of any day: those count on the day they are
+/// applied, which is today or later. One statement, so a transfer the worker
+/// moves from PENDING to SUCCEEDED meanwhile is counted exactly once. Capped
 /// in numeric: SQL producers are not checked at enqueue, and their transfers
 /// may add up past 2^63, which is simply "over any limit".
 pub(crate) async fn accepted_today(conn: &mut PgConnection, limited: &[i64]) -> Result<HashMap<i64, i64>> {
     Ok(sqlx::query!(
         r#"SELECT a.id AS "account!",
-                  LEAST(COALESCE((SELECT s.spent FROM daily_spent s
-                                   WHERE s.account_id = a.id AND s.day = (now() AT TIME ZONE 'UTC')::date), 0)::numeric
+                  LEAST(CASE WHEN a.spent_day = (now() AT TIME ZONE 'UTC')::date THEN a.spent_today ELSE 0 END::numeric
                         + COALESCE((SELECT sum(t.amount) FROM transfers t
-                                     WHERE t.from_account = a.id AND t.status = 'PENDING'
-                                       AND t.created_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'), 0),
+                                     WHERE t.from_account = a.id AND t.status = 'PENDING'), 0),
                         9223372036854775807)::bigint AS "used!"
-             FROM unnest($1::bigint[]) AS a(id)"#,
+             FROM accounts a WHERE a.id = ANY($1)"#,
         limited
     )
     .fetch_all(conn)
@@ -67,55 +73,4 @@ pub(crate) async fn accepted_today(conn: &mut PgConnection, limited: &[i64]) -> 
     .into_iter()
     .map(|r| (r.account, r.used))
     .collect())
-}
-
-/// For source accounts with a daily limit: what already SUCCEEDED from them on
-/// the UTC days the claimed transfers were accepted on, from the running
-/// totals (O(1) per account and day, whatever the day's traffic).
-pub(crate) async fn spent_today(
-    conn: &mut PgConnection,
-    claimed: &[Claimed],
-    accounts: &[LockedAccount],
-) -> Result<HashMap<(i64, String), i64>> {
-    let limited: Vec<i64> = accounts.iter().filter(|a| a.daily_limit.is_some()).map(|a| a.id).collect();
-    let relevant: Vec<&Claimed> = claimed.iter().filter(|t| limited.contains(&t.debit_account)).collect();
-    if relevant.is_empty() {
-        return Ok(HashMap::new());
-    }
-    let from: Vec<i64> = relevant.iter().map(|t| t.debit_account).collect();
-    let days: Vec<String> = relevant.iter().map(|t| t.day.clone()).collect();
-    let rows = sqlx::query!(
-        r#"SELECT s.account_id, k.day AS "day!", s.spent
-             FROM (SELECT DISTINCT * FROM unnest($1::bigint[], $2::text[]) AS k(account, day)) k
-             JOIN daily_spent s ON s.account_id = k.account AND s.day = k.day::date"#,
-        &from,
-        &days
-    )
-    .fetch_all(&mut *conn)
-    .await?;
-    Ok(rows.into_iter().map(|r| ((r.account_id, r.day), r.spent)).collect())
-}
-
-/// Adds what succeeded to the running daily totals of limited accounts. The
-/// caller holds those accounts' row locks, which serializes every writer of
-/// an account's total; the sum saturates instead of overflowing.
-pub(crate) async fn add_spent(conn: &mut PgConnection, increments: &[((i64, String), i64)]) -> Result<()> {
-    if increments.is_empty() {
-        return Ok(());
-    }
-    let accounts: Vec<i64> = increments.iter().map(|((a, _), _)| *a).collect();
-    let days: Vec<String> = increments.iter().map(|((_, d), _)| d.clone()).collect();
-    let amounts: Vec<i64> = increments.iter().map(|(_, n)| *n).collect();
-    sqlx::query!(
-        "INSERT INTO daily_spent AS s (account_id, day, spent)
-         SELECT account, day::date, amount FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS i(account, day, amount)
-         ON CONFLICT (account_id, day) DO UPDATE
-            SET spent = LEAST(s.spent::numeric + EXCLUDED.spent, 9223372036854775807)::bigint",
-        &accounts,
-        &days,
-        &amounts
-    )
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
 }

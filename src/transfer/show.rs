@@ -83,9 +83,24 @@ pub async fn show(pool: &PgPool, lookup: &Lookup) -> Result<TransferView> {
     .fetch_optional(pool)
     .await?;
     let Some(t) = t else {
+        // A pruned transfer's key is still known: say so rather than "none".
+        let retired = sqlx::query!(
+            r#"SELECT transfer_id, status, to_char(retired_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"') AS "at!"
+                 FROM retired_keys WHERE transfer_id = $1 OR idempotency_key = $2"#,
+            id,
+            key
+        )
+        .fetch_optional(pool)
+        .await?;
+        let pruned = retired
+            .map(|r| {
+                format!(" (transfer {}, {}, was pruned at {}; its key stays reserved)", r.transfer_id, r.status, r.at)
+            })
+            .unwrap_or_default();
         return Err(match lookup {
-            Lookup::Id(id) => Error::NotFound { what: "transfer", id: id.0 },
-            Lookup::Key(k) => Error::invalid(format!("no transfer has idempotency key {:?}", k.as_str())),
+            Lookup::Id(id) if pruned.is_empty() => Error::NotFound { what: "transfer", id: id.0 },
+            Lookup::Id(id) => Error::invalid(format!("transfer {id} does not exist{pruned}")),
+            Lookup::Key(k) => Error::invalid(format!("no transfer has idempotency key {:?}{pruned}", k.as_str())),
         });
     };
     let events = sqlx::query!(

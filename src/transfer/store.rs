@@ -25,8 +25,6 @@ pub(crate) struct Claimed {
     pub debit_account: i64,
     pub credit_account: i64,
     pub amount: i64,
-    /// The UTC day the transfer was accepted on, for daily limits.
-    pub day: String,
     /// When it was inserted (Unix seconds), for the enqueue -> applied metric.
     pub created_epoch: f64,
     /// The producer's W3C trace context, if it gave one.
@@ -76,7 +74,6 @@ impl Step {
                 sqlx::query_as!(
                     Claimed,
                     r#"SELECT id, from_account AS debit_account, to_account AS credit_account, amount,
-                              to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS "day!",
                               extract(epoch FROM created_at)::float8 AS "created_epoch!", traceparent
                          FROM transfers
                         WHERE status = 'PENDING' AND next_attempt_at <= now() AND id >= $2
@@ -96,7 +93,6 @@ impl Step {
                     Claimed,
                     r#"SELECT id, to_account AS debit_account, from_account AS credit_account,
                               refund_amount AS "amount!",
-                              to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS "day!",
                               extract(epoch FROM created_at)::float8 AS "created_epoch!", traceparent
                          FROM transfers
                         WHERE refund_status = 'REQUESTED' AND next_attempt_at <= now() AND id >= $2
@@ -121,7 +117,6 @@ impl Step {
                 sqlx::query_as!(
                     Claimed,
                     r#"SELECT id, from_account AS debit_account, to_account AS credit_account, amount,
-                              to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS "day!",
                               extract(epoch FROM created_at)::float8 AS "created_epoch!", traceparent
                          FROM transfers
                         WHERE id = $1 AND status = 'PENDING'
@@ -136,7 +131,6 @@ impl Step {
                     Claimed,
                     r#"SELECT id, to_account AS debit_account, from_account AS credit_account,
                               refund_amount AS "amount!",
-                              to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS "day!",
                               extract(epoch FROM created_at)::float8 AS "created_epoch!", traceparent
                          FROM transfers
                         WHERE id = $1 AND refund_status = 'REQUESTED'

@@ -345,7 +345,7 @@ async fn daily_totals_that_overflow_a_bigint_mean_over_the_limit_not_an_error() 
     // At apply: a running total at the top of the range saturates instead of
     // failing the batch with an overflow.
     sqlx::query("DELETE FROM transfers").execute(&db.pool).await.unwrap();
-    sqlx::query("INSERT INTO daily_spent VALUES (1, (now() AT TIME ZONE 'UTC')::date, $1)")
+    sqlx::query("UPDATE accounts SET spent_day = (now() AT TIME ZONE 'UTC')::date, spent_today = $1 WHERE id = 1")
         .bind(i64::MAX - 5)
         .execute(&db.pool)
         .await
@@ -379,20 +379,18 @@ async fn what_the_worker_applied_counts_toward_the_days_limit_at_the_next_enqueu
     assert_eq!(applier.run_once().await.unwrap().succeeded, 1);
     assert_eq!(enq("30").await.code, 0);
     assert_eq!(applier.run_once().await.unwrap().succeeded, 1);
-    let spent: i64 =
-        sqlx::query_scalar("SELECT spent FROM daily_spent WHERE account_id = 1").fetch_one(&db.pool).await.unwrap();
-    assert_eq!(spent, 60, "the running total of what succeeded today");
+    assert_eq!(db.scalar("SELECT spent_today FROM accounts WHERE id = 1").await, 60, "what left it today");
     assert_eq!(enq("30").await.code, 0, "60 applied + 30 = 90 <= 100");
     let over = enq("20").await;
     assert_eq!(over.code, 3, "60 applied + 30 pending + 20 > 100: {over:?}");
     assert!(over.stderr.contains("90 already accepted today"), "{}", over.stderr);
-    // An unlimited account keeps no running total.
+    // An unlimited account keeps its day's total too: a limit may come later.
     sqlx::query("INSERT INTO transfers (idempotency_key, from_account, to_account, amount) VALUES ('u', 2, 1, 5)")
         .execute(&db.pool)
         .await
         .unwrap();
     applier.run_once().await.unwrap();
-    assert_eq!(db.scalar("SELECT count(*) FROM daily_spent WHERE account_id = 2").await, 0);
+    assert_eq!(db.scalar("SELECT spent_today FROM accounts WHERE id = 2").await, 5);
 }
 
 #[tokio::test]
@@ -437,21 +435,88 @@ async fn the_daily_window_at_apply_is_the_utc_day_whatever_the_session_time_zone
         .execute(&pool)
         .await
         .unwrap();
-    // 60 SUCCEEDED on one UTC day, 60 PENDING accepted on the next: each day
-    // stays under the limit of 100. (In Kiritimati, both are on December 1st.)
-    sqlx::query("INSERT INTO daily_spent VALUES (1, '2026-11-30', 60)").execute(&pool).await.unwrap();
-    sqlx::query(
-        "INSERT INTO transfers (idempotency_key, from_account, to_account, amount, status, created_at)
-         VALUES ('today', 1, 2, 60, 'PENDING', '2026-12-01 10:00:00+00')",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
+    // 60 sent on the previous UTC day, 60 PENDING now: each day stays under
+    // the limit of 100. (In Kiritimati the two may be the same local day.)
+    sqlx::query("UPDATE accounts SET spent_day = (now() AT TIME ZONE 'UTC')::date - 1, spent_today = 60 WHERE id = 1")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO transfers (idempotency_key, from_account, to_account, amount) VALUES ('today', 1, 2, 60)")
+        .execute(&pool)
+        .await
+        .unwrap();
     let c = Applier::new(pool.clone(), ApplyConfig::default()).run_once().await.unwrap();
     assert_eq!(c.succeeded, 1, "{c:?}");
-    let days: Vec<String> =
-        sqlx::query_scalar("SELECT day::text FROM daily_spent ORDER BY day").fetch_all(&pool).await.unwrap();
-    assert_eq!(days, ["2026-11-30", "2026-12-01"], "counted on its UTC day");
+    let (day, spent): (bool, i64) =
+        sqlx::query_as("SELECT spent_day = (now() AT TIME ZONE 'UTC')::date, spent_today FROM accounts WHERE id = 1")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!((day, spent), (true, 60), "counted on the UTC day it was applied, from zero");
+}
+
+/// A limit set by plain SQL in the middle of the day counts everything the
+/// account already sent that day, with or without a limit then.
+#[tokio::test]
+async fn a_limit_set_mid_day_counts_what_the_account_already_sent_that_day() {
+    let db = TestDb::new().await;
+    db.open_account(1, 10_000).await;
+    db.open_account(2, 0).await;
+    db.enqueue_sql("before", 1, 2, 1_000).await;
+    db.apply_all().await;
+    sqlx::query("UPDATE accounts SET daily_limit = 500 WHERE id = 1").execute(&db.pool).await.unwrap();
+    // The CLI refuses at enqueue ...
+    let out = db.cli(&["enqueue", "--from", "1", "--to", "2", "--amount", "1"]).await;
+    assert_eq!(out.code, 3, "{out:?}");
+    assert!(out.stderr.contains("1000 already accepted today"), "{}", out.stderr);
+    // ... and a transfer enqueued by SQL fails when applied.
+    let id = db.enqueue_sql("after", 1, 2, 400).await;
+    db.apply_all().await;
+    let (status, reason): (String, Option<String>) =
+        sqlx::query_as("SELECT status, failure_reason FROM transfers WHERE id = $1")
+            .bind(id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!((status.as_str(), reason.as_deref()), ("FAILED", Some("daily_limit_exceeded")));
+    assert_eq!(db.scalar("SELECT balance FROM accounts WHERE id = 1").await, 9_000);
+}
+
+/// Transfers enqueued by SQL that waited days (the worker was down over a
+/// weekend), with pruning in between, count on the day they are applied:
+/// two of 100 against a limit of 100 never both succeed.
+#[tokio::test]
+async fn transfers_that_waited_days_and_a_prune_cannot_exceed_a_limit_together() {
+    let db = TestDb::new().await;
+    sqlx::query("INSERT INTO accounts (id, balance, daily_limit) VALUES (1, 1000, 100), (2, 0, NULL)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    // Both were enqueued on a Friday; the worker comes back on Monday,
+    // applies one, a prune runs, then the other is applied.
+    let friday = |key: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query(
+                "INSERT INTO transfers (idempotency_key, from_account, to_account, amount, created_at)
+                 VALUES ($1, 1, 2, 100, now() - interval '3 days')",
+            )
+            .bind(key)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    };
+    friday("fri-1").await;
+    db.apply_all().await;
+    let out = db.cli(&["prune", "--published-older-than", "1s", "--transfers-older-than", "1s"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    friday("fri-2").await;
+    db.apply_all().await;
+    let statuses: Vec<String> =
+        sqlx::query_scalar("SELECT status FROM transfers ORDER BY id").fetch_all(&db.pool).await.unwrap();
+    assert_eq!(statuses, ["SUCCEEDED", "FAILED"]);
+    assert_eq!(db.scalar("SELECT balance FROM accounts WHERE id = 2").await, 100);
 }
 
 #[tokio::test]

@@ -340,7 +340,7 @@ async fn a_producers_trace_context_reaches_the_consumer_on_every_event() {
         .execute(&db.pool)
         .await
         .unwrap_err();
-    assert!(err.to_string().contains("transfers_traceparent_format"), "{err}");
+    assert!(err.to_string().contains("transfers_traceparent_w3c"), "{err}");
 
     db.apply_all().await;
     let relay = transfer_worker::outbox::relay::Relay::new(
@@ -386,4 +386,167 @@ async fn probe_answers_0_for_a_ready_worker_and_1_otherwise() {
     assert_eq!(probe("/nope").await.status.code(), Some(1));
     signal(&w.0, "TERM");
     assert!(wait_exit(&mut w.0, Duration::from_secs(30)).await.success());
+}
+
+/// A late retry of a transfer that was applied and then pruned: the same key
+/// and parameters get the original answer (never a second payment), other
+/// parameters and a plain SQL INSERT are refused, `transfer show` says what
+/// happened; the key is forgotten only after its own window.
+#[tokio::test]
+async fn a_retry_after_its_transfer_was_pruned_gets_the_original_answer_never_a_second_payment() {
+    use transfer_worker::account::AccountId;
+    use transfer_worker::transfer::enqueue::{enqueue, NewTransfer};
+    use transfer_worker::transfer::{Amount, IdempotencyKey, TransferStatus};
+
+    let db = TestDb::new().await;
+    db.open_account(1, 1_000).await;
+    db.open_account(2, 0).await;
+    let args = ["enqueue", "--from", "1", "--to", "2", "--amount", "300", "--key", "order-42"];
+    let first = db.cli(&args).await;
+    assert_eq!(first.code, 0, "{first:?}");
+    let id = first.json()["transfer_id"].as_i64().unwrap();
+    db.apply_all().await;
+    sqlx::query("UPDATE outbox SET state = 'published', published_at = now() - interval '1 hour'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE transfers SET applied_at = now() - interval '1 hour'").execute(&db.pool).await.unwrap();
+    let out = db.cli(&["prune", "--published-older-than", "1s", "--transfers-older-than", "1s"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.json()["transfers"], 1);
+    assert_eq!(db.scalar("SELECT count(*) FROM transfers").await, 0);
+
+    let retry = db.cli(&args).await;
+    assert_eq!(retry.code, 0, "{retry:?}");
+    assert_eq!(retry.json(), serde_json::json!({"transfer_id": id, "status": "SUCCEEDED", "created": false}));
+    let t = NewTransfer::new(
+        AccountId(1),
+        AccountId(2),
+        Amount::new(300).unwrap(),
+        Some(IdempotencyKey::new("order-42").unwrap()),
+    )
+    .unwrap();
+    let again = enqueue(&db.pool, &t).await.unwrap();
+    assert_eq!((again.transfer_id.0, again.status, again.created), (id, TransferStatus::Succeeded, false));
+    let bulk =
+        db.cli_with_stdin(&["enqueue", "--file", "-"], r#"{"from":1,"to":2,"amount":300,"key":"order-42"}"#).await;
+    assert_eq!((bulk.code, bulk.json()["created"].as_bool()), (0, Some(false)), "{bulk:?}");
+
+    let other = db.cli(&["enqueue", "--from", "1", "--to", "2", "--amount", "301", "--key", "order-42"]).await;
+    assert_eq!(other.code, 3, "{other:?}");
+    assert!(other.stderr.contains(&format!("transfer {id} (since pruned)")), "{}", other.stderr);
+    let sql = sqlx::query(
+        "INSERT INTO transfers (idempotency_key, from_account, to_account, amount) VALUES ('order-42', 1, 2, 300)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap_err();
+    let sql = sql.as_database_error().expect("a database error");
+    assert_eq!((sql.code().as_deref(), sql.constraint()), (Some("23505"), Some("transfers_idempotency_key_retired")));
+    let show = db.cli(&["transfer", "show", "--key", "order-42"]).await;
+    assert_eq!(show.code, 2, "{show:?}");
+    assert!(show.stderr.contains(&format!("transfer {id}, SUCCEEDED, was pruned")), "{}", show.stderr);
+
+    db.apply_all().await;
+    assert_eq!(db.scalar("SELECT balance FROM accounts WHERE id = 1").await, 700, "paid once");
+    assert_eq!(db.scalar("SELECT count(*) FROM transfers").await, 0);
+
+    // The keys' window is never shorter than the transfers'.
+    let out = db.cli(&["prune", "--transfers-older-than", "1d", "--keys-older-than", "1h"]).await;
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("at least as long as the transfers"), "{}", out.stderr);
+    let out = db.cli(&["run", "--prune-transfers-older-than", "7d", "--prune-keys-older-than", "1d"]).await;
+    assert_eq!(out.code, 2, "{out:?}");
+    // After its window the key is forgotten (and may be used again).
+    sqlx::query("UPDATE retired_keys SET created_at = now() - interval '2 hours'").execute(&db.pool).await.unwrap();
+    let out = db.cli(&["prune", "--keys-older-than", "1h"]).await;
+    assert_eq!((out.code, out.json()["retired_keys"].as_i64()), (0, Some(1)), "{out:?}");
+    assert_eq!(db.cli(&args).await.json()["created"], true);
+}
+
+/// `TRUNCATE` bypasses row triggers; the counts behind `status`, `/metrics`
+/// and the console follow it anyway.
+#[tokio::test]
+async fn counts_follow_a_truncate_of_the_outbox_or_the_transfers() {
+    let db = TestDb::new().await;
+    crate::fixtures::seed_random(&db.pool, 10, 1_000, 200, 100, 5).await.unwrap();
+    db.apply_all().await;
+    transfer_worker::status::compact_counts(&db.pool).await.unwrap();
+    let before = db.cli(&["status", "--json"]).await.json();
+    assert_eq!(before["outbox"]["pending"], 200);
+    sqlx::query("TRUNCATE outbox").execute(&db.pool).await.unwrap();
+    let after = db.cli(&["status", "--json"]).await.json();
+    assert_eq!(after["outbox"], serde_json::json!({"pending": 0, "published": 0, "dead": 0, "held": 0}));
+    assert_eq!(after["transfers"], before["transfers"], "the other table's counts stay");
+    sqlx::query("TRUNCATE transfers").execute(&db.pool).await.unwrap();
+    db.enqueue_sql("fresh", 1, 2, 1).await;
+    transfer_worker::status::compact_counts(&db.pool).await.unwrap();
+    let status = db.cli(&["status", "--json"]).await.json();
+    let counted: i64 = status["transfers"].as_object().unwrap().values().map(|v| v.as_i64().unwrap()).sum();
+    assert_eq!((counted, status["transfers"]["PENDING"].as_i64()), (1, Some(1)), "{status}");
+}
+
+/// A SQL producer's `traceparent` is held to exactly what the CLI accepts.
+#[tokio::test]
+async fn a_sql_producers_traceparent_is_refused_where_w3c_forbids_it() {
+    let db = TestDb::new().await;
+    db.open_account(1, 100).await;
+    db.open_account(2, 0).await;
+    let insert = |key: &'static str, tp: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query("INSERT INTO transfers (idempotency_key, from_account, to_account, amount, traceparent) VALUES ($1, 1, 2, 1, $2)")
+                .bind(key)
+                .bind(tp)
+                .execute(&pool)
+                .await
+        }
+    };
+    for (key, bad) in [
+        ("ff", "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        ("zero-trace", "00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
+        ("zero-span", "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01"),
+        ("upper", "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"),
+    ] {
+        let err = insert(key, bad).await.unwrap_err();
+        assert_eq!(err.as_database_error().and_then(|e| e.constraint()), Some("transfers_traceparent_w3c"), "{bad}");
+        let cli = db.cli(&["enqueue", "--from", "1", "--to", "2", "--amount", "1", "--traceparent", bad]).await;
+        assert_eq!(cli.code, 2, "the CLI refuses it too: {cli:?}");
+    }
+    insert("ok", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").await.unwrap();
+}
+
+/// An event whose id was taken by a transaction still open when a prune
+/// walked past it, and that commits (and is published) later, is pruned by a
+/// later run of the same worker, not only after a restart.
+#[tokio::test]
+async fn events_that_commit_after_a_prune_walked_past_them_are_pruned_later() {
+    use transfer_worker::retention::{prune, Cursors, PruneConfig, FULL_WALK_EVERY};
+    let db = TestDb::new().await;
+    db.open_account(1, 1_000).await;
+    db.open_account(2, 0).await;
+    // A transaction takes an outbox id and stays open ...
+    let mut open = db.pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO outbox (transfer_id, event_type, data) VALUES (999999, 'transfer.cancelled', '{}')")
+        .execute(&mut *open)
+        .await
+        .unwrap();
+    // ... while later events commit, are published and pruned.
+    for i in 0..5 {
+        db.enqueue_sql(&format!("t-{i}"), 1, 2, 1).await;
+    }
+    db.apply_all().await;
+    let old = "UPDATE outbox SET state = 'published', published_at = now() - interval '1 hour'";
+    sqlx::query(old).execute(&db.pool).await.unwrap();
+    let config = PruneConfig { published_older_than: Some(Duration::from_secs(1)), ..PruneConfig::default() };
+    let mut cursors = Cursors::default();
+    assert_eq!(prune(&db.pool, config, &mut cursors).await.unwrap().published_events, 5);
+    assert!(cursors.events > 0, "the walk moved its cursor past the open transaction's id");
+    open.commit().await.unwrap();
+    sqlx::query(old).execute(&db.pool).await.unwrap();
+    assert_eq!(prune(&db.pool, config, &mut cursors).await.unwrap().published_events, 0, "below the cursor");
+    // At most FULL_WALK_EVERY later, a run walks from the start.
+    cursors.last_full_walk = std::time::Instant::now().checked_sub(FULL_WALK_EVERY);
+    assert_eq!(prune(&db.pool, config, &mut cursors).await.unwrap().published_events, 1);
+    assert_eq!(db.scalar("SELECT count(*) FROM outbox").await, 0);
 }

@@ -475,7 +475,7 @@ async fn enqueue_latency(pool: &PgPool) -> Result<EnqueueLatency> {
     .bind(BUSY as i64)
     .execute(pool)
     .await?;
-    sqlx::query("INSERT INTO daily_spent VALUES (2, (now() AT TIME ZONE 'UTC')::date, $1)")
+    sqlx::query("UPDATE accounts SET spent_day = (now() AT TIME ZONE 'UTC')::date, spent_today = $1 WHERE id = 2")
         .bind(BUSY as i64)
         .execute(pool)
         .await?;
