@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::Args;
 
+use transfer_worker::admin::access::MIN_TOKEN_LEN;
+use transfer_worker::admin::{AdminConfig, Pools};
 use transfer_worker::db::SessionLimits;
 use transfer_worker::error::{Error, Result};
 use transfer_worker::health::Health;
@@ -94,11 +96,17 @@ pub struct RunArgs {
     /// How often to prune, in ms (one replica at a time).
     #[arg(long, env = "TRANSFER_WORKER_PRUNE_INTERVAL_MS", default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub prune_interval_ms: u64,
-    /// Token the console's actions (requeue) require when the admin address is
-    /// not loopback, as `Authorization: Bearer <token>` or the page's field.
-    /// Without it, a non-loopback console is read-only.
+    /// Token the console's actions (requeue) require, as `Authorization:
+    /// Bearer <token>` or the page's field; at least 16 characters. Without
+    /// one, actions are open on a loopback address only, and a console on
+    /// any other address is read-only. There is no default.
     #[arg(long, env = "TRANSFER_WORKER_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<Secret>,
+    /// Host names the console answers to besides IP addresses and
+    /// `localhost` (comma-separated): requests naming any other host are
+    /// refused (DNS rebinding).
+    #[arg(long, env = "TRANSFER_WORKER_ADMIN_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub admin_allowed_hosts: Vec<String>,
     /// Address of the admin HTTP server (/, /livez, /readyz, /healthz, /metrics).
     #[arg(long, env = "TRANSFER_WORKER_ADMIN_ADDR", default_value = "127.0.0.1:9187")]
     pub admin_addr: SocketAddr,
@@ -166,6 +174,29 @@ impl RunArgs {
         }
     }
 
+    /// The admin server's access settings; a token too short to protect
+    /// anything is refused (an empty one is no token).
+    pub fn admin_config(&self) -> Result<AdminConfig> {
+        let token = self.admin_token.as_ref().map(|t| t.0.clone()).filter(|t| !t.is_empty());
+        if let Some(t) = &token {
+            if t.chars().count() < MIN_TOKEN_LEN {
+                return Err(Error::invalid(format!(
+                    "--admin-token (TRANSFER_WORKER_ADMIN_TOKEN) must be at least {MIN_TOKEN_LEN} characters, got {}: \
+                     a guessable token protects nothing",
+                    t.chars().count()
+                )));
+            }
+        }
+        let allowed_hosts: Vec<String> =
+            self.admin_allowed_hosts.iter().map(|h| h.trim().to_owned()).filter(|h| !h.is_empty()).collect();
+        for h in &allowed_hosts {
+            if h.contains(['/', ' ', '@']) || h.contains("://") {
+                return Err(Error::invalid(format!("--admin-allowed-hosts: {h:?} is not a host name")));
+            }
+        }
+        Ok(AdminConfig { token, allowed_hosts })
+    }
+
     pub fn sqs_config(&self) -> Result<SqsConfig> {
         let queue_url = self
             .queue_url
@@ -217,6 +248,7 @@ const QUEUE_CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 pub async fn run(database_url: &Option<String>, args: RunArgs) -> Result<()> {
     let mut config = args.worker_config()?;
     let sqs = args.sqs_config()?;
+    let admin_config = args.admin_config()?;
     // Signals first: a SIGTERM during start-up must stop it too.
     let shutdown = transfer_worker::shutdown::on_signals();
     let connections = (config.workers + config.relays + 4) as u32;
@@ -252,18 +284,14 @@ pub async fn run(database_url: &Option<String>, args: RunArgs) -> Result<()> {
     if let Ok(info) = &queue_check {
         health.sqs_answered(format!("queue answered GetQueueAttributes at start; FIFO: {}", info.fifo));
     }
-    let admin_pool = transfer_worker::admin::pool(transfer_worker::db::parse_url(url)?);
-    let admin = tokio::spawn(transfer_worker::admin::serve(
-        args.admin_addr,
-        admin_pool.clone(),
-        health.clone(),
-        args.admin_token.as_ref().map(|t| t.0.clone()),
-    ));
+    let admin_pools = Pools::new(transfer_worker::db::parse_url(url)?);
+    let admin =
+        tokio::spawn(transfer_worker::admin::serve(args.admin_addr, admin_pools.clone(), health.clone(), admin_config));
     let result = worker::run_with_health(pool.clone(), publisher, config, health).await;
     admin.abort();
     // Connections still busy (an abandoned query) are not waited for: the
     // process exit closes them, and PostgreSQL rolls back what they held.
     let _ =
-        tokio::time::timeout(Duration::from_secs(1), async { tokio::join!(pool.close(), admin_pool.close()) }).await;
+        tokio::time::timeout(Duration::from_secs(1), async { tokio::join!(pool.close(), admin_pools.close()) }).await;
     result.map(|_| ())
 }

@@ -22,7 +22,7 @@ pub fn free_port() -> u16 {
 /// the server could not be reached.
 pub async fn http(addr: &str, method: &str, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(addr).await.ok()?;
-    let request = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
+    let request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
     s.write_all(request.as_bytes()).await.ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).await.ok()?;
@@ -132,6 +132,8 @@ async fn readyz_answers_503_within_a_second_while_postgres_is_down_and_200_once_
 
     for (mode, what) in [(BLACK_HOLE, "a database that never answers"), (REFUSE, "a database that refuses")] {
         proxy.set(mode);
+        // Probes within READINESS_TTL share the check made before.
+        tokio::time::sleep(transfer_worker::admin::READINESS_TTL).await;
         for _ in 0..3 {
             let asked = Instant::now();
             let (code, body) = http(&addr, "GET", "/readyz").await.unwrap();
@@ -250,4 +252,95 @@ async fn status_reads_no_table_in_full_and_its_counts_are_exact() {
         status.outbox.pending + status.outbox.held,
         count("SELECT count(*) FROM outbox WHERE state = 'pending'").await
     );
+}
+
+/// A client that sends its request at one byte every `every`, reconnecting
+/// whenever the server closes it, until `stop`.
+async fn dribble(addr: String, request: &'static [u8], every: Duration, stop: CancellationToken) {
+    while !stop.is_cancelled() {
+        let Ok(mut s) = TcpStream::connect(&addr).await else {
+            tokio::time::sleep(every).await;
+            continue;
+        };
+        for b in request.iter().cycle() {
+            if stop.is_cancelled() || s.write_all(&[*b]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+}
+
+/// The slowloris of the issue and its cousins, all at once against one
+/// worker: 150 connections that dribble a request head a byte at a time,
+/// 40 that dribble a POST body, and 16 clients reading the console as fast as
+/// they can. `/livez` and `/readyz` answer 200 within a second every time,
+/// and a dribbled head is cut after HEAD_TIMEOUT however steadily it comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_answer_within_a_second_whatever_other_clients_of_the_port_do() {
+    let db = TestDb::new().await;
+    let queue = TestQueue::new(false).await;
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut w = KillOnDrop(db.spawn_worker(&queue.url, &["--admin-addr", &addr]));
+    wait_for("ready", Duration::from_secs(20), || async {
+        http(&addr, "GET", "/readyz").await.is_some_and(|(c, _)| c == 200)
+    })
+    .await;
+
+    let stop = CancellationToken::new();
+    let mut load = tokio::task::JoinSet::new();
+    for _ in 0..150 {
+        let head: &'static [u8] =
+            b"GET /readyz HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+        load.spawn(dribble(addr.clone(), head, Duration::from_millis(500), stop.clone()));
+    }
+    for _ in 0..40 {
+        let body: &'static [u8] =
+            b"POST /requeue-all HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\nevent=1&event=1&event=1&";
+        load.spawn(dribble(addr.clone(), body, Duration::from_millis(50), stop.clone()));
+    }
+    for _ in 0..16 {
+        let (addr, stop) = (addr.clone(), stop.clone());
+        load.spawn(async move {
+            while !stop.is_cancelled() {
+                let _ = http(&addr, "GET", "/").await;
+            }
+        });
+    }
+    // Long enough for every dribbler to hold a connection past HEAD_TIMEOUT.
+    tokio::time::sleep(transfer_worker::admin::HEAD_TIMEOUT + Duration::from_secs(1)).await;
+    let mut slowest = Duration::ZERO;
+    for round in 0..15 {
+        for path in ["/livez", "/readyz"] {
+            let started = Instant::now();
+            let answer = tokio::time::timeout(Duration::from_secs(5), http(&addr, "GET", path)).await;
+            let took = started.elapsed();
+            slowest = slowest.max(took);
+            let (code, body) = answer.unwrap_or_else(|_| panic!("round {round}: {path} unanswered after 5 s")).unwrap();
+            assert_eq!(code, 200, "round {round}: {path}: {body}");
+            assert!(took < Duration::from_secs(1), "round {round}: {path} took {took:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A head that keeps coming, a byte at a time, is cut at its deadline.
+    let mut slow = TcpStream::connect(&addr).await.unwrap();
+    let started = Instant::now();
+    let cut = loop {
+        if slow.write_all(b"a").await.is_err() {
+            break started.elapsed();
+        }
+        let mut buf = [0u8; 512];
+        match tokio::time::timeout(Duration::from_millis(200), slow.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break started.elapsed(),
+            _ => {}
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "a dribbled head was never cut");
+    };
+    assert!(cut < transfer_worker::admin::HEAD_TIMEOUT + Duration::from_secs(2), "cut after {cut:?}");
+    stop.cancel();
+    load.abort_all();
+    eprintln!("slowest probe under load: {slowest:?}");
+    signal(&w.0, "TERM");
+    assert!(wait_exit(&mut w.0, Duration::from_secs(30)).await.success());
 }

@@ -112,6 +112,15 @@ async fn missing_configuration_is_bad_input_and_an_unreachable_database_is_a_fai
     assert_eq!(code, 1);
     let (code, err) = run(&["no-such-command"], None);
     assert_eq!(code, 2, "{err}");
+    // A guessable admin token is refused before anything starts.
+    let q = ["--queue-url", "http://127.0.0.1:1/queue/q"];
+    let (code, err) = run(&[&["run", "--admin-token", "change-me"][..], &q].concat(), Some(&db.url));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--admin-token") && err.contains("at least 16 characters"), "{err}");
+    assert!(!err.contains("change-me"), "the token is never echoed: {err}");
+    let (code, err) = run(&[&["run", "--admin-allowed-hosts", "http://x"][..], &q].concat(), Some(&db.url));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--admin-allowed-hosts"), "{err}");
 }
 
 #[tokio::test]

@@ -246,7 +246,7 @@ async fn json_logs_carry_fields_and_ids_and_no_secret_appears_anywhere() {
     }
     // Secrets of every kind (the test cluster trusts any password; LocalStack
     // accepts any key).
-    let (password, aws_secret, token) = ("Pw-9f8e7d", "AwsSecret-5c4b3a", "Tok-1a2b3c");
+    let (password, aws_secret, token) = ("Pw-9f8e7d", "AwsSecret-5c4b3a", "Tok-1a2b3c4d5e6f7g8h");
     let url = db.url.replacen("postgres@", &format!("postgres:{password}@"), 1);
     let mut cmd = db.worker_command(&queue.url, &["--log-format", "json"]);
     cmd.env("DATABASE_URL", &url)
