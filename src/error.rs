@@ -126,6 +126,9 @@ pub enum Refusal {
         at(*.line)
     )]
     DailyLimit { account: AccountId, accepted: i64, amount: Amount, limit: i64, line: Option<usize> },
+    /// A request made with a guard another request holds right now.
+    #[error("guard {guard:?} is held by another request in progress; nothing written")]
+    GuardHeld { guard: String },
     /// An account id already taken.
     #[error("account {account} already exists")]
     AccountExists { account: AccountId },

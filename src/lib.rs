@@ -9,6 +9,8 @@
 //!   (producers), [`transfer::apply`] (the worker's claim and apply),
 //!   [`transfer::refund`], [`transfer::cancel`], [`transfer::show`];
 //! - [`account`]: opening and reading accounts;
+//! - [`concurrency`]: advisory locks (and the duplicate-request guard),
+//!   isolation levels with retries, optimistic versions;
 //! - [`outbox`]: events, the [`outbox::relay`] that publishes them,
 //!   [`outbox::sqs`] (the SQS client side) and [`outbox::requeue`];
 //! - [`worker`]: the `run` process and its supervision; [`service`] the loop
@@ -25,6 +27,7 @@
 
 pub mod account;
 pub mod admin;
+pub mod concurrency;
 pub mod db;
 pub mod error;
 pub mod health;

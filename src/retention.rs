@@ -24,6 +24,7 @@ use std::time::Duration;
 use serde::Serialize;
 use sqlx::PgPool;
 
+use crate::concurrency::advisory::{LockKey, SessionLock};
 use crate::error::Result;
 
 /// Rows looked at per statement.
@@ -257,27 +258,23 @@ async fn prune_transfers(pool: &PgPool, age: Duration, cursor: &mut i64) -> Resu
 }
 
 /// Runs [`prune`] unless another replica is pruning right now (a session
-/// advisory lock, held on one connection for the whole run). `None`: skipped.
+/// advisory lock on the key `("transfer-worker", "prune")`, held on one
+/// connection for the whole run). `None`: skipped.
 pub async fn prune_exclusively(pool: &PgPool, config: PruneConfig, cursors: &mut Cursors) -> Result<Option<Pruned>> {
-    let mut lock = pool.acquire().await?;
-    let got =
-        sqlx::query_scalar!(r#"SELECT pg_try_advisory_lock(hashtextextended('transfer-worker:prune', 0)) AS "got!""#)
-            .fetch_one(&mut *lock)
-            .await?;
-    if !got {
+    let Some(lock) = SessionLock::try_acquire(pool, prune_lock_key()).await? else {
         return Ok(None);
-    }
+    };
     let result = prune(pool, config, cursors).await;
-    let unlocked = sqlx::query_scalar!(
-        r#"SELECT pg_advisory_unlock(hashtextextended('transfer-worker:prune', 0)) AS "released!""#
-    )
-    .fetch_one(&mut *lock)
-    .await;
-    if unlocked.is_err() {
-        // The connection is in doubt: close it, which releases the lock.
-        let _ = lock.detach();
+    // Released, or, if that cannot be confirmed, its connection closed.
+    if let Err(e) = lock.release().await {
+        tracing::warn!(error = %e, "releasing the prune lock failed; its connection was closed instead");
     }
     result.map(Some)
+}
+
+/// The key one pruning replica holds (`transfer_worker_lock_key('transfer-worker', 'prune')`).
+pub fn prune_lock_key() -> LockKey {
+    LockKey::hashed("transfer-worker", "prune")
 }
 
 #[cfg(test)]

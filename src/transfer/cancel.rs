@@ -10,6 +10,7 @@
 use serde::Serialize;
 use sqlx::{Acquire, Postgres};
 
+use crate::concurrency::advisory::Guard;
 use crate::error::{Error, Refusal, Result};
 use crate::transfer::{store, TransferId, TransferStatus};
 use crate::wake;
@@ -25,14 +26,33 @@ pub async fn cancel<'a, A>(db: A, id: TransferId) -> Result<Cancelled>
 where
     A: Acquire<'a, Database = Postgres>,
 {
-    let mut conn = db.acquire().await?;
-    let cancelled = store::cancel_pending(&mut conn, id).await?;
-    if cancelled {
+    cancel_guarded(db, id, None).await
+}
+
+/// [`cancel`] under a duplicate-request guard: refused at once (nothing
+/// written) while another transaction holds it.
+pub async fn cancel_guarded<'a, A>(db: A, id: TransferId, guard: Option<&Guard>) -> Result<Cancelled>
+where
+    A: Acquire<'a, Database = Postgres>,
+{
+    // A transaction of its own (or a savepoint in the caller's), so that a
+    // guard is held until the cancel is committed.
+    let mut tx = db.begin().await?;
+    if let Some(guard) = guard {
+        if let Err(refused) = guard.take(&mut tx).await {
+            tx.rollback().await?;
+            return Err(refused);
+        }
+    }
+    if store::cancel_pending(&mut tx, id).await? {
         // Its event was written by this process: wake the workers' relays.
-        wake::notify(&mut conn, wake::Work::Outbox).await?;
+        wake::notify(&mut tx, wake::Work::Outbox).await?;
+        tx.commit().await?;
         return Ok(Cancelled { transfer_id: id, status: TransferStatus::Cancelled });
     }
-    Err(match store::status_of(&mut conn, id).await? {
+    let status = store::status_of(&mut tx, id).await?;
+    tx.rollback().await?;
+    Err(match status {
         None => Error::NotFound { what: "transfer", id: id.0 },
         Some(status) => Refusal::NotCancellable { transfer: id, status }.into(),
     })

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::{Acquire, PgConnection, Postgres};
 
 use crate::account::AccountId;
+use crate::concurrency::advisory::Guard;
 use crate::db;
 use crate::error::{Error, Refusal, Result};
 use crate::transfer::{limits, Amount, IdempotencyKey, TraceParent, TransferId, TransferStatus};
@@ -28,6 +29,9 @@ pub struct NewTransfer {
     pub key: Option<IdempotencyKey>,
     /// The producer's trace context, carried by every event of the transfer.
     pub traceparent: Option<TraceParent>,
+    /// A duplicate-request guard held for the enqueue's transaction: while
+    /// another request holds it, this one is refused at once (see [`Guard`]).
+    pub guard: Option<Guard>,
 }
 
 impl NewTransfer {
@@ -36,13 +40,21 @@ impl NewTransfer {
         if from == to {
             return Err(Error::invalid(format!("from and to must be different accounts, both are {from}")));
         }
-        Ok(NewTransfer { from, to, amount, key, traceparent: None })
+        Ok(NewTransfer { from, to, amount, key, traceparent: None, guard: None })
     }
 
     /// Attaches the producer's W3C trace context: the events published for
     /// this transfer carry it (SQS message attribute `traceparent`).
     pub fn with_traceparent(mut self, traceparent: Option<TraceParent>) -> Self {
         self.traceparent = traceparent;
+        self
+    }
+
+    /// Enqueues under a duplicate-request guard: refused (exit 3, nothing
+    /// written) while another transaction holds it. Inside a producer's own
+    /// transaction the guard is held until that transaction ends.
+    pub fn with_guard(mut self, guard: Option<Guard>) -> Self {
+        self.guard = guard;
         self
     }
 
@@ -81,6 +93,12 @@ where
     A: Acquire<'a, Database = Postgres>,
 {
     let mut tx = db.begin().await?;
+    if let Some(guard) = &transfer.guard {
+        if let Err(refused) = guard.take(&mut tx).await {
+            tx.rollback().await?;
+            return Err(refused);
+        }
+    }
     let item = Item { line: None, transfer, key: transfer.key_or_generated() };
     // Roll back explicitly on error: a refused key holds a row lock (ON
     // CONFLICT DO UPDATE locks the row even when its WHERE is false) that must

@@ -7,7 +7,7 @@
 //! CLI or by SQL, counts the whole day, and nothing needs pruning. Both
 //! checks are O(1) in the day's traffic:
 //! - at enqueue (CLI, library), under a transaction-scoped advisory lock on
-//!   the hashed key `transfer-worker:daily-limit:<account>` that serializes
+//!   the hashed key `("daily-limit", <account>)` that serializes
 //!   enqueues from one limited account: accepted = what it sent today + every
 //!   transfer still PENDING from it (a partial index of pending transfers by
 //!   source), so an accepted transfer still fits when it is applied, today or
@@ -20,6 +20,7 @@ use std::collections::HashMap;
 
 use sqlx::PgConnection;
 
+use crate::concurrency::advisory::{hash_key, xact_lock_all};
 use crate::error::Result;
 
 /// The daily limits of those of `accounts` that have one.
@@ -36,20 +37,22 @@ pub(crate) async fn limits_of(conn: &mut PgConnection, accounts: &[i64]) -> Resu
 }
 
 /// Serializes enqueues from these limited accounts until the caller's
-/// transaction ends. Unlike a row lock on the account, the advisory lock
-/// never blocks a worker moving that account's money. Taken in ascending
-/// account order (the subquery's ORDER BY), so two bulk enqueues cannot
-/// deadlock on each other.
+/// transaction ends: a transaction-scoped advisory lock per account, on the
+/// library's hashed key `("daily-limit", <account>)`. Unlike a row lock on
+/// the account, it never blocks a worker moving that account's money. Taken
+/// in ascending account order, so two bulk enqueues cannot deadlock.
 pub(crate) async fn serialize_enqueues(conn: &mut PgConnection, limited: &[i64]) -> Result<()> {
-    sqlx::query!(
-        "SELECT count(pg_advisory_xact_lock(hashtextextended('transfer-worker:daily-limit:' || id, 0)))
-           FROM (SELECT id FROM unnest($1::bigint[]) AS id ORDER BY id) ordered",
-        limited
-    )
-    .fetch_one(conn)
-    .await?;
+    let mut accounts = limited.to_vec();
+    accounts.sort_unstable();
+    accounts.dedup();
+    let keys: Vec<i64> = accounts.iter().map(|a| hash_key(DAILY_LIMIT_NAMESPACE, &a.to_string())).collect();
+    xact_lock_all(conn, &keys).await?;
     Ok(())
 }
+
+/// The namespace of the daily-limit locks' keys
+/// (`transfer_worker_lock_key('daily-limit', '<account>')` in SQL).
+pub const DAILY_LIMIT_NAMESPACE: &str = "daily-limit";
 
 /// What each account has had accepted today: what it sent by transfer
 /// since midnight UTC (kept on its row by the worker) plus every transfer

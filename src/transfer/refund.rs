@@ -17,6 +17,7 @@
 use serde::Serialize;
 use sqlx::{Acquire, PgConnection, Postgres};
 
+use crate::concurrency::advisory::Guard;
 use crate::error::{Error, Refusal, Result};
 use crate::transfer::{store, Amount, RefundStatus, TransferId};
 use crate::wake;
@@ -34,8 +35,28 @@ pub async fn request_refund<'a, A>(db: A, id: TransferId, amount: Option<Amount>
 where
     A: Acquire<'a, Database = Postgres>,
 {
+    request_refund_guarded(db, id, amount, None).await
+}
+
+/// [`request_refund`] under a duplicate-request guard: refused at once
+/// (nothing written) while another transaction holds it.
+pub async fn request_refund_guarded<'a, A>(
+    db: A,
+    id: TransferId,
+    amount: Option<Amount>,
+    guard: Option<&Guard>,
+) -> Result<RefundRequested>
+where
+    A: Acquire<'a, Database = Postgres>,
+{
     // A transaction of its own, or a savepoint inside the caller's.
     let mut tx = db.begin().await?;
+    if let Some(guard) = guard {
+        if let Err(refused) = guard.take(&mut tx).await {
+            tx.rollback().await?;
+            return Err(refused);
+        }
+    }
     if !store::lock_for_request(&mut tx, id).await? {
         tx.rollback().await?;
         return Err(Error::NotFound { what: "transfer", id: id.0 });

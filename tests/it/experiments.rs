@@ -3,7 +3,7 @@
 use crate::helpers::TestDb;
 
 #[tokio::test]
-async fn lab_reports_every_strategy_and_only_naive_loses_updates() {
+async fn lab_with_more_workers_reports_every_strategy_and_only_naive_loses_updates() {
     let db = TestDb::new().await;
     let out = db.cli(&["lab", "--workers", "6", "--increments", "40", "--json"]).await;
     assert_eq!(out.code, 0, "{out:?}");

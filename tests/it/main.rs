@@ -5,6 +5,7 @@ mod admin;
 mod apply;
 mod browser;
 mod cli;
+mod concurrency;
 mod container;
 mod enqueue;
 mod experiments;

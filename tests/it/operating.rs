@@ -132,7 +132,7 @@ async fn the_worker_prunes_published_events_itself_one_replica_at_a_time() {
     db.open_account(2, 0).await;
     // Another replica is pruning (holds the lock) while this worker starts.
     let mut other = db.pool.acquire().await.unwrap();
-    sqlx::query("SELECT pg_advisory_lock(hashtextextended('transfer-worker:prune', 0))")
+    sqlx::query("SELECT pg_advisory_lock(transfer_worker_lock_key('transfer-worker', 'prune'))")
         .execute(&mut *other)
         .await
         .unwrap();
@@ -144,7 +144,7 @@ async fn the_worker_prunes_published_events_itself_one_replica_at_a_time() {
     wait_for("everything published", Duration::from_secs(30), || db.settled()).await;
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     assert_eq!(db.scalar("SELECT count(*) FROM outbox").await, 20, "not while another replica holds the lock");
-    sqlx::query("SELECT pg_advisory_unlock(hashtextextended('transfer-worker:prune', 0))")
+    sqlx::query("SELECT pg_advisory_unlock(transfer_worker_lock_key('transfer-worker', 'prune'))")
         .execute(&mut *other)
         .await
         .unwrap();
