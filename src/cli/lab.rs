@@ -63,7 +63,7 @@ pub async fn run(database_url: &Option<String>, args: LabArgs) -> Result<()> {
         return Ok(());
     }
     print_text(&format!(
-        "{:<13} {:>9} {:>18} {:>18} {:>18} {:>8} {:>8} {:>11} {:>10}",
+        "{:<13} {:>9} {:>12} {:>12} {:>12} {:>8} {:>8} {:>11} {:>10}",
         "strategy", "expected", "actual", "lost", "duplicates", "refused", "retries", "elapsed_ms", "ops/s"
     ));
     for r in &results {
@@ -77,14 +77,14 @@ pub async fn run(database_url: &Option<String>, args: LabArgs) -> Result<()> {
             }
         };
         print_text(&format!(
-            "{:<13} {:>9} {:>18} {:>18} {:>18} {:>8} {:>8} {:>11.1} {:>10.0}",
+            "{:<13} {:>9} {:>12} {:>12} {:>12} {:>8} {:>8} {:>11.1} {:>10.0}",
             r.name,
-            j["expected"],
+            j["expected"].as_i64().unwrap_or(0),
             spread(&|run| run.actual),
             spread(&|run| run.lost()),
             spread(&|run| run.duplicates()),
-            j["refused"],
-            j["retries"],
+            j["refused"].as_u64().unwrap_or(0),
+            j["retries"].as_u64().unwrap_or(0),
             j["elapsed_ms"].as_f64().unwrap_or(0.0),
             j["ops_per_s"].as_f64().unwrap_or(0.0),
         ));
