@@ -10,45 +10,6 @@ use sqlx::{ConnectOptions, Connection, PgPool};
 
 use crate::error::{Error, Result};
 
-/// Binds a state enum to the TEXT column that holds its name (`status`,
-/// `refund_status`, `outbox.state`), through its `as_str` and `FromStr`.
-///
-/// TEXT with a CHECK constraint rather than PostgreSQL enum types: SQL
-/// producers insert and read these columns as plain text from any language,
-/// and a CHECK can be widened in a migration without ALTER TYPE's limits.
-/// The SQL guards stay literals (`WHERE status = 'PENDING'`): the partial
-/// indexes the claims use only match a literal predicate.
-macro_rules! text_state {
-    ($t:ty) => {
-        impl sqlx::Type<sqlx::Postgres> for $t {
-            fn type_info() -> sqlx::postgres::PgTypeInfo {
-                <&str as sqlx::Type<sqlx::Postgres>>::type_info()
-            }
-
-            fn compatible(ty: &sqlx::postgres::PgTypeInfo) -> bool {
-                <&str as sqlx::Type<sqlx::Postgres>>::compatible(ty)
-            }
-        }
-
-        impl<'r> sqlx::Decode<'r, sqlx::Postgres> for $t {
-            fn decode(value: sqlx::postgres::PgValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
-                let text = <&str as sqlx::Decode<sqlx::Postgres>>::decode(value)?;
-                text.parse::<$t>().map_err(Into::into)
-            }
-        }
-
-        impl sqlx::Encode<'_, sqlx::Postgres> for $t {
-            fn encode_by_ref(
-                &self,
-                buf: &mut sqlx::postgres::PgArgumentBuffer,
-            ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
-                <&str as sqlx::Encode<sqlx::Postgres>>::encode_by_ref(&self.as_str(), buf)
-            }
-        }
-    };
-}
-pub(crate) use text_state;
-
 /// The migrations under `migrations/`, embedded in the binary.
 /// How the worker's claiming transactions begin: `BEGIN`, and no explicit
 /// sorts in this transaction, in the same round trip.

@@ -46,7 +46,7 @@ pub enum Error {
     /// SQS failed in a way that is not the event's fault (an outage), with
     /// its code and request id.
     #[error("SQS error: {0}")]
-    Sqs(crate::outbox::sqs::SqsFailure),
+    Sqs(crate::outbox::delivery::SqsFailure),
 
     /// A service we need cannot be reached (the message names it and why).
     /// Exit code 1.

@@ -39,6 +39,7 @@ pub mod retry;
 pub mod service;
 pub mod shutdown;
 pub mod status;
+mod text_state;
 mod trace;
 pub mod transfer;
 pub mod wake;

@@ -11,6 +11,7 @@ use std::time::Duration;
 use clap::Parser;
 
 mod cli;
+mod exit;
 mod tools;
 
 use cli::Cli;
@@ -32,11 +33,11 @@ fn main() -> std::process::ExitCode {
     // Spans still queued for the collector: a bounded wait, never a hang.
     telemetry.flush(Duration::from_secs(3));
     match result {
-        Ok(()) => std::process::ExitCode::from(cli::ExitCode::Done as u8),
+        Ok(()) => std::process::ExitCode::from(exit::ExitCode::Done as u8),
         Err(e) => {
             // Not eprintln!: it panics if stderr is closed.
             let _ = writeln!(std::io::stderr(), "error: {e}");
-            std::process::ExitCode::from(cli::exit_code(&e) as u8)
+            std::process::ExitCode::from(exit::exit_code(&e) as u8)
         }
     }
 }

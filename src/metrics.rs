@@ -5,7 +5,9 @@
 //! Counters and histograms count what this process did since it started
 //! (Prometheus sums replicas and handles restarts with `rate()`); gauges
 //! describe the database, read at scrape time from cheap sources only (see
-//! [`crate::status`]). No label ever holds a transfer, account or event id:
+//! [`crate::status`]; `admin` sets them from a status reading and renders
+//! the exposition). The work itself never touches this registry: each
+//! service's loop records what a pass reports (`Service::record`). No label ever holds a transfer, account or event id:
 //! every label has a handful of values.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,8 +20,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
-
-use crate::status::Status;
 
 /// A label set: a few fixed names, values from small fixed sets.
 pub type Labels = Vec<(&'static str, String)>;
@@ -258,26 +258,34 @@ impl Metrics {
         (self.applied_total.load(Ordering::Relaxed), self.published_total.load(Ordering::Relaxed))
     }
 
-    /// The exposition, with the database gauges set from `status` (none if
-    /// the database could not be read: the counters are still worth having).
-    pub fn render(&self, status: Option<&Status>) -> String {
-        if let Some(s) = status {
-            for (state, n) in &s.transfers {
-                self.transfers.get_or_create(&labels(&[("status", state)])).set(*n);
-            }
-            for (state, n) in &s.refunds {
-                self.refunds.get_or_create(&labels(&[("status", state)])).set(*n);
-            }
-            let o = &s.outbox;
-            for (state, n) in [("pending", o.pending), ("published", o.published), ("dead", o.dead), ("held", o.held)] {
-                self.outbox_events.get_or_create(&labels(&[("state", state)])).set(n);
-            }
-            self.oldest_unpublished_age.set(s.oldest_unpublished_age_s);
+    /// Sets the database gauges (from a status reading: see `admin`).
+    pub fn set_database_gauges(&self, gauges: &DatabaseGauges<'_>) {
+        for (status, n) in gauges.transfers {
+            self.transfers.get_or_create(&labels(&[("status", status)])).set(*n);
         }
+        for (status, n) in gauges.refunds {
+            self.refunds.get_or_create(&labels(&[("status", status)])).set(*n);
+        }
+        for (state, n) in gauges.outbox {
+            self.outbox_events.get_or_create(&labels(&[("state", state)])).set(*n);
+        }
+        self.oldest_unpublished_age.set(gauges.oldest_unpublished_age_s);
+    }
+
+    /// The OpenMetrics exposition of every metric.
+    pub fn encode(&self) -> String {
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
     }
+}
+
+/// What the database gauges show: counts per state, by the state's name.
+pub struct DatabaseGauges<'a> {
+    pub transfers: &'a [(&'static str, i64)],
+    pub refunds: &'a [(&'static str, i64)],
+    pub outbox: &'a [(&'static str, i64)],
+    pub oldest_unpublished_age_s: f64,
 }
 
 /// The process's metrics.

@@ -45,10 +45,24 @@ pub trait Service: Send + Sync + 'static {
     /// Rows a pass takes at most.
     fn batch_size(&self) -> i64;
 
+    /// How its loop polls and backs off.
+    fn timing(&self) -> Timing;
+
+    /// What wakes its loop before the poll interval passes.
+    fn wake(&self) -> Arc<Notify>;
+
+    /// Records what a pass did in the process's metrics; the loop calls it
+    /// after every pass, so the work itself never touches a global registry.
+    fn record(&self, _counts: &Self::Counts) {}
+
     /// One pass, judged for the loop: how soon the next one should start.
     fn pass(&self) -> BoxFuture<'_, Pass> {
         Box::pin(async move {
-            match self.run_once().await {
+            let outcome = self.run_once().await;
+            if let Ok(c) = &outcome {
+                self.record(c);
+            }
+            match outcome {
                 Ok(c) if c.unavailable() => Pass::Unavailable,
                 Ok(c) if c.claimed() as i64 >= self.batch_size() => Pass::Busy,
                 Ok(_) => Pass::Idle,
@@ -70,6 +84,7 @@ pub trait Service: Send + Sync + 'static {
             let mut total = Self::Counts::default();
             loop {
                 let c = self.run_once().await?;
+                self.record(&c);
                 let (claimed, unavailable) = (c.claimed(), c.unavailable());
                 total += c;
                 if claimed == 0 || unavailable {
@@ -94,15 +109,28 @@ pub trait Service: Send + Sync + 'static {
     }
 }
 
-/// Runs `service` until `shutdown` is cancelled (see the module docs).
-pub async fn run<S: Service>(
-    service: Arc<S>,
-    shutdown: CancellationToken,
-    wake: Arc<Notify>,
-    poll: Duration,
-    retry: RetryPolicy,
-) {
-    run_loop(shutdown, wake, poll, retry, move || {
+/// How a service's loop paces itself.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Timing {
+    /// The longest idle sleep (a wake-up cuts it short).
+    pub poll_interval: Duration,
+    /// Backoff while a dependency is unavailable.
+    pub outage_retry: RetryPolicy,
+}
+
+impl Default for Timing {
+    /// 500 ms polls; 100 ms doubling to 30 s while a dependency is down.
+    fn default() -> Self {
+        Timing { poll_interval: Duration::from_millis(500), outage_retry: RetryPolicy::default() }
+    }
+}
+
+/// Runs `service` until `shutdown` is cancelled (see the module docs): the
+/// service says how it is paced and woken.
+pub async fn run<S: Service>(service: Arc<S>, shutdown: CancellationToken) {
+    let Timing { poll_interval, outage_retry } = service.timing();
+    let wake = service.wake();
+    run_loop(shutdown, wake, poll_interval, outage_retry, move || {
         let service = service.clone();
         Box::pin(async move { service.pass().await })
     })

@@ -8,14 +8,15 @@ use serde::Serialize;
 use sqlx::PgPool;
 
 use crate::error::Result;
+use crate::outbox::EventState;
 use crate::transfer::{RefundStatus, TransferStatus};
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Status {
     /// Transfers per `status`, every state listed.
-    pub transfers: BTreeMap<String, i64>,
+    pub transfers: BTreeMap<TransferStatus, i64>,
     /// Refunds per `refund_status` (REQUESTED, COMPLETED, FAILED; NONE is no refund).
-    pub refunds: BTreeMap<String, i64>,
+    pub refunds: BTreeMap<RefundStatus, i64>,
     pub outbox: OutboxCounts,
     /// Age in seconds of the oldest event not yet published (dead and held
     /// included); 0 when everything is published.
@@ -66,15 +67,17 @@ pub async fn read(pool: &PgPool) -> Result<Status> {
     let counts = sqlx::query!(r#"SELECT kind AS "kind!", state AS "state!", n AS "n!" FROM current_state_counts"#)
         .fetch_all(pool)
         .await?;
-    let mut transfers: BTreeMap<String, i64> = TransferStatus::ALL.iter().map(|s| (s.to_string(), 0)).collect();
-    let mut refunds: BTreeMap<String, i64> =
-        RefundStatus::ALL.iter().filter(|s| **s != RefundStatus::None).map(|s| (s.to_string(), 0)).collect();
-    let mut events: BTreeMap<String, i64> = BTreeMap::new();
+    let mut transfers: BTreeMap<TransferStatus, i64> = TransferStatus::ALL.iter().map(|s| (*s, 0)).collect();
+    let mut refunds: BTreeMap<RefundStatus, i64> =
+        RefundStatus::ALL.iter().filter(|s| **s != RefundStatus::None).map(|s| (*s, 0)).collect();
+    let mut events: BTreeMap<EventState, i64> = EventState::ALL.iter().map(|s| (*s, 0)).collect();
+    // The counters' `kind` names which column a state is of; a state this
+    // binary does not know (a newer release wrote it) is left out.
     for c in counts {
         match c.kind.as_str() {
-            "transfer" => transfers.insert(c.state, c.n),
-            "refund" => refunds.insert(c.state, c.n),
-            _ => events.insert(c.state, c.n),
+            "transfer" => c.state.parse().ok().map(|s| transfers.insert(s, c.n)),
+            "refund" => c.state.parse().ok().map(|s| refunds.insert(s, c.n)),
+            _ => c.state.parse().ok().map(|s| events.insert(s, c.n)),
         };
     }
 
@@ -92,9 +95,12 @@ pub async fn read(pool: &PgPool) -> Result<Status> {
     )
     .fetch_one(pool)
     .await?;
-    let event = |state: &str| events.get(state).copied().unwrap_or(0);
-    let outbox =
-        OutboxCounts { pending: event("pending") - held, published: event("published"), dead: event("dead"), held };
+    let outbox = OutboxCounts {
+        pending: events[&EventState::Pending] - held,
+        published: events[&EventState::Published],
+        dead: events[&EventState::Dead],
+        held,
+    };
 
     // The oldest event still waiting: the head of the pending events' index,
     // or a dead event (few, from their own index) if one is older.
@@ -124,7 +130,9 @@ pub async fn read(pool: &PgPool) -> Result<Status> {
 
 impl std::fmt::Display for Status {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let line = |m: &BTreeMap<String, i64>| m.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ");
+        fn line<K: std::fmt::Display>(m: &BTreeMap<K, i64>) -> String {
+            m.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
+        }
         writeln!(f, "transfers: {}", line(&self.transfers))?;
         writeln!(f, "refunds:   {}", line(&self.refunds))?;
         let o = &self.outbox;

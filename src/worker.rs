@@ -32,7 +32,7 @@ use crate::maintenance::MaintenanceConfig;
 use crate::outbox::relay::{Relay, RelayConfig};
 use crate::outbox::sqs::Publisher;
 use crate::retry::RetryPolicy;
-use crate::service::{self, Service};
+use crate::service::{self, Service, Timing};
 use crate::transfer::apply::{Applier, ApplyConfig, CommitObserver};
 use crate::transfer::busy::BusyAccounts;
 use crate::wake::Wakers;
@@ -114,21 +114,18 @@ pub async fn run_with_health(
     let mut appliers = JoinSet::new();
     // What one apply task learns about accounts held elsewhere, all know.
     let busy = Arc::new(BusyAccounts::default());
+    let timing = Timing { poll_interval: config.poll_interval, outage_retry: config.db_retry };
     for _ in 0..config.workers.max(1) {
         let applier = Arc::new(
             Applier::new(pool.clone(), config.apply.clone())
+                .with_timing(timing)
+                .woken_by(wakers.work.clone())
                 .sharing_busy_accounts(busy.clone())
                 .waking_on_events(wakers.outbox.clone())
                 .with_refund_hint(wakers.refunds.clone())
                 .observing(config.observer.clone()),
         );
-        appliers.spawn(service::run(
-            applier,
-            shutdown.clone(),
-            wakers.work.clone(),
-            config.poll_interval,
-            config.db_retry,
-        ));
+        appliers.spawn(service::run(applier, shutdown.clone()));
     }
 
     // The relay stops only after the apply tasks, so it can drain their last events.
@@ -142,9 +139,8 @@ pub async fn run_with_health(
             .with_health(health.clone()),
     );
     let mut relays = JoinSet::new();
-    let (relay_poll, relay_retry) = relay.timing();
     for _ in 0..config.relays.max(1) {
-        relays.spawn(service::run(relay.clone(), relay_stop.clone(), relay.wake(), relay_poll, relay_retry));
+        relays.spawn(service::run(relay.clone(), relay_stop.clone()));
     }
     tracing::info!(workers = config.workers, relays = config.relays, "worker running");
 

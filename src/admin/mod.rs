@@ -47,6 +47,7 @@ use crate::status;
 pub mod access;
 mod console;
 mod listener;
+mod metrics;
 mod views;
 
 use access::Access;
@@ -283,7 +284,7 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
         }
     };
     let status = reading.as_ref().filter(|(at, _)| at.elapsed() < METRICS_STALE).map(|(_, s)| s);
-    let body = crate::metrics::metrics().render(status);
+    let body = metrics::render(status);
     (StatusCode::OK, [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body)
         .into_response()
 }

@@ -181,7 +181,7 @@ mod tests {
     fn text_from_the_database_is_escaped_wherever_it_lands() {
         let nasty = "<script>alert(\"x\")</script>&'";
         let status = Status {
-            transfers: [(nasty.to_owned(), 1)].into(),
+            transfers: [(crate::transfer::TransferStatus::Pending, 1)].into(),
             refunds: Default::default(),
             outbox: OutboxCounts { pending: 0, published: 0, dead: 1, held: 0 },
             oldest_unpublished_age_s: 0.0,
@@ -196,6 +196,8 @@ mod tests {
             }],
         };
         let notice = Notice { requeued: None, error: Some(nasty.into()) };
+        // (State names are enums now; what comes from the database as text
+        // is the dead events' fields and the notice.)
         let html = console(&ConsolePage {
             status: &Ok(status),
             rates: &[],

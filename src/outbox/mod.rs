@@ -16,15 +16,17 @@
 //! nothing else. Outages (SQS unreachable, throttled, 5xx, queue missing) never
 //! change `attempts` and never make an event dead.
 
+pub mod delivery;
 pub mod relay;
 pub mod requeue;
 pub mod sqs;
 pub(crate) mod store;
+pub mod telemetry;
 
 use serde::Serialize;
 
 /// `outbox.state`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EventState {
     /// Written with its state change; the relay claims it when it is the
@@ -63,7 +65,79 @@ impl std::str::FromStr for EventState {
     }
 }
 
-crate::db::text_state!(EventState);
+crate::text_state::text_state!(EventState);
+
+/// `outbox.event_type`: what happened, in the events' one spelling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize)]
+pub enum EventType {
+    /// A transfer moved the money (PENDING -> SUCCEEDED).
+    #[serde(rename = "transfer.succeeded")]
+    TransferSucceeded,
+    /// A transfer failed (PENDING -> FAILED); the data has `reason`.
+    #[serde(rename = "transfer.failed")]
+    TransferFailed,
+    /// A transfer was cancelled while PENDING.
+    #[serde(rename = "transfer.cancelled")]
+    TransferCancelled,
+    /// A refund was accepted (NONE -> REQUESTED); the data has `refund_amount`.
+    #[serde(rename = "refund.requested")]
+    RefundRequested,
+    /// The refund moved the money back (REQUESTED -> COMPLETED).
+    #[serde(rename = "refund.completed")]
+    RefundCompleted,
+    /// The refund failed (REQUESTED -> FAILED); the data has `reason`.
+    #[serde(rename = "refund.failed")]
+    RefundFailed,
+}
+
+impl EventType {
+    pub const ALL: [EventType; 6] = [
+        EventType::TransferSucceeded,
+        EventType::TransferFailed,
+        EventType::TransferCancelled,
+        EventType::RefundRequested,
+        EventType::RefundCompleted,
+        EventType::RefundFailed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::TransferSucceeded => "transfer.succeeded",
+            EventType::TransferFailed => "transfer.failed",
+            EventType::TransferCancelled => "transfer.cancelled",
+            EventType::RefundRequested => "refund.requested",
+            EventType::RefundCompleted => "refund.completed",
+            EventType::RefundFailed => "refund.failed",
+        }
+    }
+
+    /// Where the event stands among its transfer's events: a transfer has at
+    /// most three, always in this order (its outcome, then a refund's
+    /// request and outcome), so a consumer of a standard queue, where events
+    /// of one transfer may arrive out of order, can put them back in order.
+    pub fn sequence(self) -> u8 {
+        match self {
+            EventType::TransferSucceeded | EventType::TransferFailed | EventType::TransferCancelled => 1,
+            EventType::RefundRequested => 2,
+            EventType::RefundCompleted | EventType::RefundFailed => 3,
+        }
+    }
+}
+
+impl std::fmt::Display for EventType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for EventType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        EventType::ALL.into_iter().find(|t| t.as_str() == s).ok_or_else(|| format!("unknown event type {s:?}"))
+    }
+}
+
+crate::text_state::text_state!(EventType);
 
 /// The message body published to SQS (the contract's event format).
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]

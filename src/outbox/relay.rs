@@ -38,11 +38,11 @@ use tokio::sync::Notify;
 
 use crate::error::{Error, Result};
 use crate::health::Health;
-use crate::metrics::metrics;
-use crate::outbox::sqs::{escape_for_sqs, Delivery, Outgoing, Publisher};
+use crate::outbox::sqs::{escape_for_sqs, Delivery, Outgoing, Published, Publisher};
+use crate::outbox::telemetry::{self, RelayReport};
 use crate::outbox::{store, EventBody, EventState};
 use crate::retry::RetryPolicy;
-use crate::service::{Progress, Service};
+use crate::service::{Progress, Service, Timing};
 use futures::future::BoxFuture;
 
 /// Tuning of the relay; see `transfer-worker run --help` for the flags.
@@ -80,7 +80,7 @@ impl Default for RelayConfig {
 }
 
 /// What one pass did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RelayCounts {
     pub claimed: usize,
     pub published: usize,
@@ -96,6 +96,8 @@ pub struct RelayCounts {
     /// Outcomes dropped because the lease had expired and another relay had
     /// claimed the event again.
     pub lost_lease: usize,
+    /// For the metrics (recorded by the service loop).
+    pub report: RelayReport,
 }
 
 /// An event as claimed.
@@ -168,9 +170,11 @@ impl Relay {
             return Ok(RelayCounts::default());
         }
         let claimed = started.elapsed();
-        let outcomes = self.send(&claim).await;
+        let published = self.send(&claim).await;
         let sent = started.elapsed();
-        let counts = self.record(claim, &outcomes).await.map_err(|e| e.at("recording what SQS did with a batch"))?;
+        let mut counts =
+            self.record(claim, &published.outcomes).await.map_err(|e| e.at("recording what SQS did with a batch"))?;
+        counts.report.calls = published.calls;
         tracing::debug!(
             events = counts.claimed,
             published = counts.published,
@@ -214,7 +218,7 @@ impl Relay {
     }
 
     /// Step 2: sends the claimed events; no transaction is open meanwhile.
-    pub async fn send(&self, claim: &Claim) -> HashMap<i64, Delivery> {
+    pub async fn send(&self, claim: &Claim) -> Published {
         let outgoing: Vec<Outgoing> = claim.events.iter().map(to_outgoing).collect();
         self.publisher.publish(&outgoing).await
     }
@@ -240,7 +244,7 @@ impl Relay {
                     tracing::warn!(outbox_id = e.id, event_id = %e.event_id, transfer_id = e.transfer_id, error = %err, "SQS refused an event");
                 }
                 Some(Delivery::Deferred(err)) => {
-                    metrics().event_deferred(&err.code);
+                    counts.report.deferred.push(err.code.clone());
                     deferred_ids.push(e.id);
                     deferred_errors.push(format!("{err} (not the message's fault: retried, not counted)"));
                     let n = e.transient_failures as u32 + 1;
@@ -291,7 +295,7 @@ impl Relay {
             recorded += rows.len();
             for r in &rows {
                 let code = rejected_codes.get(&r.id).map(String::as_str).unwrap_or("");
-                metrics().event_rejected(code, r.state == EventState::Dead);
+                counts.report.rejected.push((code.to_owned(), r.state == EventState::Dead));
                 if r.state == EventState::Dead {
                     tracing::error!(
                         outbox_id = r.id,
@@ -325,7 +329,7 @@ impl Relay {
         let written: HashMap<i64, f64> = claim.events.iter().map(|e| (e.id, e.occurred_epoch)).collect();
         for id in &published_now {
             let age = now - written.get(id).copied().unwrap_or(now);
-            metrics().event_published(Duration::from_secs_f64(age.max(0.0)));
+            counts.report.published_ages.push(Duration::from_secs_f64(age.max(0.0)));
         }
         counts.lost_lease = claim.events.len() - recorded;
         if counts.lost_lease > 0 {
@@ -370,6 +374,7 @@ impl std::ops::AddAssign for RelayCounts {
         self.deferred += o.deferred;
         self.unavailable += o.unavailable;
         self.lost_lease += o.lost_lease;
+        self.report.merge(o.report);
     }
 }
 
@@ -386,17 +391,20 @@ impl Service for Relay {
     fn batch_size(&self) -> i64 {
         self.config.batch_size
     }
-}
 
-impl Relay {
-    /// The loop's wake-up (events written by this process or notified).
-    pub fn wake(&self) -> Arc<Notify> {
+    /// Its poll interval, and its backoff while SQS (or the database) is
+    /// unavailable.
+    fn timing(&self) -> Timing {
+        Timing { poll_interval: self.config.poll_interval, outage_retry: self.config.outage_retry }
+    }
+
+    /// Events written by this process, or notified.
+    fn wake(&self) -> Arc<Notify> {
         self.wake.clone()
     }
 
-    /// The loop's timing: poll interval and outage backoff.
-    pub fn timing(&self) -> (Duration, RetryPolicy) {
-        (self.config.poll_interval, self.config.outage_retry)
+    fn record(&self, counts: &RelayCounts) {
+        telemetry::record(&counts.report);
     }
 }
 

@@ -10,17 +10,13 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::fmt;
 use std::time::Duration;
 
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::BehaviorVersion;
-use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata};
-use aws_sdk_sqs::operation::RequestId;
-use aws_sdk_sqs::types::{
-    BatchResultErrorEntry, MessageAttributeValue, QueueAttributeName, SendMessageBatchRequestEntry,
-};
+use aws_sdk_sqs::error::ProvideErrorMetadata;
+use aws_sdk_sqs::types::{MessageAttributeValue, QueueAttributeName, SendMessageBatchRequestEntry};
 use futures::StreamExt;
 
 /// At most 10 entries per `SendMessageBatch` call.
@@ -94,146 +90,7 @@ pub fn escape_for_sqs(text: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-/// An SQS call that failed as a whole, with what SQS (or the network) said:
-/// its error code when SQS answered, the request id to quote to AWS support,
-/// and the full error chain.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SqsFailure {
-    /// What was being done ("SendMessageBatch", "CreateQueue x", ...).
-    pub call: String,
-    pub code: Option<String>,
-    pub request_id: Option<String>,
-    pub message: String,
-}
-
-impl SqsFailure {
-    pub fn from_sdk<E, R>(call: impl Into<String>, err: &aws_sdk_sqs::error::SdkError<E, R>) -> SqsFailure
-    where
-        E: ProvideErrorMetadata + std::error::Error + 'static,
-        R: std::fmt::Debug,
-    {
-        let meta = err.as_service_error().map(|e| e.meta());
-        SqsFailure {
-            call: call.into(),
-            code: err.code().map(str::to_owned),
-            request_id: meta.and_then(|m| m.request_id()).map(str::to_owned),
-            message: DisplayErrorContext(err).to_string(),
-        }
-    }
-}
-
-impl fmt::Display for SqsFailure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.call)?;
-        if let Some(code) = &self.code {
-            write!(f, ": {code}")?;
-        }
-        if let Some(id) = &self.request_id {
-            write!(f, " (request id {id})")?;
-        }
-        write!(f, ": {}", self.message)
-    }
-}
-
-impl std::error::Error for SqsFailure {}
-
-/// A failure SQS reported for one entry of a batch.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EntryError {
-    pub code: String,
-    pub message: String,
-    pub sender_fault: bool,
-}
-
-impl fmt::Display for EntryError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} (sender fault: {}): {}", self.code, self.sender_fault, self.message)
-    }
-}
-
-impl From<&BatchResultErrorEntry> for EntryError {
-    fn from(e: &BatchResultErrorEntry) -> Self {
-        EntryError {
-            code: e.code().to_owned(),
-            message: e.message().unwrap_or_default().to_owned(),
-            sender_fault: e.sender_fault(),
-        }
-    }
-}
-
-/// Per-entry codes caused by the message itself: sending it again cannot
-/// help, so each counts toward the event's `max_attempts`. LocalStack (and, by
-/// some reports, SQS) flags `InvalidMessageContents` as no sender fault, so
-/// the code decides before the flag does.
-const MESSAGE_FAULT_CODES: &[&str] = &[
-    "InvalidMessageContents",
-    "InvalidParameterValue",
-    "InvalidParameterValueException",
-    "InvalidAttributeName",
-    "InvalidAttributeValue",
-    "MessageTooLong",
-    "MissingParameter",
-    "InvalidBatchEntryId",
-];
-
-/// Per-entry codes that are not the message's fault: throttling, SQS's own
-/// trouble, and KMS (a disabled or throttled key is the queue's set-up).
-fn is_transient_entry_code(code: &str) -> bool {
-    matches!(
-        code,
-        "ThrottlingException"
-            | "Throttling"
-            | "RequestThrottled"
-            | "ServiceUnavailable"
-            | "InternalError"
-            | "InternalFailure"
-            | "ServiceUnavailableException"
-    ) || code.starts_with("KMS.")
-        || code.starts_with("Kms")
-}
-
-/// What happened to one event.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Delivery {
-    /// SQS accepted it.
-    Sent,
-    /// SQS refused this entry because of the message itself (or it is larger
-    /// than any SQS message can be): counts as an attempt, and the event is
-    /// dead after the configured maximum.
-    Rejected(EntryError),
-    /// SQS failed this entry for a reason that is not the message's
-    /// (throttling, an internal error): this event is retried later with
-    /// backoff, never counted, and the other events are not held back.
-    Deferred(EntryError),
-    /// The whole call failed (unreachable, timed out, throttled, 5xx, queue
-    /// missing, credentials, a malformed request): an outage, never counted
-    /// against any event, however many the call carried.
-    Unavailable(SqsFailure),
-}
-
-impl Delivery {
-    /// Classifies a per-entry failure: by its code first, then by its
-    /// `SenderFault` flag.
-    pub fn for_entry(error: EntryError) -> Delivery {
-        if MESSAGE_FAULT_CODES.contains(&error.code.as_str()) {
-            Delivery::Rejected(error)
-        } else if is_transient_entry_code(&error.code) || !error.sender_fault {
-            Delivery::Deferred(error)
-        } else {
-            Delivery::Rejected(error)
-        }
-    }
-
-    /// What happened, in a word (for spans).
-    pub fn name(&self) -> &'static str {
-        match self {
-            Delivery::Sent => "sent",
-            Delivery::Rejected(_) => "rejected",
-            Delivery::Deferred(_) => "deferred",
-            Delivery::Unavailable(_) => "unavailable",
-        }
-    }
-}
+pub use super::delivery::{Delivery, EntryError, SqsFailure};
 
 /// `SendMessageBatch` calls a relay pass keeps in flight unless told
 /// otherwise: a default pass (100 events) goes out in one wave of 10 calls,
@@ -352,7 +209,7 @@ impl Publisher {
     /// The caller must not pass two events of one transfer: calls complete in
     /// any order. (The relay claims only the earliest unpublished event of
     /// each transfer.)
-    pub async fn publish(&self, events: &[Outgoing]) -> HashMap<i64, Delivery> {
+    pub async fn publish(&self, events: &[Outgoing]) -> Published {
         // An event larger than any SQS message is refused here, without a
         // call: it is that event's fault, and alone it would fail the call.
         let (sendable, too_large): (Vec<&Outgoing>, Vec<&Outgoing>) =
@@ -371,13 +228,18 @@ impl Publisher {
         // The calls are built first and then driven: a closure inside the
         // stream would make this future's `Send` unprovable for spawned tasks.
         let calls: Vec<_> = batches(&sendable).into_iter().map(|batch| self.send_batch(batch)).collect();
-        let results: Vec<Vec<(i64, Delivery)>> =
+        let results: Vec<(Vec<(i64, Delivery)>, (&'static str, Duration))> =
             futures::stream::iter(calls).buffer_unordered(self.concurrency).collect().await;
-        outcomes.extend(results.into_iter().flatten());
-        outcomes
+        let mut calls = Vec::with_capacity(results.len());
+        for (deliveries, call) in results {
+            outcomes.extend(deliveries);
+            calls.push(call);
+        }
+        Published { outcomes, calls }
     }
 
-    async fn send_batch(&self, batch: Vec<&Outgoing>) -> Vec<(i64, Delivery)> {
+    /// One `SendMessageBatch`: each entry's outcome, and how the call ended.
+    async fn send_batch(&self, batch: Vec<&Outgoing>) -> (Vec<(i64, Delivery)>, (&'static str, Duration)) {
         let mut entries = Vec::with_capacity(batch.len());
         for e in &batch {
             let mut entry = SendMessageBatchRequestEntry::builder()
@@ -417,8 +279,8 @@ impl Publisher {
             Err(e) if e.code().is_some_and(|c| c.contains("Throttl")) => "throttled",
             Err(_) => "unavailable",
         };
-        crate::metrics::metrics().sqs_call(call_result, started.elapsed());
-        match result {
+        let call = (call_result, started.elapsed());
+        let deliveries = match result {
             Ok(out) => {
                 let mut outcomes: HashMap<i64, Delivery> = HashMap::with_capacity(batch.len());
                 for ok in out.successful() {
@@ -452,8 +314,18 @@ impl Publisher {
                 let failure = SqsFailure::from_sdk("SendMessageBatch", &err);
                 batch.iter().map(|e| (e.outbox_id, Delivery::Unavailable(failure.clone()))).collect()
             }
-        }
+        };
+        (deliveries, call)
     }
+}
+
+/// What a [`Publisher::publish`] did: each event's outcome by outbox id,
+/// and each call's result and duration (for the metrics, recorded by the
+/// relay's loop).
+#[derive(Debug, Default)]
+pub struct Published {
+    pub outcomes: HashMap<i64, Delivery>,
+    pub calls: Vec<(&'static str, Duration)>,
 }
 
 /// Creates the queue `name` (a FIFO queue if it ends in `.fifo`; an existing

@@ -178,7 +178,7 @@ struct OutcomeRow {
 fn show(what: &str, result: Result<String>) {
     match result {
         Ok(state) => println!("   {what:<40} -> {state}"),
-        Err(e) => println!("   {what:<40} -> refused (exit {}): {e}", crate::cli::exit_code(&e) as u8),
+        Err(e) => println!("   {what:<40} -> refused (exit {}): {e}", crate::exit::exit_code(&e) as u8),
     }
 }
 

@@ -28,6 +28,8 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::account::AccountId;
+
 /// The longest a batch waits for the accounts of a transfer whose turn came
 /// (it was skipped `max_skips` times). Our own batches hold an account for a
 /// few milliseconds (a commit with fsync included).
@@ -53,12 +55,12 @@ struct Busy {
 /// Accounts another session holds (see the module docs).
 #[derive(Debug, Default)]
 pub struct BusyAccounts {
-    accounts: Mutex<HashMap<i64, Busy>>,
+    accounts: Mutex<HashMap<AccountId, Busy>>,
 }
 
 impl BusyAccounts {
     /// The accounts claims must leave out now.
-    pub fn current(&self) -> Vec<i64> {
+    pub fn current(&self) -> Vec<AccountId> {
         let accounts = self.accounts.lock().expect("busy accounts lock");
         if accounts.is_empty() {
             return Vec::new();
@@ -68,14 +70,14 @@ impl BusyAccounts {
     }
 
     /// Whether `account` is left out of claims now.
-    pub fn is_busy(&self, account: i64) -> bool {
+    pub fn is_busy(&self, account: AccountId) -> bool {
         let accounts = self.accounts.lock().expect("busy accounts lock");
         accounts.get(&account).is_some_and(|b| b.until > Instant::now())
     }
 
     /// `held` were found held by someone else after a wait of [`TURN_WAIT`]:
     /// leave them out of claims for a while, longer each time in a row.
-    pub fn held(&self, held: &[i64]) {
+    pub fn held(&self, held: &[AccountId]) {
         if held.is_empty() {
             return;
         }
@@ -87,7 +89,7 @@ impl BusyAccounts {
             b.until = now + backoff(b.strikes);
         }
         if accounts.len() > MAX_BUSY {
-            let mut by_strikes: Vec<(i64, u32)> = accounts.iter().map(|(id, b)| (*id, b.strikes)).collect();
+            let mut by_strikes: Vec<(AccountId, u32)> = accounts.iter().map(|(id, b)| (*id, b.strikes)).collect();
             by_strikes.sort_unstable_by_key(|(_, s)| std::cmp::Reverse(*s));
             for (id, _) in by_strikes.split_off(MAX_BUSY) {
                 accounts.remove(&id);
@@ -98,8 +100,8 @@ impl BusyAccounts {
     /// A batch could not take `skipped` without waiting. Those already known
     /// to be held elsewhere are busy again at once (no wait needed to tell);
     /// the others are probably another batch's, for milliseconds.
-    pub fn skipped(&self, skipped: &[i64]) {
-        let again: Vec<i64> = {
+    pub fn skipped(&self, skipped: &[AccountId]) {
+        let again: Vec<AccountId> = {
             let accounts = self.accounts.lock().expect("busy accounts lock");
             if accounts.is_empty() {
                 return;
@@ -110,7 +112,7 @@ impl BusyAccounts {
     }
 
     /// A batch took `taken`: whatever held them let go.
-    pub fn taken(&self, taken: impl IntoIterator<Item = i64>) {
+    pub fn taken(&self, taken: impl IntoIterator<Item = AccountId>) {
         let mut accounts = self.accounts.lock().expect("busy accounts lock");
         if accounts.is_empty() {
             return;
@@ -132,14 +134,15 @@ mod tests {
     #[test]
     fn a_held_account_is_left_out_until_its_backoff_ends_and_forgotten_once_taken() {
         let busy = BusyAccounts::default();
+        let (a7, a8) = (AccountId(7), AccountId(8));
         assert!(busy.current().is_empty());
-        busy.held(&[7]);
-        assert_eq!(busy.current(), vec![7]);
-        assert!(busy.is_busy(7) && !busy.is_busy(8));
+        busy.held(&[a7]);
+        assert_eq!(busy.current(), vec![a7]);
+        assert!(busy.is_busy(a7) && !busy.is_busy(a8));
         // Skipped again while known: busy again; an unknown skipped account is not.
-        busy.skipped(&[7, 8]);
-        assert!(busy.is_busy(7) && !busy.is_busy(8));
-        busy.taken([7]);
+        busy.skipped(&[a7, a8]);
+        assert!(busy.is_busy(a7) && !busy.is_busy(a8));
+        busy.taken([a7]);
         assert!(busy.current().is_empty());
     }
 

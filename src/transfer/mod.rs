@@ -13,18 +13,27 @@
 //!
 //! Every arrow is one guarded `UPDATE ... WHERE id = .. AND <from-state>` whose
 //! rows-affected is checked, in the same transaction as the outbox event it
-//! causes; the modules below each own their arrows:
-//! [`enqueue`] creates rows, [`apply`] moves PENDING transfers and REQUESTED
-//! refunds on, [`cancel`] and [`refund`] take requests.
+//! causes; [`store`] holds every one of those statements. Who calls them:
+//! [`enqueue`] creates rows; [`apply`] moves PENDING transfers and REQUESTED
+//! refunds on (its rooms: [`step`] the two kinds of work and their rows,
+//! `locks` the account locks, `decide` the pure decision, `pacing` when to
+//! claim what, `telemetry` spans and reports, [`busy`] accounts held
+//! elsewhere, [`limits`] daily limits); [`cancel`] and [`refund`] take
+//! requests; [`show`] reads one transfer's story.
 
 pub mod apply;
 pub mod busy;
 pub mod cancel;
+mod decide;
 pub mod enqueue;
 pub(crate) mod limits;
+mod locks;
+mod pacing;
 pub mod refund;
 pub mod show;
+pub mod step;
 pub(crate) mod store;
+mod telemetry;
 
 use std::fmt;
 use std::str::FromStr;
@@ -32,8 +41,9 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 /// A transfer's id, assigned by the database.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, sqlx::Type)]
 #[serde(transparent)]
+#[sqlx(transparent)]
 pub struct TransferId(pub i64);
 
 impl fmt::Display for TransferId {
@@ -171,7 +181,7 @@ impl FromStr for TraceParent {
 }
 
 /// `transfers.status`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum TransferStatus {
     /// Enqueued (CLI, library or SQL INSERT); left by the worker's apply or by cancel.
@@ -215,10 +225,10 @@ impl FromStr for TransferStatus {
     }
 }
 
-crate::db::text_state!(TransferStatus);
+crate::text_state::text_state!(TransferStatus);
 
 /// `transfers.refund_status`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum RefundStatus {
     /// No refund asked for. Left by a refund request (only on a SUCCEEDED transfer).
@@ -258,14 +268,48 @@ impl FromStr for RefundStatus {
     }
 }
 
-crate::db::text_state!(RefundStatus);
+crate::text_state::text_state!(RefundStatus);
 
-/// Why a transfer FAILED (`transfers.failure_reason`, the event's `reason`).
-pub mod reason {
-    pub const INSUFFICIENT_FUNDS: &str = "insufficient_funds";
-    pub const DAILY_LIMIT_EXCEEDED: &str = "daily_limit_exceeded";
-    pub const PROCESSING_ERROR: &str = "processing_error";
+/// Why a transfer (or a refund) FAILED: `transfers.failure_reason` and
+/// `refund_failure_reason`, and the event's `reason`; one spelling each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureReason {
+    /// The source (for a refund: the recipient) lacked the money.
+    InsufficientFunds,
+    /// The transfer would take the source past its daily limit.
+    DailyLimitExceeded,
+    /// It kept hitting an unexpected error of its own, `--max-attempts` times.
+    ProcessingError,
 }
+
+impl FailureReason {
+    pub const ALL: [FailureReason; 3] =
+        [FailureReason::InsufficientFunds, FailureReason::DailyLimitExceeded, FailureReason::ProcessingError];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureReason::InsufficientFunds => "insufficient_funds",
+            FailureReason::DailyLimitExceeded => "daily_limit_exceeded",
+            FailureReason::ProcessingError => "processing_error",
+        }
+    }
+}
+
+impl fmt::Display for FailureReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for FailureReason {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        FailureReason::ALL.into_iter().find(|r| r.as_str() == s).ok_or_else(|| format!("unknown failure reason {s:?}"))
+    }
+}
+
+crate::text_state::text_state!(FailureReason);
 
 #[cfg(test)]
 mod tests {

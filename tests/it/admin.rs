@@ -10,6 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use transfer_worker::service::Service;
+use transfer_worker::transfer::TransferStatus;
 
 use crate::helpers::{signal, wait_exit, wait_for, KillOnDrop, TestDb, TestQueue};
 
@@ -243,9 +244,15 @@ async fn status_reads_no_table_in_full_and_its_counts_are_exact() {
     assert_eq!(before, after, "no sequential scan of transfers or outbox");
 
     let count = |sql: &'static str| db.scalar(sql);
-    assert_eq!(status.transfers["SUCCEEDED"], count("SELECT count(*) FROM transfers WHERE status = 'SUCCEEDED'").await);
-    assert_eq!(status.transfers["FAILED"], count("SELECT count(*) FROM transfers WHERE status = 'FAILED'").await);
-    assert_eq!(status.transfers["PENDING"], 0);
+    assert_eq!(
+        status.transfers[&TransferStatus::Succeeded],
+        count("SELECT count(*) FROM transfers WHERE status = 'SUCCEEDED'").await
+    );
+    assert_eq!(
+        status.transfers[&TransferStatus::Failed],
+        count("SELECT count(*) FROM transfers WHERE status = 'FAILED'").await
+    );
+    assert_eq!(status.transfers[&TransferStatus::Pending], 0);
     assert_eq!(status.outbox.published, count("SELECT count(*) FROM outbox WHERE state = 'published'").await);
     assert_eq!(status.outbox.dead, 2);
     assert_eq!(

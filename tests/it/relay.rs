@@ -253,7 +253,7 @@ async fn events_go_out_again_after_a_crash_between_send_and_record_and_fifo_drop
         let crashed = relay_with_lease(&db, queue.publisher().await, Duration::from_secs(1));
         // SQS accepted the batch, then the process died before recording it.
         let claim = crashed.claim().await.unwrap();
-        let outcomes = crashed.send(&claim).await;
+        let outcomes = crashed.send(&claim).await.outcomes;
         assert_eq!(outcomes.len(), 5);
         drop((claim, outcomes, crashed));
 
@@ -285,7 +285,7 @@ async fn a_send_that_outlives_its_lease_is_resent_by_another_relay_and_its_late_
     let slow = relay_with_lease(&db, queue.publisher().await, Duration::from_millis(500));
     let claim = slow.claim().await.unwrap();
     assert_eq!(claim.events.len(), 4, "the first event of each transfer");
-    let outcomes = slow.send(&claim).await;
+    let outcomes = slow.send(&claim).await.outcomes;
     // The slow relay's lease runs out before it records; another relay
     // claims the same events again and publishes everything, in order.
     tokio::time::sleep(Duration::from_millis(600)).await;
@@ -467,7 +467,7 @@ async fn sqs_refusing_one_entry_backs_off_that_event_only_never_the_pass() {
         traceparent: None,
     };
     let fine = transfer_worker::outbox::sqs::Outgoing { outbox_id: 2, body: "{}".into(), ..poisoned.clone() };
-    let outcomes = publisher.publish(&[poisoned, fine]).await;
+    let outcomes = publisher.publish(&[poisoned, fine]).await.outcomes;
     assert_eq!(outcomes[&2], Delivery::Sent);
     match &outcomes[&1] {
         Delivery::Rejected(e) => assert_eq!(e.code, "InvalidMessageContents", "{e}"),
@@ -487,8 +487,7 @@ async fn sqs_refusing_one_entry_backs_off_that_event_only_never_the_pass() {
     let wake = Arc::new(Notify::new());
     let r = Arc::new(Relay::new(db.pool.clone(), small.publisher().await, config, wake.clone()));
     let stop = tokio_util::sync::CancellationToken::new();
-    let (poll, retry) = r.timing();
-    let running = tokio::spawn(transfer_worker::service::run(r.clone(), stop.clone(), wake.clone(), poll, retry));
+    let running = tokio::spawn(transfer_worker::service::run(r.clone(), stop.clone()));
     wait_for("the others to be published", Duration::from_secs(5), || async {
         db.scalar("SELECT count(*) FROM outbox WHERE state = 'published'").await == 2
     })

@@ -102,8 +102,11 @@ async fn a_refund_racing_the_worker_waits_for_it_then_applies_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_racing_the_worker_waits_for_it_then_does_not_apply() {
-    let (db, id, result) =
-        race_with_worker(|pool, id| async move { cancel(&pool, id).await }, "%SET status = 'CANCELLED'%").await;
+    let (db, id, result) = race_with_worker(
+        |pool, id| async move { cancel(&pool, id).await },
+        "%UPDATE transfers t SET status = $2, applied_at%",
+    )
+    .await;
     let err = result.unwrap_err();
     assert!(
         matches!(&err, Error::Refused(Refusal::NotCancellable { status: TransferStatus::Succeeded, .. })),

@@ -1,42 +1,10 @@
-//! Accounts: opening one and reading one back.
-//!
-//! Balances only ever move inside the worker's transactions (see
-//! [`crate::transfer::apply`]); here an account is created with its opening
-//! balance and optional daily limit.
+//! Opening an account and reading one back.
 
-use std::fmt;
-use std::str::FromStr;
-
-use serde::Serialize;
 use sqlx::PgExecutor;
 
+use super::{Account, AccountId};
 use crate::db;
 use crate::error::{Error, Refusal, Result};
-
-/// An account's id, as chosen by whoever opens it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(transparent)]
-pub struct AccountId(pub i64);
-
-impl fmt::Display for AccountId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl FromStr for AccountId {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        s.trim().parse::<i64>().map(AccountId).map_err(|_| format!("account id must be an integer, got {s:?}"))
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Account {
-    pub id: i64,
-    pub balance: i64,
-    pub daily_limit: Option<i64>,
-}
 
 /// Opens an account. An id that is taken is [`Refusal::AccountExists`] (exit 3);
 /// a negative balance or a non-positive limit is [`Error::Invalid`] (exit 2).
