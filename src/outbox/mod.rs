@@ -25,6 +25,9 @@ pub mod telemetry;
 
 use serde::Serialize;
 
+use crate::account::AccountId;
+use crate::transfer::TransferId;
+
 /// `outbox.state`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -139,12 +142,56 @@ impl std::str::FromStr for EventType {
 
 crate::text_state::text_state!(EventType);
 
-/// The message body published to SQS (the contract's event format).
-#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+/// The version of the event body's schema this binary writes. The rule:
+/// adding a field keeps the version (consumers must ignore fields they do
+/// not know); anything else (a field removed, renamed or retyped, a meaning
+/// changed) is a new version, published side by side with the old one for a
+/// deprecation window.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// The message body published to SQS (the contract's event format), and
+/// what a consumer decodes it back into: one typed value from the relay's
+/// claim to the SQS call, and from the SQS message to a consumer's handler.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct EventBody {
     pub event_id: String,
-    pub event_type: String,
-    pub transfer_id: i64,
+    pub event_type: EventType,
+    pub transfer_id: TransferId,
+    /// When the change was written (RFC 3339, UTC, microseconds).
     pub occurred_at: String,
-    pub data: serde_json::Value,
+    pub schema_version: u32,
+    pub data: EventData,
+}
+
+/// An event's `data`: the transfer's parties and amount, plus the reason of
+/// a failure and the amount of a refund.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct EventData {
+    pub from_account: AccountId,
+    pub to_account: AccountId,
+    pub amount: i64,
+    pub idempotency_key: String,
+    /// `transfer.failed` and `refund.failed`: why (`insufficient_funds`,
+    /// `daily_limit_exceeded`, `processing_error`). Text rather than an enum
+    /// so that a consumer built before a new reason still reads the event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Refund events: the refund's amount.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refund_amount: Option<i64>,
+}
+
+impl EventData {
+    /// Stands in for data that did not decode, in an event that is never
+    /// sent (see `relay::Claim::malformed`).
+    pub(crate) fn unreadable() -> EventData {
+        EventData {
+            from_account: AccountId(0),
+            to_account: AccountId(0),
+            amount: 0,
+            idempotency_key: String::new(),
+            reason: None,
+            refund_amount: None,
+        }
+    }
 }

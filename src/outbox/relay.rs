@@ -38,9 +38,9 @@ use tokio::sync::Notify;
 
 use crate::error::{Error, Result};
 use crate::health::Health;
-use crate::outbox::sqs::{escape_for_sqs, Delivery, Outgoing, Published, Publisher};
+use crate::outbox::sqs::{escape_for_sqs, Delivery, EntryError, Outgoing, Published, Publisher};
 use crate::outbox::telemetry::{self, RelayReport};
-use crate::outbox::{store, EventBody, EventState};
+use crate::outbox::{store, EventBody, EventData, EventState, SCHEMA_VERSION};
 use crate::retry::RetryPolicy;
 use crate::service::{Progress, Service, Timing};
 use futures::future::BoxFuture;
@@ -100,15 +100,13 @@ pub struct RelayCounts {
     pub report: RelayReport,
 }
 
-/// An event as claimed.
+/// An event as claimed: the typed event itself, and the relay's
+/// bookkeeping for it.
 #[derive(Debug, Clone)]
 pub struct ClaimedEvent {
+    /// `outbox.id`.
     pub id: i64,
-    pub event_id: String,
-    pub transfer_id: i64,
-    pub event_type: String,
-    pub data: String,
-    pub occurred_at: String,
+    pub event: EventBody,
     pub attempts: i32,
     pub transient_failures: i32,
     /// When it was written (Unix seconds), for the publish-age metric.
@@ -124,6 +122,11 @@ pub struct Claim {
     /// only where it still holds.
     pub lease: String,
     pub events: Vec<ClaimedEvent>,
+    /// Claimed rows whose `data` is not an event's (written by hand, say),
+    /// with why: never sent, each rejected as the event's own fault (dead
+    /// after `max_attempts`, shown by `status`), so that one bad row cannot
+    /// stall the relay.
+    pub malformed: Vec<(ClaimedEvent, String)>,
     /// The `outbox.publish` spans of events whose transfer carries a trace
     /// context, by outbox id; they end when the outcome is recorded.
     spans: Vec<(i64, tracing::Span)>,
@@ -193,46 +196,59 @@ impl Relay {
             .await
             .map_err(|e| Error::from(e).at("claiming events to publish"))?;
         let lease = rows.first().map(|r| r.lease.clone()).unwrap_or_default();
-        let mut events: Vec<ClaimedEvent> = rows
-            .into_iter()
-            .map(|r| ClaimedEvent {
+        let (mut events, mut malformed) = (Vec::with_capacity(rows.len()), Vec::new());
+        for r in rows {
+            let data = serde_json::from_value::<EventData>(r.data.0);
+            let event = ClaimedEvent {
                 id: r.id,
-                event_id: r.event_id,
-                transfer_id: r.transfer_id,
-                event_type: r.event_type,
-                data: r.data,
-                occurred_at: r.occurred_at,
+                event: EventBody {
+                    event_id: r.event_id,
+                    event_type: r.event_type,
+                    transfer_id: r.transfer_id,
+                    occurred_at: r.occurred_at,
+                    schema_version: SCHEMA_VERSION,
+                    data: data.as_ref().cloned().unwrap_or_else(|_| EventData::unreadable()),
+                },
                 attempts: r.attempts,
                 transient_failures: r.transient_failures,
                 occurred_epoch: r.occurred_epoch,
                 // Only what the producer API accepts travels on (W3C Trace Context).
                 traceparent: r.traceparent.filter(|t| crate::transfer::TraceParent::new(t).is_ok()),
-            })
-            .collect();
+            };
+            match data {
+                Ok(_) => events.push(event),
+                Err(e) => malformed.push((event, format!("its data is not an event's: {e}"))),
+            }
+        }
         events.sort_by_key(|e| e.id);
-        if !events.is_empty() {
+        if !events.is_empty() || !malformed.is_empty() {
             self.open_leases.lock().expect("lease set").insert(lease.clone());
         }
         let spans = events.iter_mut().filter_map(publish_span).collect();
-        Ok(Claim { lease, events, spans })
+        Ok(Claim { lease, events, malformed, spans })
     }
 
     /// Step 2: sends the claimed events; no transaction is open meanwhile.
     pub async fn send(&self, claim: &Claim) -> Published {
         let outgoing: Vec<Outgoing> = claim.events.iter().map(to_outgoing).collect();
-        self.publisher.publish(&outgoing).await
+        let mut published = self.publisher.publish(&outgoing).await;
+        for (e, why) in &claim.malformed {
+            let error = EntryError { code: "MalformedEvent".into(), message: why.clone(), sender_fault: true };
+            published.outcomes.insert(e.id, Delivery::Rejected(error));
+        }
+        published
     }
 
     /// Step 3: records what happened to each event, where the lease still holds.
     pub async fn record(&self, claim: Claim, outcomes: &HashMap<i64, Delivery>) -> Result<RelayCounts> {
-        let mut counts = RelayCounts { claimed: claim.events.len(), ..Default::default() };
+        let mut counts = RelayCounts { claimed: claim.events.len() + claim.malformed.len(), ..Default::default() };
         let lease = claim.lease.as_str();
         let mut published = Vec::new();
         let mut rejected_codes: HashMap<i64, String> = HashMap::new();
         let (mut rejected_ids, mut rejected_errors, mut rejected_delays) = (Vec::new(), Vec::new(), Vec::new());
         let (mut deferred_ids, mut deferred_errors, mut deferred_delays) = (Vec::new(), Vec::new(), Vec::new());
         let (mut unavailable_ids, mut unavailable_errors) = (Vec::new(), Vec::new());
-        for e in &claim.events {
+        for e in claim.events.iter().chain(claim.malformed.iter().map(|(e, _)| e)) {
             match outcomes.get(&e.id) {
                 Some(Delivery::Sent) => published.push(e.id),
                 Some(Delivery::Rejected(err)) => {
@@ -241,7 +257,7 @@ impl Relay {
                     rejected_errors.push(err.to_string());
                     let attempt = e.attempts as u32 + 1;
                     rejected_delays.push(self.config.rejection_retry.delay_for_attempt(attempt).as_millis() as i64);
-                    tracing::warn!(outbox_id = e.id, event_id = %e.event_id, transfer_id = e.transfer_id, error = %err, "SQS refused an event");
+                    tracing::warn!(outbox_id = e.id, event_id = %e.event.event_id, transfer_id = e.event.transfer_id.0, error = %err, "SQS refused an event");
                 }
                 Some(Delivery::Deferred(err)) => {
                     counts.report.deferred.push(err.code.clone());
@@ -249,7 +265,7 @@ impl Relay {
                     deferred_errors.push(format!("{err} (not the message's fault: retried, not counted)"));
                     let n = e.transient_failures as u32 + 1;
                     deferred_delays.push(self.config.outage_retry.delay_for_attempt(n).as_millis() as i64);
-                    tracing::warn!(outbox_id = e.id, event_id = %e.event_id, transfer_id = e.transfer_id, error = %err, "SQS failed an event; retrying it later");
+                    tracing::warn!(outbox_id = e.id, event_id = %e.event.event_id, transfer_id = e.event.transfer_id.0, error = %err, "SQS failed an event; retrying it later");
                 }
                 Some(Delivery::Unavailable(failure)) => {
                     unavailable_ids.push(e.id);
@@ -327,11 +343,12 @@ impl Relay {
         let now =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
         let written: HashMap<i64, f64> = claim.events.iter().map(|e| (e.id, e.occurred_epoch)).collect();
+        let claimed = claim.events.len() + claim.malformed.len();
         for id in &published_now {
             let age = now - written.get(id).copied().unwrap_or(now);
             counts.report.published_ages.push(Duration::from_secs_f64(age.max(0.0)));
         }
-        counts.lost_lease = claim.events.len() - recorded;
+        counts.lost_lease = claimed - recorded;
         if counts.lost_lease > 0 {
             tracing::warn!(
                 events = counts.lost_lease,
@@ -418,9 +435,9 @@ fn publish_span(e: &mut ClaimedEvent) -> Option<(i64, tracing::Span)> {
         otel.name = "outbox.publish",
         otel.kind = "producer",
         outbox_id = e.id,
-        event_id = %e.event_id,
-        event_type = %e.event_type,
-        transfer_id = e.transfer_id,
+        event_id = %e.event.event_id,
+        event_type = %e.event.event_type,
+        transfer_id = e.event.transfer_id.0,
         outcome = tracing::field::Empty,
     );
     e.traceparent = Some(crate::trace::continue_remote(&span, traceparent));
@@ -431,19 +448,12 @@ fn publish_span(e: &mut ClaimedEvent) -> Option<(i64, tracing::Span)> {
 /// idempotency key may hold characters SQS refuses (U+FFFF, say); they go out
 /// as JSON escapes, so the consumer decodes exactly what the database holds.
 fn to_outgoing(e: &ClaimedEvent) -> Outgoing {
-    let body = EventBody {
-        event_id: e.event_id.clone(),
-        event_type: e.event_type.clone(),
-        transfer_id: e.transfer_id,
-        occurred_at: e.occurred_at.clone(),
-        data: serde_json::from_str(&e.data).unwrap_or_else(|_| serde_json::Value::String(e.data.clone())),
-    };
-    let json = serde_json::to_string(&body).expect("an event body always serializes");
+    let json = serde_json::to_string(&e.event).expect("an event body always serializes");
     Outgoing {
         outbox_id: e.id,
-        transfer_id: e.transfer_id,
-        event_id: e.event_id.clone(),
-        event_type: e.event_type.clone(),
+        transfer_id: e.event.transfer_id,
+        event_id: e.event.event_id.clone(),
+        event_type: e.event.event_type,
         body: escape_for_sqs(&json).into_owned(),
         traceparent: e.traceparent.clone(),
     }

@@ -19,6 +19,9 @@ use aws_sdk_sqs::error::ProvideErrorMetadata;
 use aws_sdk_sqs::types::{MessageAttributeValue, QueueAttributeName, SendMessageBatchRequestEntry};
 use futures::StreamExt;
 
+use crate::outbox::EventType;
+use crate::transfer::TransferId;
+
 /// At most 10 entries per `SendMessageBatch` call.
 /// <https://docs.aws.amazon.com/AWSSimpleQueueService/latest/APIReference/API_SendMessageBatch.html>
 pub const MAX_BATCH_ENTRIES: usize = 10;
@@ -45,9 +48,9 @@ pub const TRACEPARENT_ATTRIBUTE: &str = "traceparent";
 pub struct Outgoing {
     /// `outbox.id`, also the batch entry id.
     pub outbox_id: i64,
-    pub transfer_id: i64,
+    pub transfer_id: TransferId,
     pub event_id: String,
-    pub event_type: String,
+    pub event_type: EventType,
     pub body: String,
     /// The producer's trace context, sent as the `traceparent` attribute.
     pub traceparent: Option<String>,
@@ -58,7 +61,11 @@ impl Outgoing {
     /// type and value.
     fn size(&self) -> usize {
         let trace = self.traceparent.as_ref().map(|t| TRACEPARENT_ATTRIBUTE.len() + "String".len() + t.len());
-        self.body.len() + EVENT_TYPE_ATTRIBUTE.len() + "String".len() + self.event_type.len() + trace.unwrap_or(0)
+        self.body.len()
+            + EVENT_TYPE_ATTRIBUTE.len()
+            + "String".len()
+            + self.event_type.as_str().len()
+            + trace.unwrap_or(0)
     }
 }
 
@@ -249,7 +256,7 @@ impl Publisher {
                     EVENT_TYPE_ATTRIBUTE,
                     MessageAttributeValue::builder()
                         .data_type("String")
-                        .string_value(escape_for_sqs(&e.event_type))
+                        .string_value(e.event_type.as_str())
                         .build()
                         .expect("data_type is set"),
                 );
@@ -378,9 +385,9 @@ mod tests {
     fn event(id: i64, body_len: usize) -> Outgoing {
         Outgoing {
             outbox_id: id,
-            transfer_id: id,
+            transfer_id: TransferId(id),
             event_id: id.to_string(),
-            event_type: "transfer.succeeded".into(),
+            event_type: EventType::TransferSucceeded,
             body: "x".repeat(body_len),
             traceparent: None,
         }

@@ -8,15 +8,18 @@
 
 use sqlx::{PgConnection, PgPool};
 
-use crate::outbox::EventState;
+use sqlx::types::Json;
+
+use crate::outbox::{EventState, EventType};
+use crate::transfer::TransferId;
 
 /// An event as the claim returns it.
 pub(crate) struct ClaimRow {
     pub id: i64,
     pub event_id: String,
-    pub transfer_id: i64,
-    pub event_type: String,
-    pub data: String,
+    pub transfer_id: TransferId,
+    pub event_type: EventType,
+    pub data: Json<serde_json::Value>,
     pub attempts: i32,
     pub transient_failures: i32,
     pub lease: String,
@@ -59,8 +62,9 @@ pub(crate) async fn claim_heads(pool: &PgPool, limit: i64, lease_ms: f64) -> sql
              FROM heads h
             WHERE o.id = h.id
         RETURNING (SELECT t.traceparent FROM transfers t WHERE t.id = o.transfer_id) AS traceparent,
-                  o.id, o.event_id::text AS "event_id!", o.transfer_id, o.event_type,
-                  o.data::text AS "data!", o.attempts, o.transient_failures,
+                  o.id, o.event_id::text AS "event_id!", o.transfer_id AS "transfer_id: TransferId",
+                  o.event_type AS "event_type: EventType", o.data AS "data: Json<serde_json::Value>",
+                  o.attempts, o.transient_failures,
                   o.claimed_until::text AS "lease!",
                   extract(epoch FROM o.occurred_at)::float8 AS "occurred_epoch!",
                   to_char(o.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS "occurred_at!""#,

@@ -125,7 +125,12 @@ async fn demo(pool: &PgPool, timeout: Duration) -> Result<()> {
         for m in out.messages() {
             let body: EventBody = serde_json::from_str(m.body().unwrap_or_default())
                 .map_err(|e| Error::Failed(format!("unexpected message body: {e}")))?;
-            println!("   {:<20} transfer {:<6} {}", body.event_type, body.transfer_id, body.data);
+            println!(
+                "   {:<20} transfer {:<6} {}",
+                body.event_type.as_str(),
+                body.transfer_id,
+                serde_json::to_string(&body.data).unwrap_or_default()
+            );
             // Delete what we consumed, as a real consumer would.
             if let Some(handle) = m.receipt_handle() {
                 let _ = client.delete_message().queue_url(&queue_url).receipt_handle(handle).send().await;

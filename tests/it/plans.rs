@@ -120,7 +120,7 @@ async fn a_claim_walks_the_waiting_index_in_order_instead_of_sorting_a_backlog()
     // The relay's claim, likewise, from the index of pending events.
     let queue = TestQueue::new(false).await;
     sqlx::query(
-        "INSERT INTO outbox (transfer_id, event_type, data) SELECT id, 'refund.requested', '{}' FROM transfers",
+        "INSERT INTO outbox (transfer_id, event_type, data) SELECT id, 'refund.requested', transfer_event_data(t, 'refund.requested') FROM transfers t",
     )
     .execute(&db.pool)
     .await
@@ -139,7 +139,7 @@ async fn a_relay_claim_checks_earlier_events_by_transfer_not_by_walking_the_back
     // An outage's backlog: a pending event for each of BURST transfers.
     sqlx::query(
         "INSERT INTO outbox (transfer_id, event_type, data)
-         SELECT id, 'refund.requested', '{}' FROM transfers ORDER BY id LIMIT $1",
+         SELECT id, 'refund.requested', transfer_event_data(t, 'refund.requested') FROM transfers t ORDER BY id LIMIT $1",
     )
     .bind(BURST)
     .execute(&db.pool)

@@ -23,7 +23,7 @@ async fn assert_one_event_per_transfer(db: &TestDb, queue: &TestQueue, transfers
         .collect();
     let mut per_transfer: HashMap<i64, Vec<&str>> = HashMap::new();
     for e in &received {
-        per_transfer.entry(e.transfer_id).or_default().push(e.event_type.as_str());
+        per_transfer.entry(e.transfer_id.0).or_default().push(e.event_type.as_str());
     }
     assert_eq!(per_transfer.len(), transfers, "every transfer has its event on SQS");
     for (id, types) in per_transfer {
@@ -163,7 +163,7 @@ async fn soak_2000_transfers_with_refunds_and_cancels_on_two_processes_match_the
     assert_eq!(received.len(), outbox.len(), "exactly once");
     let mut got: HashMap<i64, Vec<String>> = HashMap::new();
     for e in received {
-        got.entry(e.transfer_id).or_default().push(e.event_id);
+        got.entry(e.transfer_id.0).or_default().push(e.event_id);
     }
     assert_eq!(got, want, "per-transfer order on SQS is the order written");
 

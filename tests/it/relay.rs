@@ -123,12 +123,12 @@ async fn two_relays_publish_each_event_exactly_once_on_a_fifo_queue_in_per_trans
     assert_eq!(ids.len(), 120);
     let mut per_transfer: HashMap<i64, Vec<String>> = HashMap::new();
     for e in &received {
-        per_transfer.entry(e.transfer_id).or_default().push(e.event_id.clone());
+        per_transfer.entry(e.transfer_id.0).or_default().push(e.event_id.clone());
     }
     assert_eq!(per_transfer, written, "per-transfer order is the order written");
     let first = &received[0];
-    assert_eq!(first.data["from_account"], 1);
-    assert_eq!(first.data["idempotency_key"], format!("k-{}", first.transfer_id));
+    assert_eq!(first.data.from_account.0, 1);
+    assert_eq!(first.data.idempotency_key, format!("k-{}", first.transfer_id));
     assert!(first.occurred_at.ends_with('Z'));
 }
 
@@ -232,7 +232,7 @@ async fn a_rejected_entry_is_retried_alone_then_dead_and_holds_only_its_own_tran
 
     let received = queue.receive(6, Duration::from_secs(1)).await;
     assert_eq!(received.len(), 6);
-    assert!(received.iter().all(|e| e.transfer_id != 1), "nothing of transfer 1 went out");
+    assert!(received.iter().all(|e| e.transfer_id.0 != 1), "nothing of transfer 1 went out");
     assert!(!received.iter().any(|e| e.event_id == later_of_1));
 }
 
@@ -302,7 +302,7 @@ async fn a_send_that_outlives_its_lease_is_resent_by_another_relay_and_its_late_
     let received = queue.receive(8, Duration::from_secs(2)).await;
     let mut per_transfer: HashMap<i64, Vec<String>> = HashMap::new();
     for e in received {
-        per_transfer.entry(e.transfer_id).or_default().push(e.event_id);
+        per_transfer.entry(e.transfer_id.0).or_default().push(e.event_id);
     }
     assert_eq!(per_transfer, written, "each event once (FIFO dedup), per-transfer order kept");
 }
@@ -343,7 +343,7 @@ async fn requeue_brings_a_dead_event_back_and_it_goes_out_before_the_events_it_h
     })
     .await;
     let received = queue.receive(3, Duration::from_secs(1)).await;
-    let of_1: Vec<&str> = received.iter().filter(|e| e.transfer_id == 1).map(|e| e.event_id.as_str()).collect();
+    let of_1: Vec<&str> = received.iter().filter(|e| e.transfer_id.0 == 1).map(|e| e.event_id.as_str()).collect();
     assert_eq!(of_1, vec![dead_id.as_str(), held.as_str()], "the requeued event first, then the one it held");
     assert_eq!(db.cli(&["outbox", "requeue"]).await.json(), serde_json::json!({"requeued": 0}));
 }
@@ -446,8 +446,8 @@ async fn a_body_sqs_would_refuse_is_escaped_and_decodes_to_exactly_what_the_data
     let received = queue.receive(3, Duration::from_secs(1)).await;
     let got: HashSet<String> = received.iter().map(|e| e.event_id.clone()).collect();
     assert_eq!(got, written.values().flatten().cloned().collect());
-    let of_2 = received.iter().find(|e| e.transfer_id == 2).unwrap();
-    assert_eq!(of_2.data["idempotency_key"], key, "the consumer decodes exactly the stored key");
+    let of_2 = received.iter().find(|e| e.transfer_id.0 == 2).unwrap();
+    assert_eq!(of_2.data.idempotency_key, key, "the consumer decodes exactly the stored key");
 }
 
 #[tokio::test]
@@ -460,9 +460,9 @@ async fn sqs_refusing_one_entry_backs_off_that_event_only_never_the_pass() {
     let publisher = queue.publisher().await;
     let poisoned = transfer_worker::outbox::sqs::Outgoing {
         outbox_id: 1,
-        transfer_id: 1,
+        transfer_id: transfer_worker::transfer::TransferId(1),
         event_id: "e-1".into(),
-        event_type: "transfer.succeeded".into(),
+        event_type: transfer_worker::outbox::EventType::TransferSucceeded,
         body: "{\"k\":\"\u{FFFF}\"}".into(),
         traceparent: None,
     };
@@ -543,4 +543,32 @@ async fn a_fifo_queue_url_with_a_trailing_slash_keeps_the_fifo_attributes() {
     let mut asked = Publisher::new(queue.client.clone(), &sqs_config(&queue.url)).with_fifo(false);
     assert!(asked.check_queue().await.unwrap().fifo);
     assert!(asked.is_fifo());
+}
+
+/// A row written by hand whose data is not an event's cannot stall the
+/// relay: it is rejected as its own fault (never sent), dead after the
+/// configured attempts and shown by `status`, while the others go out.
+#[tokio::test]
+async fn an_outbox_row_whose_data_is_not_an_event_is_dead_and_blocks_nothing() {
+    let db = TestDb::new().await;
+    let queue = TestQueue::new(false).await;
+    seed_events(&db, 3, 1, |t| format!("k-{t}")).await;
+    sqlx::query("INSERT INTO outbox (transfer_id, event_type, data) VALUES (999, 'transfer.cancelled', '{\"x\": 1}')")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let mut config = relay_config(100, 1);
+    config.max_attempts = 1;
+    let relay = Relay::new(db.pool.clone(), queue.publisher().await, config, Default::default());
+    let c = relay.run_once().await.unwrap();
+    assert_eq!((c.claimed, c.published, c.dead), (4, 3, 1), "{c:?}");
+    let (state, error): (String, String) =
+        sqlx::query_as("SELECT state, last_error FROM outbox WHERE transfer_id = 999")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(state, "dead");
+    assert!(error.contains("MalformedEvent") && error.contains("not an event"), "{error}");
+    assert_eq!(queue.receive(3, Duration::from_secs(1)).await.len(), 3);
+    assert_eq!(db.cli(&["status", "--json"]).await.json()["outbox"]["dead"], 1);
 }

@@ -144,7 +144,7 @@ pub fn first_receipt_per_transfer(receipts: &[Receipt]) -> HashMap<i64, SystemTi
     let mut out: HashMap<i64, SystemTime> = HashMap::new();
     for r in receipts {
         if let Ok(body) = serde_json::from_str::<EventBody>(&r.body) {
-            let at = out.entry(body.transfer_id).or_insert(r.at);
+            let at = out.entry(body.transfer_id.0).or_insert(r.at);
             if r.at < *at {
                 *at = r.at;
             }
