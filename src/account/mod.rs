@@ -1,4 +1,4 @@
-//! Accounts: their id, and ([`store`]) opening one and reading one back.
+//! Accounts: their id, and (`store`) opening one and reading one back.
 //!
 //! Balances only ever move inside the worker's transactions (see
 //! `transfer::apply`); an account is created with its opening balance and

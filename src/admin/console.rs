@@ -98,19 +98,18 @@ fn form(body: &[u8]) -> ActionForm {
     serde_urlencoded::from_bytes(body).unwrap_or(ActionForm { event: None, token: None, csrf: None })
 }
 
-/// The access check every action passes first.
-fn allowed(state: &AdminState, headers: &HeaderMap, form: &ActionForm) -> Result<(), Response> {
+/// The access check every action passes first: `Some(403)` if refused.
+fn refused(state: &AdminState, headers: &HeaderMap, form: &ActionForm) -> Option<Response> {
     let given = Credentials { token: form.token.as_deref(), csrf: form.csrf.as_deref() };
-    state.access.may_act(headers, &given).map_err(|refused| {
-        tracing::warn!(why = %refused.0, "console action refused");
-        (StatusCode::FORBIDDEN, format!("{}\n", refused.0)).into_response()
-    })
+    let refused = state.access.may_act(headers, &given).err()?;
+    tracing::warn!(why = %refused.0, "console action refused");
+    Some((StatusCode::FORBIDDEN, format!("{}\n", refused.0)).into_response())
 }
 
 pub async fn requeue_one(State(state): State<Arc<AdminState>>, headers: HeaderMap, body: Bytes) -> Response {
     let form = form(&body);
-    if let Err(refused) = allowed(&state, &headers, &form) {
-        return refused;
+    if let Some(response) = refused(&state, &headers, &form) {
+        return response;
     }
     let Some(event) = form.event.as_deref().map(str::parse::<EventRef>) else {
         return (StatusCode::BAD_REQUEST, "which event? (form field `event`)\n").into_response();
@@ -124,8 +123,8 @@ pub async fn requeue_one(State(state): State<Arc<AdminState>>, headers: HeaderMa
 
 pub async fn requeue_all(State(state): State<Arc<AdminState>>, headers: HeaderMap, body: Bytes) -> Response {
     let form = form(&body);
-    if let Err(refused) = allowed(&state, &headers, &form) {
-        return refused;
+    if let Some(response) = refused(&state, &headers, &form) {
+        return response;
     }
     act(&state, None).await
 }

@@ -10,7 +10,7 @@
 //! - `/metrics`: the process's counters and histograms, and gauges from
 //!   cheap sources only (see [`crate::status`] and [`crate::metrics`]), the
 //!   database read at most once a second however often it is scraped;
-//! - `/`: the dead-event console (see [`console`]).
+//! - `/`: the dead-event console (see `console`).
 //!
 //! It cannot hurt the worker, and no client of it can starve the probes:
 //! - it has connections of its own: one held for the probes' database check
@@ -20,7 +20,7 @@
 //! - a deadline for each request's head ([`HEAD_TIMEOUT`]) and for its body
 //!   and handler ([`REQUEST_TIMEOUT`]), a cap on connections that makes room
 //!   for a new one by closing the oldest that is not in a probe, and an
-//!   accept loop that pauses on resource errors (see [`listener`]);
+//!   accept loop that pauses on resource errors (see `listener`);
 //! - the console answers only its own host names and acts only on requests
 //!   from its own pages (see [`access`]).
 

@@ -235,8 +235,7 @@ impl Publisher {
         // The calls are built first and then driven: a closure inside the
         // stream would make this future's `Send` unprovable for spawned tasks.
         let calls: Vec<_> = batches(&sendable).into_iter().map(|batch| self.send_batch(batch)).collect();
-        let results: Vec<(Vec<(i64, Delivery)>, (&'static str, Duration))> =
-            futures::stream::iter(calls).buffer_unordered(self.concurrency).collect().await;
+        let results: Vec<BatchSent> = futures::stream::iter(calls).buffer_unordered(self.concurrency).collect().await;
         let mut calls = Vec::with_capacity(results.len());
         for (deliveries, call) in results {
             outcomes.extend(deliveries);
@@ -246,7 +245,7 @@ impl Publisher {
     }
 
     /// One `SendMessageBatch`: each entry's outcome, and how the call ended.
-    async fn send_batch(&self, batch: Vec<&Outgoing>) -> (Vec<(i64, Delivery)>, (&'static str, Duration)) {
+    async fn send_batch(&self, batch: Vec<&Outgoing>) -> BatchSent {
         let mut entries = Vec::with_capacity(batch.len());
         for e in &batch {
             let mut entry = SendMessageBatchRequestEntry::builder()
@@ -325,6 +324,9 @@ impl Publisher {
         (deliveries, call)
     }
 }
+
+/// One call's outcomes by outbox id, and the call's result and duration.
+type BatchSent = (Vec<(i64, Delivery)>, (&'static str, Duration));
 
 /// What a [`Publisher::publish`] did: each event's outcome by outbox id,
 /// and each call's result and duration (for the metrics, recorded by the

@@ -136,7 +136,7 @@ impl Service for Applier {
     const NAME: &'static str = "apply";
 
     /// One pass of each step: a batch of transfers, then (see
-    /// [`Applier::apply_pass`]) a batch of refunds.
+    /// `apply_pass`) a batch of refunds.
     fn run_once(&self) -> BoxFuture<'_, Result<ApplyCounts>> {
         Box::pin(self.apply_pass())
     }

@@ -1,4 +1,4 @@
-//! Cancels: PENDING -> CANCELLED, one guarded UPDATE (in [`super::store`]).
+//! Cancels: PENDING -> CANCELLED, one guarded UPDATE (in `transfer::store`).
 //!
 //! The guard `status = 'PENDING'` is in the UPDATE itself: a cancel racing the
 //! worker that is applying the same transfer waits for the worker's row lock,

@@ -13,12 +13,12 @@
 //!
 //! Every arrow is one guarded `UPDATE ... WHERE id = .. AND <from-state>` whose
 //! rows-affected is checked, in the same transaction as the outbox event it
-//! causes; [`store`] holds every one of those statements. Who calls them:
+//! causes; `store` holds every one of those statements. Who calls them:
 //! [`enqueue`] creates rows; [`apply`] moves PENDING transfers and REQUESTED
 //! refunds on (its rooms: [`step`] the two kinds of work and their rows,
 //! `locks` the account locks, `decide` the pure decision, `pacing` when to
 //! claim what, `telemetry` spans and reports, [`busy`] accounts held
-//! elsewhere, [`limits`] daily limits); [`cancel`] and [`refund`] take
+//! elsewhere, `limits` daily limits); [`cancel`] and [`refund`] take
 //! requests; [`show`] reads one transfer's story.
 
 pub mod apply;

@@ -2,7 +2,7 @@
 //! [`Step`] (a PENDING transfer, a REQUESTED refund) with everything it is
 //! called, a [`Claimed`] row in money-movement terms, the [`Outcome`] a row
 //! leaves with, and a [`LockedAccount`] as read under its row lock. The SQL
-//! of each step is in [`super::store`]; the algorithm in [`super::apply`].
+//! of each step is in `store`; the algorithm in [`super::apply`].
 
 use crate::account::AccountId;
 use crate::outbox::EventType;

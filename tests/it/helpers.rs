@@ -27,6 +27,24 @@ fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run the tests with scripts/test.sh"))
 }
 
+/// The log filter of the worker processes a test starts, and of its own
+/// in-process services: warnings only, or everything at info with
+/// `TEST_LOG=1` (run with `--nocapture` to see it all).
+pub fn log_filter() -> &'static str {
+    static FILTER: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+    FILTER.get_or_init(|| {
+        if std::env::var("TEST_LOG").is_ok_and(|v| v == "1") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new("info,sqlx=warn"))
+                .with_test_writer()
+                .try_init();
+            "info,sqlx=warn"
+        } else {
+            "warn"
+        }
+    })
+}
+
 fn random_suffix() -> String {
     format!("{:016x}", rand::thread_rng().gen::<u64>())
 }
@@ -42,6 +60,7 @@ pub struct TestDb {
 
 impl TestDb {
     pub async fn new() -> TestDb {
+        log_filter();
         let db = Self::unmigrated().await;
         transfer_worker::db::migrate(&db.pool).await.expect("migrate");
         db
@@ -98,7 +117,7 @@ impl TestDb {
         let mut child = tokio::process::Command::new(BIN)
             .args(args)
             .env("DATABASE_URL", &self.url)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", log_filter())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -119,7 +138,7 @@ impl TestDb {
             .args(extra)
             .env("DATABASE_URL", &self.url)
             .env("SQS_QUEUE_URL", queue_url)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", log_filter())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
         cmd

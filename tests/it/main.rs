@@ -12,6 +12,7 @@ mod experiments;
 #[path = "../../src/tools/fixtures.rs"]
 mod fixtures;
 mod helpers;
+mod house;
 mod operating;
 mod plans;
 mod processes;

@@ -223,7 +223,7 @@ async fn a_refund_fails_when_the_recipient_no_longer_has_the_money() {
     db.open_account(3, 0).await;
     let id = TransferId(db.enqueue_sql("t", 1, 2, 60).await);
     db.apply_all().await;
-    TransferId(db.enqueue_sql("spend", 2, 3, 50).await);
+    db.enqueue_sql("spend", 2, 3, 50).await;
     db.apply_all().await;
     request_refund(&db.pool, id, None).await.unwrap();
     db.apply_all().await;

@@ -33,7 +33,7 @@ use serde::Serialize;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::tools::fixtures::{self, ScratchDb};
+use crate::tools::fixtures::ScratchDb;
 use transfer_worker::error::{Error, Result};
 use transfer_worker::outbox::relay::{Relay, RelayConfig};
 use transfer_worker::service::Service;
@@ -41,10 +41,14 @@ use transfer_worker::transfer::apply::{Applier, ApplyConfig};
 use transfer_worker::worker::{self, WorkerConfig};
 
 pub mod ceiling;
+pub mod invariants;
 pub mod locks;
+mod setup;
 pub mod sqs;
 pub mod steady;
 
+use invariants::{invariants_hold, unfinished};
+use setup::{enqueue_latency, open_accounts, preload, seed};
 use sqs::ScratchQueue;
 use transfer_worker::outbox::sqs::DEFAULT_CONCURRENCY;
 
@@ -197,15 +201,17 @@ pub struct EnqueueLatency {
     pub busy_transfers_today: usize,
 }
 
-const OPENING_BALANCE: i64 = 1_000_000;
+pub const OPENING_BALANCE: i64 = 1_000_000;
 /// The hot account's balance: enough that it never runs dry.
-const HOT_BALANCE: i64 = 1_000_000_000_000;
+pub const HOT_BALANCE: i64 = 1_000_000_000_000;
 
 pub async fn run(database_url: &str, config: &BenchConfig) -> Result<BenchReport> {
     if config.accounts < 2 {
         return Err(Error::invalid("bench needs at least 2 accounts"));
     }
-    if config.rate.is_some_and(|r| !(r > 0.0 && r <= 50_000.0)) || !(config.seconds > 0.0) {
+    // Written so that NaN is refused too.
+    let positive = |x: f64| x > 0.0;
+    if config.rate.is_some_and(|r| !(positive(r) && r <= 50_000.0)) || !positive(config.seconds) {
         return Err(Error::invalid("--rate must be in (0, 50000] and --seconds > 0"));
     }
     if let Some(r) = config.floor_alongside {
@@ -397,136 +403,6 @@ async fn measure(pool: &PgPool, config: &BenchConfig) -> Result<BenchReport> {
     Ok(report)
 }
 
-/// Transfers still PENDING and events not yet published, from the
-/// trigger-kept state counters: O(1), where a `count(*)` over the outbox
-/// would read every row (a million with `--preload`) each time the bench
-/// looks, and charge that CPU to the worker it measures.
-pub async fn unfinished(pool: &PgPool) -> Result<(i64, i64)> {
-    Ok(sqlx::query_as(
-        "SELECT COALESCE(sum(n) FILTER (WHERE kind = 'transfer' AND state = 'PENDING'), 0)::int8,
-                COALESCE(sum(n) FILTER (WHERE kind = 'event' AND state <> 'published'), 0)::int8
-           FROM current_state_counts",
-    )
-    .fetch_one(pool)
-    .await?)
-}
-
-/// Opens accounts `1..=accounts`; with `--hot`, account 1 holds enough for
-/// every transfer.
-async fn open_accounts(pool: &PgPool, config: &BenchConfig) -> Result<()> {
-    fixtures::open_accounts(pool, config.accounts as i64, OPENING_BALANCE).await?;
-    if config.hot {
-        sqlx::query("UPDATE accounts SET balance = $1 WHERE id = 1").bind(HOT_BALANCE).execute(pool).await?;
-    }
-    Ok(())
-}
-
-/// `n` finished transfers (no money moved: they stand for history) with one
-/// published event each, set-based (a million rows load in seconds), then
-/// VACUUM ANALYZE so the timed part starts from a settled table.
-async fn preload(pool: &PgPool, n: usize, accounts: i64) -> Result<()> {
-    for start in (0..n).step_by(250_000) {
-        let end = (start + 250_000).min(n);
-        sqlx::query(
-            "WITH t AS (
-                 INSERT INTO transfers (idempotency_key, from_account, to_account, amount, status, applied_at)
-                 SELECT 'preload-' || g, 1 + g % $3, 1 + (g + 1) % $3, 1 + g % 1000, 'SUCCEEDED', now()
-                   FROM generate_series($1::bigint, $2::bigint - 1) g
-              RETURNING transfers AS row
-             )
-             INSERT INTO outbox (transfer_id, event_type, data, state, published_at)
-             SELECT (t.row).id, 'transfer.succeeded', transfer_event_data(t.row, 'transfer.succeeded'), 'published', now()
-               FROM t",
-        )
-        .bind(start as i64)
-        .bind(end as i64)
-        .bind(accounts)
-        .execute(pool)
-        .await?;
-    }
-    sqlx::query("VACUUM ANALYZE transfers").execute(pool).await?;
-    sqlx::query("VACUUM ANALYZE outbox").execute(pool).await?;
-    // Pay the preload's checkpoint now, not during the timed part (where its
-    // full-page writes would be charged to the worker). Needs superuser; a
-    // server that refuses just checkpoints later.
-    if let Err(e) = sqlx::query("CHECKPOINT").execute(pool).await {
-        tracing::warn!(error = %e, "bench: CHECKPOINT after the preload refused; the timed part may pay for it");
-    }
-    Ok(())
-}
-
-/// Enqueue latency (the library call, its daily-limit check included) from a
-/// limited account with no transfer today, and from one with 100,000.
-async fn enqueue_latency(pool: &PgPool) -> Result<EnqueueLatency> {
-    use transfer_worker::account::AccountId;
-    use transfer_worker::transfer::enqueue::{enqueue, NewTransfer};
-    use transfer_worker::transfer::Amount;
-    const BUSY: usize = 100_000;
-    const CALLS: usize = 300;
-    sqlx::query("UPDATE accounts SET daily_limit = 1000000000000, balance = 1000000000000 WHERE id IN (1, 2)")
-        .execute(pool)
-        .await?;
-    // Account 2's day so far, as the worker would have left it: its transfers
-    // and their running total.
-    sqlx::query(
-        "INSERT INTO transfers (idempotency_key, from_account, to_account, amount, status, applied_at)
-         SELECT 'busy-' || g, 2, 3, 1, 'SUCCEEDED', now() FROM generate_series(1, $1::bigint) g",
-    )
-    .bind(BUSY as i64)
-    .execute(pool)
-    .await?;
-    sqlx::query("UPDATE accounts SET spent_day = (now() AT TIME ZONE 'UTC')::date, spent_today = $1 WHERE id = 2")
-        .bind(BUSY as i64)
-        .execute(pool)
-        .await?;
-    sqlx::query("VACUUM ANALYZE transfers").execute(pool).await?;
-    let time = |from: i64| {
-        let pool = pool.clone();
-        async move {
-            let mut samples = Vec::with_capacity(CALLS);
-            for _ in 0..CALLS {
-                let t = NewTransfer::new(AccountId(from), AccountId(3), Amount::new(1).map_err(Error::invalid)?, None)?;
-                let started = Instant::now();
-                enqueue(&pool, &t).await?;
-                samples.push(started.elapsed().as_secs_f64() * 1e3);
-            }
-            Ok::<_, Error>(Dist::of(samples))
-        }
-    };
-    let fresh_account = time(1).await?;
-    let busy_account = time(2).await?;
-    // Leave nothing pending for the invariants.
-    sqlx::query("UPDATE transfers SET status = 'CANCELLED', applied_at = now() WHERE status = 'PENDING'")
-        .execute(pool)
-        .await?;
-    sqlx::query(
-        "INSERT INTO outbox (transfer_id, event_type, data, state, published_at)
-         SELECT id, 'transfer.' || lower(status), '{}', 'published', now() FROM transfers",
-    )
-    .execute(pool)
-    .await?;
-    Ok(EnqueueLatency { fresh_account, busy_account, busy_transfers_today: BUSY })
-}
-
-/// The transfers the timed part applies, by plain SQL as any producer may:
-/// random pairs of accounts, or (`--hot`) each to or from account 1.
-async fn seed(pool: &PgPool, config: &BenchConfig) -> Result<()> {
-    if config.hot {
-        sqlx::query(
-            "INSERT INTO transfers (idempotency_key, from_account, to_account, amount)
-             SELECT 'hot-' || g, CASE WHEN g % 2 = 0 THEN 1 ELSE 2 + g % ($2 - 1) END,
-                    CASE WHEN g % 2 = 0 THEN 2 + g % ($2 - 1) ELSE 1 END, 1 + g % 1000
-               FROM generate_series(1, $1::bigint) g",
-        )
-        .bind(config.transfers as i64)
-        .bind(config.accounts as i64)
-        .execute(pool)
-        .await?;
-        return Ok(());
-    }
-    fixtures::insert_random_transfers(pool, config.accounts as i64, config.transfers, 1_000, 42).await
-}
-
 async fn drain_apply(pool: &PgPool, config: &ApplyConfig, workers: usize) -> Result<()> {
     drain_in_parallel((0..workers).map(|_| Applier::new(pool.clone(), config.clone())).collect()).await
 }
@@ -546,40 +422,6 @@ async fn drain_in_parallel<S: Service>(services: Vec<S>) -> Result<()> {
         t.await.map_err(|e| Error::Failed(format!("{} task failed: {e}", S::NAME)))??;
     }
     Ok(())
-}
-
-async fn invariants_hold(pool: &PgPool, config: &BenchConfig, all_published: bool) -> Result<bool> {
-    // Plain aggregates: linear scans, whatever the row counts.
-    let (total, accounts, negative, pending): (i64, i64, i64, i64) = sqlx::query_as(
-        "SELECT (SELECT sum(balance) FROM accounts)::bigint, (SELECT count(*) FROM accounts),
-                (SELECT count(*) FROM accounts WHERE balance < 0),
-                (SELECT count(*) FROM transfers WHERE status = 'PENDING')",
-    )
-    .fetch_one(pool)
-    .await?;
-    let (transfers, events, with_events, unpublished): (i64, i64, i64, i64) = sqlx::query_as(
-        "SELECT (SELECT count(*) FROM transfers), (SELECT count(*) FROM outbox),
-                (SELECT count(DISTINCT transfer_id) FROM outbox),
-                (SELECT count(*) FROM outbox WHERE state <> 'published')",
-    )
-    .fetch_one(pool)
-    .await?;
-    let opening = if config.mode == Mode::Enqueue {
-        // enqueue mode raised two balances to measure from limited accounts.
-        total
-    } else {
-        (config.accounts as i64 - 1) * OPENING_BALANCE + if config.hot { HOT_BALANCE } else { OPENING_BALANCE }
-    };
-    // With pruning on, published events are gone from the outbox: that every
-    // transfer's event arrived is then checked on the consumer's side.
-    let events_ok = config.prune_after.is_some() || (events == transfers && with_events == transfers);
-    let ok = total == opening
-        && accounts == config.accounts as i64
-        && negative == 0
-        && pending == 0
-        && events_ok
-        && (!all_published || unpublished == 0);
-    Ok(ok)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
