@@ -22,6 +22,20 @@
 //! - [`admin`]: probes, metrics and the console; [`health`]: what `/readyz`
 //!   reports; [`metrics`]: the Prometheus metrics; `trace`: the worker's
 //!   spans continue a producer's W3C trace context.
+//!
+//! # Example: a producer enqueues inside its own transaction
+//!
+//! ```rust,ignore
+//! use transfer_worker::account::AccountId;
+//! use transfer_worker::transfer::enqueue::{enqueue, NewTransfer};
+//! use transfer_worker::transfer::{Amount, IdempotencyKey};
+//!
+//! let mut tx = pool.begin().await?;
+//! // ... the producer's own writes ...
+//! let t = NewTransfer::new(AccountId(1), AccountId(2), Amount::new(250)?, Some(IdempotencyKey::new("order-42")?))?;
+//! let enqueued = enqueue(&mut *tx, &t).await?; // invisible to workers until the commit
+//! tx.commit().await?;
+//! ```
 
 #![deny(dead_code)]
 

@@ -17,6 +17,15 @@
 //!    out again, possibly a second time, never zero times).
 //!
 //! Nothing is lost at any point, since every step is a committed transaction.
+//!
+//! # Example: the worker in-process
+//!
+//! ```rust,ignore
+//! let pool = transfer_worker::db::connect(&url, 10, SessionLimits::default()).await?;
+//! let client = transfer_worker::outbox::sqs::client_from_env(Duration::from_secs(10)).await;
+//! let publisher = Publisher::new(client, &SqsConfig { queue_url, call_timeout: Duration::from_secs(10), concurrency: 10 });
+//! let stopped = worker::run(pool, publisher, WorkerConfig::default(), transfer_worker::shutdown::on_signals()).await?;
+//! ```
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -28,6 +28,24 @@
 //!   releases the lock: a pooled connection never goes back holding one.
 //!
 //! Values are always bound parameters, never formatted into SQL.
+//!
+//! # Example
+//!
+//! ```rust,ignore
+//! let guard = Guard::new("user-42:purchase")?;
+//! let mut tx = pool.begin().await?;
+//! guard.take(&mut tx).await?; // Err(Refusal::GuardHeld) at once if another request holds it
+//! // ... the request's work; the guard is released when `tx` ends ...
+//! tx.commit().await?;
+//!
+//! let lock = SessionLock::try_acquire(&pool, LockKey::hashed("jobs", "nightly")).await?;
+//! if let Some(lock) = lock {
+//!     // ... only one process gets here ...
+//!     lock.release().await?; // dropped instead: its connection is closed, never pooled holding the lock
+//! }
+//! ```
+//!
+//! (`examples/guard.rs` runs it.)
 
 use sha2::{Digest, Sha256};
 use sqlx::pool::PoolConnection;

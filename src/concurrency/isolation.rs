@@ -12,6 +12,23 @@
 //! The closure must be safe to run again: it sees a fresh snapshot each time
 //! and must not act outside the database (send no message) before the
 //! commit.
+//!
+//! # Example
+//!
+//! ```rust,ignore
+//! let done = run_in(&pool, Isolation::Serializable, &Retries::default(), |conn| {
+//!     Box::pin(async move {
+//!         let on_call: i64 = sqlx::query_scalar("SELECT count(*) FROM doctors WHERE on_call").fetch_one(&mut *conn).await?;
+//!         if on_call < 2 { return Ok(false); }
+//!         sqlx::query("UPDATE doctors SET on_call = false WHERE name = 'alice'").execute(&mut *conn).await?;
+//!         Ok(true)
+//!     })
+//! })
+//! .await?;
+//! println!("{} after {} attempts", done.value, done.attempts);
+//! ```
+//!
+//! (`examples/serializable.rs` runs it.)
 
 use futures::future::BoxFuture;
 use sqlx::{PgConnection, PgPool};

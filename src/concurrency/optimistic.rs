@@ -12,6 +12,21 @@
 //! them (a call to another service) blocks nobody; the price is a retry per
 //! conflict, which is cheap when conflicts are rare and wasteful when they
 //! are not (see `transfer-worker lab`).
+//!
+//! # Example
+//!
+//! ```rust,ignore
+//! let done = retry(&Retries::default(), || async {
+//!     let (value, version): (i64, i64) =
+//!         sqlx::query_as("SELECT value, version FROM counter WHERE id = 1").fetch_one(&pool).await?;
+//!     let rows = sqlx::query("UPDATE counter SET value = $1, version = version + 1 WHERE id = 1 AND version = $2")
+//!         .bind(value + 1).bind(version).execute(&pool).await?.rows_affected();
+//!     Ok(Attempt::from_rows_affected(rows))
+//! })
+//! .await?;
+//! ```
+//!
+//! (`examples/optimistic.rs` runs it.)
 
 use std::future::Future;
 

@@ -6,6 +6,15 @@
 //! rejects bad rows. This module adds idempotency with a clear answer: the same
 //! key with the same parameters returns the existing transfer (`created:
 //! false`), with other parameters it is refused (exit 3) and nothing is written.
+//!
+//! # Example
+//!
+//! ```rust,ignore
+//! let t = NewTransfer::new(AccountId(1), AccountId(2), Amount::new(250)?, Some(IdempotencyKey::new("order-42")?))?
+//!     .with_guard(Some(Guard::new("user-1:purchase")?)); // refused while another request holds it
+//! let e = enqueue(&pool, &t).await?;
+//! assert!(e.created); // the same key and parameters again: created == false, same id
+//! ```
 
 use std::collections::{HashMap, HashSet};
 

@@ -13,6 +13,16 @@
 //! inserted by the same statement, from the rows it actually updated, so a
 //! request that did not apply writes nothing. Completing the refund (moving
 //! the money back) is the worker's: see [`crate::transfer::apply::Step::Refund`].
+//!
+//! # Example
+//!
+//! ```rust,ignore
+//! match request_refund(&pool, TransferId(42), None).await {
+//!     Ok(r) => println!("refund of {} requested", r.refund_amount),
+//!     Err(Error::Refused(why)) => println!("not applied, nothing written: {why}"), // e.g. already refunded
+//!     Err(e) => return Err(e),
+//! }
+//! ```
 
 use serde::Serialize;
 use sqlx::{Acquire, PgConnection, Postgres};
