@@ -10,7 +10,7 @@ use transfer_worker::transfer::apply::{Applier, ApplyConfig};
 use transfer_worker::transfer::busy::TURN_WAIT;
 use transfer_worker::transfer::cancel::cancel;
 use transfer_worker::transfer::refund::request_refund;
-use transfer_worker::transfer::TransferId;
+use transfer_worker::transfer::{TransferId, TransferStatus};
 
 use crate::helpers::{wait_for, KillOnDrop, TestDb, TestQueue};
 
@@ -513,9 +513,14 @@ async fn transfers_that_waited_days_and_a_prune_cannot_exceed_a_limit_together()
     assert_eq!(out.code, 0, "{out:?}");
     friday("fri-2").await;
     db.apply_all().await;
-    let statuses: Vec<String> =
-        sqlx::query_scalar("SELECT status FROM transfers ORDER BY id").fetch_all(&db.pool).await.unwrap();
-    assert_eq!(statuses, ["SUCCEEDED", "FAILED"]);
+    let statuses: Vec<TransferStatus> = sqlx::query_scalar::<_, String>("SELECT status FROM transfers ORDER BY id")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    assert_eq!(statuses, [TransferStatus::Succeeded, TransferStatus::Failed]);
     assert_eq!(db.scalar("SELECT balance FROM accounts WHERE id = 2").await, 100);
 }
 

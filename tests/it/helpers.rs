@@ -19,7 +19,8 @@ use transfer_worker::service::Service;
 use transfer_worker::transfer::apply::{Applier, ApplyConfig};
 
 use crate::fixtures::{self, ScratchDb};
-use transfer_worker::outbox::EventBody;
+use transfer_worker::outbox::{EventBody, EventType};
+use transfer_worker::transfer::{RefundStatus, TransferStatus};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_transfer-worker");
 
@@ -212,33 +213,36 @@ impl TestDb {
     }
 
     /// Each transfer's outbox event types, in id order.
-    pub async fn events_by_transfer(&self) -> HashMap<i64, Vec<String>> {
+    pub async fn events_by_transfer(&self) -> HashMap<i64, Vec<EventType>> {
         let rows: Vec<(i64, String)> = sqlx::query_as("SELECT transfer_id, event_type FROM outbox ORDER BY id")
             .fetch_all(&self.pool)
             .await
             .unwrap();
-        let mut out: HashMap<i64, Vec<String>> = HashMap::new();
+        let mut out: HashMap<i64, Vec<EventType>> = HashMap::new();
         for (id, t) in rows {
-            out.entry(id).or_default().push(t);
+            out.entry(id).or_default().push(t.parse().unwrap());
         }
         out
     }
 
     /// The events each transfer's current state implies, in order.
-    pub async fn expected_events(&self) -> HashMap<i64, Vec<String>> {
+    pub async fn expected_events(&self) -> HashMap<i64, Vec<EventType>> {
         let rows: Vec<(i64, String, String)> =
             sqlx::query_as("SELECT id, status, refund_status FROM transfers").fetch_all(&self.pool).await.unwrap();
         rows.into_iter()
             .map(|(id, status, refund)| {
                 let mut events = Vec::new();
-                if status != "PENDING" {
-                    events.push(format!("transfer.{}", status.to_lowercase()));
+                match status.parse::<TransferStatus>().unwrap() {
+                    TransferStatus::Pending => {}
+                    TransferStatus::Succeeded => events.push(EventType::TransferSucceeded),
+                    TransferStatus::Failed => events.push(EventType::TransferFailed),
+                    TransferStatus::Cancelled => events.push(EventType::TransferCancelled),
                 }
-                if refund != "NONE" {
-                    events.push("refund.requested".to_string());
-                }
-                if refund == "COMPLETED" || refund == "FAILED" {
-                    events.push(format!("refund.{}", refund.to_lowercase()));
+                match refund.parse::<RefundStatus>().unwrap() {
+                    RefundStatus::None => {}
+                    RefundStatus::Requested => events.push(EventType::RefundRequested),
+                    RefundStatus::Completed => events.extend([EventType::RefundRequested, EventType::RefundCompleted]),
+                    RefundStatus::Failed => events.extend([EventType::RefundRequested, EventType::RefundFailed]),
                 }
                 (id, events)
             })

@@ -4,25 +4,28 @@
 use std::time::Duration;
 
 use transfer_worker::error::Refusal;
+use transfer_worker::outbox::EventType::{self, *};
 use transfer_worker::transfer::apply::{Applier, ApplyConfig, Step};
 use transfer_worker::transfer::cancel::cancel;
 use transfer_worker::transfer::refund::request_refund;
-use transfer_worker::transfer::TransferStatus;
 use transfer_worker::transfer::{Amount, TransferId};
+use transfer_worker::transfer::{RefundStatus, TransferStatus};
 use transfer_worker::Error;
 
 use crate::helpers::{wait_for, TestDb};
 
-async fn events(db: &TestDb, id: TransferId) -> Vec<String> {
+async fn events(db: &TestDb, id: TransferId) -> Vec<EventType> {
     db.events_by_transfer().await.remove(&id.0).unwrap_or_default()
 }
 
-async fn status(db: &TestDb, id: TransferId) -> (String, String) {
-    sqlx::query_as("SELECT status, refund_status FROM transfers WHERE id = $1")
-        .bind(id.0)
-        .fetch_one(&db.pool)
-        .await
-        .unwrap()
+async fn status(db: &TestDb, id: TransferId) -> (TransferStatus, RefundStatus) {
+    let (status, refund): (String, String) =
+        sqlx::query_as("SELECT status, refund_status FROM transfers WHERE id = $1")
+            .bind(id.0)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    (status.parse().unwrap(), refund.parse().unwrap())
 }
 
 /// Starts the worker and holds it inside its transaction: the test
@@ -96,8 +99,8 @@ async fn a_refund_racing_the_worker_waits_for_it_then_applies_once() {
     .await;
     let r = result.expect("judged on the committed row: SUCCEEDED, so it applies");
     assert_eq!(r.refund_amount, 60);
-    assert_eq!(status(&db, id).await, ("SUCCEEDED".into(), "REQUESTED".into()));
-    assert_eq!(events(&db, id).await, vec!["transfer.succeeded", "refund.requested"]);
+    assert_eq!(status(&db, id).await, (TransferStatus::Succeeded, RefundStatus::Requested));
+    assert_eq!(events(&db, id).await, [TransferSucceeded, RefundRequested]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,8 +115,8 @@ async fn a_cancel_racing_the_worker_waits_for_it_then_does_not_apply() {
         matches!(&err, Error::Refused(Refusal::NotCancellable { status: TransferStatus::Succeeded, .. })),
         "{err:?}"
     );
-    assert_eq!(status(&db, id).await.0, "SUCCEEDED");
-    assert_eq!(events(&db, id).await, vec!["transfer.succeeded"], "no event for the cancel that came too late");
+    assert_eq!(status(&db, id).await.0, TransferStatus::Succeeded);
+    assert_eq!(events(&db, id).await, [TransferSucceeded], "no event for the cancel that came too late");
     assert_eq!(db.scalar("SELECT balance FROM accounts WHERE id = 2").await, 60);
 }
 
@@ -127,12 +130,12 @@ async fn a_cancel_of_a_pending_transfer_applies_and_the_worker_then_leaves_it_al
     assert_eq!(out.code, 0, "{out:?}");
     assert_eq!(out.json(), serde_json::json!({"transfer_id": id.0, "status": "CANCELLED"}));
     db.apply_all().await;
-    assert_eq!(status(&db, id).await.0, "CANCELLED");
+    assert_eq!(status(&db, id).await.0, TransferStatus::Cancelled);
     assert_eq!(db.scalar("SELECT balance FROM accounts WHERE id = 1").await, 100);
     let again = db.cli(&["cancel", &id.to_string()]).await;
     assert_eq!(again.code, 3);
     assert!(again.stderr.contains("CANCELLED"), "{}", again.stderr);
-    assert_eq!(events(&db, id).await, vec!["transfer.cancelled"]);
+    assert_eq!(events(&db, id).await, [TransferCancelled]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -163,12 +166,12 @@ async fn duplicate_refunds_at_once_or_one_after_another_give_one_refund_and_one_
     let again = db.cli(&["refund", &id.to_string(), "--amount", "25"]).await;
     assert_eq!(again.code, 3, "{again:?}");
     assert!(again.stderr.contains("REQUESTED"), "{}", again.stderr);
-    assert_eq!(events(&db, id).await, vec!["transfer.succeeded", "refund.requested"]);
+    assert_eq!(events(&db, id).await, [TransferSucceeded, RefundRequested]);
 
     db.apply_all().await;
     let after = db.cli(&["refund", &id.to_string()]).await;
     assert_eq!(after.code, 3, "a completed refund is not refunded again");
-    assert_eq!(events(&db, id).await, vec!["transfer.succeeded", "refund.requested", "refund.completed"]);
+    assert_eq!(events(&db, id).await, [TransferSucceeded, RefundRequested, RefundCompleted]);
     assert_eq!(db.scalar("SELECT balance FROM accounts WHERE id = 1").await, 100 - 60 + 25);
 }
 
@@ -183,7 +186,7 @@ async fn a_partial_refund_moves_back_only_its_amount() {
     assert_eq!(out.code, 0, "{out:?}");
     assert_eq!(out.json(), serde_json::json!({"transfer_id": id.0, "refund_status": "REQUESTED", "refund_amount": 15}));
     db.apply_all().await;
-    assert_eq!(status(&db, id).await, ("SUCCEEDED".into(), "COMPLETED".into()));
+    assert_eq!(status(&db, id).await, (TransferStatus::Succeeded, RefundStatus::Completed));
     assert_eq!(db.scalar("SELECT balance FROM accounts WHERE id = 1").await, 55);
     assert_eq!(db.scalar("SELECT balance FROM accounts WHERE id = 2").await, 45);
     let amounts: Vec<Option<i64>> = sqlx::query_scalar(
@@ -227,14 +230,14 @@ async fn a_refund_fails_when_the_recipient_no_longer_has_the_money() {
     db.apply_all().await;
     request_refund(&db.pool, id, None).await.unwrap();
     db.apply_all().await;
-    assert_eq!(status(&db, id).await, ("SUCCEEDED".into(), "FAILED".into()));
+    assert_eq!(status(&db, id).await, (TransferStatus::Succeeded, RefundStatus::Failed));
     let reason: String = sqlx::query_scalar("SELECT data->>'reason' FROM outbox WHERE event_type = 'refund.failed'")
         .fetch_one(&db.pool)
         .await
         .unwrap();
     assert_eq!(reason, "insufficient_funds");
     assert_eq!(db.scalar("SELECT balance FROM accounts WHERE id = 2").await, 10);
-    assert_eq!(events(&db, id).await, vec!["transfer.succeeded", "refund.requested", "refund.failed"]);
+    assert_eq!(events(&db, id).await, [TransferSucceeded, RefundRequested, RefundFailed]);
 }
 
 #[tokio::test]
