@@ -24,7 +24,8 @@
 //! let pool = transfer_worker::db::connect(&url, 10, SessionLimits::default()).await?;
 //! let client = transfer_worker::outbox::sqs::client_from_env(Duration::from_secs(10)).await;
 //! let publisher = Publisher::new(client, &SqsConfig { queue_url, call_timeout: Duration::from_secs(10), concurrency: 10 });
-//! let stopped = worker::run(pool, publisher, WorkerConfig::default(), transfer_worker::shutdown::on_signals()).await?;
+//! let health = Arc::new(Health::new(transfer_worker::shutdown::on_signals()));
+//! let stopped = worker::run(pool, publisher, WorkerConfig::default(), health).await?;
 //! ```
 
 use std::sync::Arc;
@@ -95,25 +96,12 @@ pub struct Stopped {
     pub leases_released: u64,
 }
 
-/// Runs until `shutdown` is cancelled, then stops in order (see module docs).
-/// An `Err` means a task died (see "Supervision"): the process should exit non-zero.
-pub async fn run(
-    pool: PgPool,
-    publisher: Publisher,
-    config: WorkerConfig,
-    shutdown: CancellationToken,
-) -> Result<Stopped> {
-    run_with_health(pool, publisher, config, Arc::new(Health::new(shutdown))).await
-}
-
-/// [`run`], reporting to `health` (which the admin server reads); shutdown
-/// is `health`'s token.
-pub async fn run_with_health(
-    pool: PgPool,
-    publisher: Publisher,
-    config: WorkerConfig,
-    health: Arc<Health>,
-) -> Result<Stopped> {
+/// Runs until `health`'s shutdown token is cancelled, then stops in order
+/// (see the module docs), reporting to `health` (which the admin server
+/// reads). The one entry point of the worker: `run`, `demo` and `bench` all
+/// start it here. An `Err` means a task died (see "Supervision"): the
+/// process should exit non-zero.
+pub async fn run(pool: PgPool, publisher: Publisher, config: WorkerConfig, health: Arc<Health>) -> Result<Stopped> {
     let shutdown = health.shutdown_token();
     let wakers = Wakers::default();
     let mut background = JoinSet::new();

@@ -287,7 +287,7 @@ pub async fn run(database_url: &Option<String>, args: RunArgs) -> Result<()> {
     let admin_pools = Pools::new(transfer_worker::db::parse_url(url)?);
     let admin =
         tokio::spawn(transfer_worker::admin::serve(args.admin_addr, admin_pools.clone(), health.clone(), admin_config));
-    let result = worker::run_with_health(pool.clone(), publisher, config, health).await;
+    let result = worker::run(pool.clone(), publisher, config, health).await;
     admin.abort();
     // Connections still busy (an abandoned query) are not waited for: the
     // process exit closes them, and PostgreSQL rolls back what they held.

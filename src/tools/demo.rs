@@ -12,6 +12,7 @@
 //! everything is applied and published to a queue of its own, receives the
 //! events back from SQS, and prints them with the balances and outcomes.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::PgPool;
@@ -21,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::tools::fixtures::ScratchDb;
 use transfer_worker::account::{self, AccountId};
 use transfer_worker::error::{Error, Result};
+use transfer_worker::health::Health;
 use transfer_worker::outbox::sqs::{client_from_env, create_queue, Publisher, SqsConfig, SqsFailure};
 use transfer_worker::outbox::EventBody;
 use transfer_worker::transfer::cancel::cancel;
@@ -87,7 +89,7 @@ async fn demo(pool: &PgPool, timeout: Duration) -> Result<()> {
     let shutdown = CancellationToken::new();
     let publisher = Publisher::new(client.clone(), &sqs_config(queue_url.clone()));
     let config = WorkerConfig { poll_interval: Duration::from_millis(100), ..WorkerConfig::default() };
-    let worker = tokio::spawn(worker::run(pool.clone(), publisher, config, shutdown.clone()));
+    let worker = tokio::spawn(worker::run(pool.clone(), publisher, config, Arc::new(Health::new(shutdown.clone()))));
     let raw_ids: Vec<i64> = ids.iter().map(|t| t.0).collect();
     wait_until_settled(&pool, &raw_ids, deadline).await?;
 

@@ -27,6 +27,7 @@
 //! plumbing over a scratch database (the latency query is chosen per mode),
 //! not part of what the worker runs.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -35,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::tools::fixtures::ScratchDb;
 use transfer_worker::error::{Error, Result};
+use transfer_worker::health::Health;
 use transfer_worker::outbox::relay::{Relay, RelayConfig};
 use transfer_worker::service::Service;
 use transfer_worker::transfer::apply::{Applier, ApplyConfig};
@@ -370,8 +372,12 @@ async fn measure(pool: &PgPool, config: &BenchConfig) -> Result<BenchReport> {
                 ..WorkerConfig::default()
             };
             let locks = locks::LockWaits::start(pool.clone());
-            let running =
-                tokio::spawn(worker::run(pool.clone(), queue.publisher.clone(), worker_config, shutdown.clone()));
+            let running = tokio::spawn(worker::run(
+                pool.clone(),
+                queue.publisher.clone(),
+                worker_config,
+                Arc::new(Health::new(shutdown.clone())),
+            ));
             loop {
                 let (pending, unpublished) = unfinished(pool).await?;
                 if pending + unpublished == 0 {

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::tools::bench::sqs::{first_receipt_per_transfer, floor_latency, ms_between, Consumer, ScratchQueue};
 use crate::tools::bench::{unfinished, Dist};
 use transfer_worker::error::{Error, Result};
+use transfer_worker::health::Health;
 use transfer_worker::outbox::sqs::DEFAULT_CONCURRENCY;
 use transfer_worker::transfer::apply::Committed;
 use transfer_worker::worker::{self, WorkerConfig};
@@ -100,7 +101,12 @@ pub async fn measure(pool: &PgPool, config: &SteadyConfig) -> Result<SteadyRepor
         maintenance,
         ..defaults
     };
-    let running = tokio::spawn(worker::run(pool.clone(), queue.publisher.clone(), worker_config, shutdown.clone()));
+    let running = tokio::spawn(worker::run(
+        pool.clone(),
+        queue.publisher.clone(),
+        worker_config,
+        Arc::new(Health::new(shutdown.clone())),
+    ));
     let applied_at: Arc<Mutex<HashMap<i64, SystemTime>>> = Arc::new(Mutex::new(HashMap::new()));
     let collector = {
         let applied_at = applied_at.clone();
