@@ -19,6 +19,8 @@
 //!   [`retention`] pruning;
 //! - [`db`]: pool, migrations, error classification; [`error`]: the error
 //!   type; [`status`]: counts per state from cheap sources;
+//! - [`consumer`]: the consuming half: exactly-once effects per consumer
+//!   name, with an inbox in the consumer's database;
 //! - [`admin`]: probes, metrics and the console; [`health`]: what `/readyz`
 //!   reports; [`metrics`]: the Prometheus metrics; `trace`: the worker's
 //!   spans continue a producer's W3C trace context.
@@ -42,6 +44,7 @@
 pub mod account;
 pub mod admin;
 pub mod concurrency;
+pub mod consumer;
 pub mod db;
 pub mod error;
 pub mod health;

@@ -50,6 +50,8 @@ pub struct Metrics {
     refunds: Family<Labels, Gauge>,
     outbox_events: Family<Labels, Gauge>,
     oldest_unpublished_age: Gauge<f64, AtomicU64>,
+    consumer_messages: Family<Labels, Counter>,
+    consumer_lag: Histogram,
     /// Running totals for the console's rates.
     applied_total: AtomicU64,
     published_total: AtomicU64,
@@ -84,6 +86,8 @@ impl Metrics {
             refunds: Family::default(),
             outbox_events: Family::default(),
             oldest_unpublished_age: Gauge::default(),
+            consumer_messages: Family::default(),
+            consumer_lag: Histogram::new(latency_buckets()),
             applied_total: AtomicU64::new(0),
             published_total: AtomicU64::new(0),
         };
@@ -175,6 +179,18 @@ impl Metrics {
             Unit::Seconds,
             m.oldest_unpublished_age.clone(),
         );
+        registry.register(
+            "consumer_messages",
+            "Messages `consume` received, by outcome: landed (new, handled, committed), duplicate (dropped), \
+             failed (handler error: rolled back, retried later), foreign (not our event: left for the redrive policy)",
+            m.consumer_messages.clone(),
+        );
+        registry.register_with_unit(
+            "consumer_lag",
+            "How long after it happened an event landed in the consumer's inbox (now - occurred_at)",
+            Unit::Seconds,
+            m.consumer_lag.clone(),
+        );
         // Every series a dashboard or an alert expects exists from the start
         // (a rate() over a series that appears late misses its first step).
         for reason in ["", "insufficient_funds", "daily_limit_exceeded", "processing_error"] {
@@ -245,6 +261,25 @@ impl Metrics {
     pub fn sqs_call(&self, result: &str, took: Duration) {
         self.sqs_calls.get_or_create(&labels(&[("result", result)])).inc();
         self.sqs_call_duration.observe(took.as_secs_f64());
+    }
+
+    /// What a consumer's pass did with the messages it received.
+    pub fn consumed(&self, received: u64, landed: u64, duplicates: u64, failed: u64, foreign: u64) {
+        for (outcome, n) in [
+            ("received", received),
+            ("landed", landed),
+            ("duplicate", duplicates),
+            ("failed", failed),
+            ("foreign", foreign),
+        ] {
+            if n > 0 {
+                self.consumer_messages.get_or_create(&labels(&[("outcome", outcome)])).inc_by(n);
+            }
+        }
+    }
+
+    pub fn consumer_lag(&self, lag: Duration) {
+        self.consumer_lag.observe(lag.as_secs_f64());
     }
 
     /// A database error that was retried; `sqlstate` None for I/O-level ones.

@@ -95,9 +95,20 @@ impl Pools {
     }
 }
 
+/// What the admin server serves: the worker's (probes, metrics with the
+/// database gauges, the console) or a consumer's (probes and metrics only:
+/// the consumer's database has no outbox to show).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Role {
+    #[default]
+    Worker,
+    Consumer,
+}
+
 /// How the admin server may be reached and who may act from its console.
 #[derive(Debug, Clone, Default)]
 pub struct AdminConfig {
+    pub role: Role,
     /// `--admin-token`: what the console's actions need (see [`access`]).
     pub token: Option<String>,
     /// `--admin-allowed-hosts`: names besides IP addresses and `localhost`
@@ -115,6 +126,7 @@ struct AdminState {
     status: StatusCache,
     access: Access,
     rates: Mutex<console::Rates>,
+    role: Role,
 }
 
 /// Binds `addr` and serves until the task is dropped. Failing to bind is
@@ -137,6 +149,7 @@ pub async fn serve(addr: SocketAddr, pools: Pools, health: Arc<Health>, config: 
         status: StatusCache::default(),
         access: Access::new(addr, config.token, &config.allowed_hosts),
         rates: Mutex::new(console::Rates::default()),
+        role: config.role,
     });
     // The console's rates need samples whether or not anyone looks.
     let sampler = {
@@ -158,15 +171,13 @@ fn router(state: Arc<AdminState>) -> Router {
         .route("/requeue", post(console::requeue_one))
         .route("/requeue-all", post(console::requeue_all))
         .route_layer(middleware::from_fn_with_state(state.clone(), known_host));
-    Router::new()
+    let probes = Router::new()
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/healthz", get(readyz))
-        .route("/metrics", get(metrics))
-        .merge(console)
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(middleware::from_fn(deadline))
-        .with_state(state)
+        .route("/metrics", get(metrics));
+    let app = if state.role == Role::Worker { probes.merge(console) } else { probes };
+    app.layer(DefaultBodyLimit::max(MAX_BODY_BYTES)).layer(middleware::from_fn(deadline)).with_state(state)
 }
 
 /// A request's body and handler are done within [`REQUEST_TIMEOUT`], or it
@@ -276,6 +287,15 @@ impl StatusCache {
 async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
     // The database gauges are read at most once per STATUS_TTL; the
     // process's own counters are always current.
+    if state.role == Role::Consumer {
+        let body = metrics::render(None);
+        return (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            body,
+        )
+            .into_response();
+    }
     let reading = match state.status.read(&state.pool).await {
         Ok(r) => Some(r),
         Err(e) => {

@@ -6,6 +6,7 @@
 mod account;
 mod bench;
 mod cancel;
+mod consume;
 mod demo;
 mod enqueue;
 mod lab;
@@ -63,6 +64,9 @@ pub enum Command {
     Refund(refund::RefundArgs),
     /// Cancel a transfer that is still PENDING.
     Cancel(cancel::CancelArgs),
+    /// Consume the events: each lands once per consumer name in
+    /// consumed_events (optionally running --exec), until SIGINT/SIGTERM.
+    Consume(consume::ConsumeArgs),
     /// Operate the outbox.
     #[command(subcommand)]
     Outbox(outbox::OutboxCommand),
@@ -98,6 +102,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Enqueue(args) => enqueue::run(&connect(&cli.database_url, 2).await?, args).await,
         Command::Refund(args) => refund::run(&connect(&cli.database_url, 2).await?, args).await,
         Command::Cancel(args) => cancel::run(&connect(&cli.database_url, 2).await?, args).await,
+        Command::Consume(args) => consume::run(&cli.database_url, args).await,
         Command::Outbox(cmd) => outbox::run(&connect(&cli.database_url, 2).await?, cmd).await,
         Command::Status(args) => status::run(&connect(&cli.database_url, 2).await?, args).await,
         Command::Transfer(cmd) => transfer::run(&connect(&cli.database_url, 2).await?, cmd).await,

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Args;
 
 use transfer_worker::admin::access::MIN_TOKEN_LEN;
-use transfer_worker::admin::{AdminConfig, Pools};
+use transfer_worker::admin::{AdminConfig, Pools, Role};
 use transfer_worker::db::SessionLimits;
 use transfer_worker::error::{Error, Result};
 use transfer_worker::health::Health;
@@ -194,7 +194,7 @@ impl RunArgs {
                 return Err(Error::invalid(format!("--admin-allowed-hosts: {h:?} is not a host name")));
             }
         }
-        Ok(AdminConfig { token, allowed_hosts })
+        Ok(AdminConfig { role: Role::Worker, token, allowed_hosts })
     }
 
     pub fn sqs_config(&self) -> Result<SqsConfig> {
@@ -235,7 +235,7 @@ impl std::fmt::Debug for Secret {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OptionalAge(pub Option<Duration>);
 
-fn parse_optional_age(text: &str) -> std::result::Result<OptionalAge, String> {
+pub fn parse_optional_age(text: &str) -> std::result::Result<OptionalAge, String> {
     if text.trim().eq_ignore_ascii_case("off") {
         return Ok(OptionalAge(None));
     }

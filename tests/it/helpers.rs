@@ -163,6 +163,12 @@ impl TestDb {
         sqlx::query_scalar::<_, i64>(sql).fetch_one(&self.pool).await.unwrap()
     }
 
+    /// A count that is 0 while its table does not exist yet (a process the
+    /// test started creates it).
+    pub async fn count_or_zero(&self, sql: &'static str) -> i64 {
+        sqlx::query_scalar::<_, i64>(sql).fetch_one(&self.pool).await.unwrap_or(0)
+    }
+
     pub async fn scalar_with(&self, sql: &'static str, arg: &str) -> i64 {
         sqlx::query_scalar::<_, i64>(sql).bind(arg).fetch_one(&self.pool).await.unwrap()
     }

@@ -6,6 +6,7 @@ mod apply;
 mod browser;
 mod cli;
 mod concurrency;
+mod consume;
 mod container;
 mod enqueue;
 mod experiments;
