@@ -65,7 +65,7 @@ pub async fn land(conn: &mut PgConnection, consumer: &str, event: &EventBody) ->
 const PRUNE_BATCH: i64 = 1_000;
 
 /// Deletes `consumer`'s rows received longer ago than `older_than`, in
-/// statements of [`PRUNE_BATCH`] rows; how many.
+/// statements of 1,000 rows; how many.
 pub async fn prune(pool: &PgPool, consumer: &str, older_than: std::time::Duration) -> Result<u64> {
     let mut deleted = 0;
     loop {
