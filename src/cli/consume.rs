@@ -147,7 +147,7 @@ pub async fn run(database_url: &Option<String>, args: ConsumeArgs) -> Result<()>
     if args.print {
         consumer = consumer.on_landed(Box::new(|d| {
             // Not println!: it panics when stdout's reader has gone away.
-            let _ = writeln!(std::io::stdout(), "{}", d.json);
+            let _ = writeln!(std::io::stdout(), "{}", d.json());
         }));
     }
     let consumer = Arc::new(consumer);
@@ -182,6 +182,8 @@ pub async fn run(database_url: &Option<String>, args: ConsumeArgs) -> Result<()>
                 );
                 receivers.abort_all();
             }
+            // What was received and not handled yet: handled now, or handed back.
+            consumer.finish(deadline.max(tokio::time::Instant::now() + Duration::from_millis(500))).await;
             Ok(())
         }
     };

@@ -20,12 +20,20 @@ use crate::outbox::EventBody;
 pub struct Delivered {
     /// The event, decoded (native or CloudEvents) into the one event type.
     pub event: EventBody,
-    /// The event's native JSON (what `consumed_events.body` holds).
-    pub json: String,
+    /// The event's native JSON as it arrived (what `consumed_events.body`
+    /// holds; for a CloudEvent, its `data`).
+    pub body: serde_json::Value,
     /// SQS's id of the message that carried it.
     pub message_id: String,
     /// How many times SQS has handed this message out (1 the first time).
     pub receive_count: u32,
+}
+
+impl Delivered {
+    /// The event's native JSON as one line.
+    pub fn json(&self) -> String {
+        self.body.to_string()
+    }
 }
 
 /// Why a handler did not apply an event (rolled back, retried later).
@@ -43,6 +51,12 @@ impl From<sqlx::Error> for HandlerError {
 /// writes there commits with the inbox row, or not at all).
 pub trait Handler: Send + Sync + 'static {
     fn handle<'a>(&'a self, tx: &'a mut PgConnection, event: &'a Delivered) -> BoxFuture<'a, Result<(), HandlerError>>;
+
+    /// True if the inbox row is the handler's whole effect (it writes and
+    /// runs nothing): a received batch then lands in one statement.
+    fn records_only(&self) -> bool {
+        false
+    }
 }
 
 /// The inbox row is the whole effect.
@@ -55,6 +69,10 @@ impl Handler for Record {
         _event: &'a Delivered,
     ) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async { Ok(()) })
+    }
+
+    fn records_only(&self) -> bool {
+        true
     }
 }
 
@@ -108,7 +126,7 @@ impl Handler for Exec {
                 .spawn()
                 .map_err(|e| HandlerError(format!("cannot start {:?}: {e}", self.command)))?;
             let mut stdin = child.stdin.take().expect("stdin is piped");
-            let body = d.json.clone();
+            let body = d.json();
             // Written concurrently with the wait: a command that does not
             // read its stdin must not hang on a full pipe.
             let feed = async move {

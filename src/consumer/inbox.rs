@@ -8,9 +8,9 @@
 
 use sqlx::{PgConnection, PgPool};
 
+use super::handler::Delivered;
 use crate::concurrency::advisory::{self, LockKey};
 use crate::error::Result;
-use crate::outbox::EventBody;
 
 /// Creates `consumed_events` (and its pruning index) if missing. Several
 /// consumers starting at once take turns (a transaction-scoped advisory
@@ -42,8 +42,8 @@ pub async fn ensure_table(pool: &PgPool) -> Result<()> {
 /// duplicate: nothing to do). A concurrent replica landing the same event
 /// waits on the row until the first commits or rolls back, so exactly one
 /// of them sees it as new.
-pub async fn land(conn: &mut PgConnection, consumer: &str, event: &EventBody) -> Result<bool> {
-    let body = serde_json::to_value(event).expect("an event body always serializes");
+pub async fn land(conn: &mut PgConnection, consumer: &str, delivered: &Delivered) -> Result<bool> {
+    let event = &delivered.event;
     let landed = sqlx::query(
         "INSERT INTO consumed_events (consumer, event_id, event_type, transfer_id, occurred_at, body)
          VALUES ($1, $2::uuid, $3, $4, $5::timestamptz, $6)
@@ -54,11 +54,45 @@ pub async fn land(conn: &mut PgConnection, consumer: &str, event: &EventBody) ->
     .bind(event.event_type.as_str())
     .bind(event.transfer_id.0)
     .bind(&event.occurred_at)
-    .bind(body)
+    .bind(&delivered.body)
     .execute(conn)
     .await?
     .rows_affected();
     Ok(landed == 1)
+}
+
+/// Records every event of a batch for `consumer` in one statement (when the
+/// inbox row is the whole effect), in the batch's order (`received_at` is
+/// each row's own clock, so a FIFO group's order shows); returns the ids
+/// that were new. Committed at once, all or nothing.
+pub async fn land_all(
+    pool: &PgPool,
+    consumer: &str,
+    batch: &[&Delivered],
+) -> Result<std::collections::HashSet<String>> {
+    let ids: Vec<&str> = batch.iter().map(|d| d.event.event_id.as_str()).collect();
+    let types: Vec<&str> = batch.iter().map(|d| d.event.event_type.as_str()).collect();
+    let transfers: Vec<i64> = batch.iter().map(|d| d.event.transfer_id.0).collect();
+    let times: Vec<&str> = batch.iter().map(|d| d.event.occurred_at.as_str()).collect();
+    let bodies: Vec<&serde_json::Value> = batch.iter().map(|d| &d.body).collect();
+    let landed: Vec<String> = sqlx::query_scalar(
+        "INSERT INTO consumed_events (consumer, event_id, event_type, transfer_id, occurred_at, body, received_at)
+         SELECT $1, e.id::uuid, e.type, e.transfer, e.at::timestamptz, e.body, clock_timestamp()
+           FROM unnest($2::text[], $3::text[], $4::bigint[], $5::text[], $6::jsonb[]) WITH ORDINALITY
+                AS e(id, type, transfer, at, body, n)
+          ORDER BY e.n
+         ON CONFLICT (consumer, event_id) DO NOTHING
+         RETURNING event_id::text",
+    )
+    .bind(consumer)
+    .bind(&ids)
+    .bind(&types)
+    .bind(&transfers)
+    .bind(&times)
+    .bind(&bodies)
+    .fetch_all(pool)
+    .await?;
+    Ok(landed.into_iter().collect())
 }
 
 /// Rows looked at per pruning statement.

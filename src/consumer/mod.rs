@@ -4,7 +4,8 @@
 //! One pass ([`Consumer::run_once`]):
 //!
 //! 1. **receive**: `ReceiveMessage`, up to 10 messages, long-polling up to
-//!    20 s (cut short at shutdown);
+//!    20 s (cut short at shutdown); a pass handles the batch the previous
+//!    one received while it receives the next;
 //! 2. **decode** each body into the one event type ([`EventBody`], native or
 //!    CloudEvents). A body that is not one of our events (a foreign message,
 //!    bad JSON) is logged with its message id, counted, and left alone: the
@@ -161,6 +162,10 @@ pub struct Consumer {
     wake: Arc<Notify>,
     on_landed: Option<OnLanded>,
     last_prune: Mutex<Option<Instant>>,
+    /// Slots for deletes running in the background.
+    deletes: Arc<tokio::sync::Semaphore>,
+    /// Batches received by a pass, for the next pass to handle.
+    received: Mutex<Vec<Vec<Message>>>,
 }
 
 /// How one message went.
@@ -185,6 +190,8 @@ impl Consumer {
             wake: Arc::new(Notify::new()),
             on_landed: None,
             last_prune: Mutex::new(None),
+            deletes: Arc::new(tokio::sync::Semaphore::new(DELETES_IN_FLIGHT)),
+            received: Mutex::new(Vec::new()),
         }
     }
 
@@ -233,26 +240,69 @@ impl Consumer {
     }
 
     /// One pass: receive, decode, handle, delete (see the module docs).
+    ///
+    /// The handling of one batch overlaps the receive of the next: a pass
+    /// handles the batch an earlier pass received (if any) while it receives
+    /// another, so neither SQS nor the database waits for the other.
     async fn consume_pass(&self) -> Result<ConsumeCounts> {
         self.prune_if_due().await;
-        let received = tokio::select! {
-            r = self.receive() => r,
-            _ = self.shutdown.cancelled() => return Ok(ConsumeCounts::default()),
-        };
-        let messages = match received {
-            Ok(m) => m,
-            Err(failure) => {
-                tracing::warn!(error = %failure, "SQS receive failed; will retry");
-                return Ok(ConsumeCounts { unavailable: true, ..Default::default() });
+        let ready = self.received.lock().expect("received batches").pop();
+        let receive = async {
+            if self.shutdown.is_cancelled() {
+                return Ok(Vec::new());
+            }
+            tokio::select! {
+                r = self.receive() => r,
+                _ = self.shutdown.cancelled() => Ok(Vec::new()),
             }
         };
-        let mut counts = ConsumeCounts { received: messages.len(), ..Default::default() };
+        let (mut counts, received) = match ready {
+            Some(batch) => tokio::join!(self.handle_batch(batch), receive),
+            None => (ConsumeCounts::default(), receive.await),
+        };
+        match received {
+            Ok(next) => {
+                counts.received = next.len();
+                if !next.is_empty() {
+                    self.received.lock().expect("received batches").push(next);
+                }
+            }
+            Err(failure) => {
+                tracing::warn!(error = %failure, "SQS receive failed; will retry");
+                counts.unavailable = true;
+            }
+        }
+        Ok(counts)
+    }
+
+    /// Handles what earlier passes received and no pass handled yet (after
+    /// the loops stopped): what is not done by `deadline` is handed back to
+    /// the queue at once (visibility 0) rather than after its timeout.
+    pub async fn finish(&self, deadline: tokio::time::Instant) {
+        let left: Vec<Vec<Message>> = std::mem::take(&mut *self.received.lock().expect("received batches"));
+        for batch in left {
+            if tokio::time::Instant::now() < deadline {
+                if let Ok(c) = tokio::time::timeout_at(deadline, self.handle_batch(batch.clone())).await {
+                    self.record(&c);
+                    continue;
+                }
+            }
+            for m in &batch {
+                self.set_visibility(m, Duration::ZERO).await;
+            }
+        }
+        let _ = tokio::time::timeout_at(deadline, self.deletes_done()).await;
+    }
+
+    /// Decodes, handles and deletes one received batch (see the module docs).
+    async fn handle_batch(&self, messages: Vec<Message>) -> ConsumeCounts {
+        let mut counts = ConsumeCounts::default();
         // Decode; group (FIFO: by message group, in order; standard: alone).
         let mut groups: BTreeMap<String, Vec<(Message, Delivered)>> = BTreeMap::new();
         for m in messages {
             let id = m.message_id().unwrap_or_default().to_owned();
             match decode(m.body().unwrap_or_default()) {
-                Ok((event, json)) => {
+                Ok((event, body)) => {
                     let receive_count = system(&m, MessageSystemAttributeName::ApproximateReceiveCount)
                         .and_then(|c| c.parse().ok())
                         .unwrap_or(1);
@@ -260,7 +310,7 @@ impl Consumer {
                         (true, Some(g)) => g.to_owned(),
                         _ => id.clone(),
                     };
-                    let delivered = Delivered { event, json, message_id: id, receive_count };
+                    let delivered = Delivered { event, body, message_id: id, receive_count };
                     groups.entry(group).or_default().push((m, delivered));
                 }
                 Err(why) => {
@@ -269,9 +319,21 @@ impl Consumer {
                 }
             }
         }
-        let work: Vec<_> = groups.into_values().map(|group| self.handle_group(group)).collect();
-        let results: Vec<Vec<(Message, Handled)>> =
-            futures::stream::iter(work).buffer_unordered(self.config.concurrency.max(1)).collect().await;
+        let results: Vec<Vec<(Message, Handled)>> = if self.handler.records_only() {
+            match self.land_batch(groups).await {
+                Ok(r) => vec![r],
+                Err(e) => {
+                    // Nothing landed; the messages come back after their
+                    // visibility timeout. The database's trouble: back off.
+                    tracing::warn!(error = %e, "landing a batch failed; it comes back");
+                    counts.unavailable = true;
+                    return counts;
+                }
+            }
+        } else {
+            let work: Vec<_> = groups.into_values().map(|group| self.handle_group(group)).collect();
+            futures::stream::iter(work).buffer_unordered(self.config.concurrency.max(1)).collect().await
+        };
         let mut done = Vec::new();
         for (m, handled) in results.into_iter().flatten() {
             match handled {
@@ -301,8 +363,8 @@ impl Consumer {
                 }
             }
         }
-        self.delete(&done).await;
-        Ok(counts)
+        self.delete_in_background(done).await;
+        counts
     }
 
     async fn receive(&self) -> std::result::Result<Vec<Message>, SqsFailure> {
@@ -339,10 +401,27 @@ impl Consumer {
         })
     }
 
+    /// When the inbox row is the handler's whole effect, a batch lands in
+    /// one statement: one round trip for up to 10 events.
+    async fn land_batch(&self, groups: BTreeMap<String, Vec<(Message, Delivered)>>) -> Result<Vec<(Message, Handled)>> {
+        let all: Vec<(Message, Delivered)> = groups.into_values().flatten().collect();
+        let batch: Vec<&Delivered> = all.iter().map(|(_, d)| d).collect();
+        let mut landed = inbox::land_all(&self.pool, &self.config.name, &batch).await?;
+        // The same event twice in one batch lands once: the first copy.
+        Ok(all
+            .into_iter()
+            .map(|(m, d)| {
+                let handled =
+                    if landed.remove(&d.event.event_id) { Handled::Landed(Box::new(d)) } else { Handled::Duplicate };
+                (m, handled)
+            })
+            .collect())
+    }
+
     async fn handle_one(&self, m: &Message, d: Delivered) -> Handled {
         let attempt = async {
             let mut tx = self.pool.begin().await?;
-            if !inbox::land(&mut tx, &self.config.name, &d.event).await? {
+            if !inbox::land(&mut tx, &self.config.name, &d).await? {
                 tx.rollback().await?;
                 return Ok::<_, Error>(Handled::Duplicate);
             }
@@ -395,44 +474,26 @@ impl Consumer {
         }
     }
 
-    /// Deletes handled messages, 10 per call. A failed delete only means a
-    /// redelivery, which the inbox drops.
-    async fn delete(&self, messages: &[Message]) {
-        for chunk in messages.chunks(MAX_RECEIVE as usize) {
-            let entries: Vec<_> = chunk
-                .iter()
-                .enumerate()
-                .filter_map(|(i, m)| {
-                    DeleteMessageBatchRequestEntry::builder()
-                        .id(i.to_string())
-                        .receipt_handle(m.receipt_handle()?)
-                        .build()
-                        .ok()
-                })
-                .collect();
-            if entries.is_empty() {
-                continue;
-            }
-            let r = self
-                .client
-                .delete_message_batch()
-                .queue_url(&self.config.queue_url)
-                .set_entries(Some(entries))
-                .send()
-                .await;
-            match r {
-                Ok(out) if !out.failed().is_empty() => {
-                    tracing::warn!(
-                        failed = out.failed().len(),
-                        "some deletes failed; those messages come back and are dropped as duplicates"
-                    )
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(error = %SqsFailure::from_sdk("DeleteMessageBatch", &e), "deletes failed; those messages come back and are dropped as duplicates")
-                }
-            }
+    /// Deletes handled messages without holding up the next receive: the
+    /// deletes run on a task of their own (at most [`DELETES_IN_FLIGHT`] at
+    /// once; beyond that the pass waits for a slot). Everything deleted has
+    /// committed; a delete that never happens (a crash, a failure) only means
+    /// a redelivery, which the inbox drops.
+    async fn delete_in_background(&self, messages: Vec<Message>) {
+        if messages.is_empty() {
+            return;
         }
+        let Ok(slot) = self.deletes.clone().acquire_owned().await else { return };
+        let (client, url) = (self.client.clone(), self.config.queue_url.clone());
+        tokio::spawn(async move {
+            delete(&client, &url, &messages).await;
+            drop(slot);
+        });
+    }
+
+    /// Waits until every delete started so far is done (tests, shutdown).
+    pub async fn deletes_done(&self) {
+        let _all = self.deletes.acquire_many(DELETES_IN_FLIGHT as u32).await;
     }
 
     /// Prunes the inbox every `prune_interval`, one replica at a time.
@@ -457,6 +518,42 @@ impl Consumer {
             }
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, "could not take the inbox's prune lock"),
+        }
+    }
+}
+
+/// Delete calls a consumer keeps in flight.
+pub const DELETES_IN_FLIGHT: usize = 8;
+
+/// Deletes handled messages, 10 per call.
+async fn delete(client: &aws_sdk_sqs::Client, queue_url: &str, messages: &[Message]) {
+    for chunk in messages.chunks(MAX_RECEIVE as usize) {
+        let entries: Vec<_> = chunk
+            .iter()
+            .enumerate()
+            .filter_map(|(i, m)| {
+                DeleteMessageBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .receipt_handle(m.receipt_handle()?)
+                    .build()
+                    .ok()
+            })
+            .collect();
+        if entries.is_empty() {
+            continue;
+        }
+        let r = client.delete_message_batch().queue_url(queue_url).set_entries(Some(entries)).send().await;
+        match r {
+            Ok(out) if !out.failed().is_empty() => {
+                tracing::warn!(
+                    failed = out.failed().len(),
+                    "some deletes failed; those messages come back and are dropped as duplicates"
+                )
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %SqsFailure::from_sdk("DeleteMessageBatch", &e), "deletes failed; those messages come back and are dropped as duplicates")
+            }
         }
     }
 }
@@ -525,18 +622,20 @@ fn chrono_free_parse(t: &str) -> Option<f64> {
 
 /// Decodes a message body: our native event, or a CloudEvents 1.0
 /// structured event whose `data` is one. Returns the event and its native
-/// JSON; Err says why it is not one of ours.
-pub fn decode(body: &str) -> std::result::Result<(EventBody, String), String> {
+/// JSON as it arrived (unknown fields kept); Err says why it is not one of
+/// ours.
+pub fn decode(body: &str) -> std::result::Result<(EventBody, serde_json::Value), String> {
+    use serde::Deserialize;
     let value: serde_json::Value = serde_json::from_str(body).map_err(|e| format!("not JSON: {e}"))?;
     let native = if value.get("specversion").is_some() {
-        value.get("data").cloned().ok_or("a CloudEvent without data")?
+        let mut value = value;
+        value.get_mut("data").map(serde_json::Value::take).ok_or("a CloudEvent without data")?
     } else {
         value
     };
-    let event: EventBody = serde_json::from_value(native).map_err(|e| format!("not a transfer-worker event: {e}"))?;
+    let event = EventBody::deserialize(&native).map_err(|e| format!("not a transfer-worker event: {e}"))?;
     uuid::Uuid::parse_str(&event.event_id).map_err(|e| format!("its event_id is not a UUID: {e}"))?;
-    let json = serde_json::to_string(&event).expect("an event body always serializes");
-    Ok((event, json))
+    Ok((event, native))
 }
 
 /// The event types in the order they happen to one transfer, for consumers

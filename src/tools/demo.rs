@@ -9,8 +9,10 @@
 //! funds, one repeated with the same idempotency key, one cancelled while
 //! still pending), runs the worker in this process, then asks for a partial
 //! refund, a duplicate refund and a cancel that comes too late, waits until
-//! everything is applied and published to a queue of its own, receives the
-//! events back from SQS, and prints them with the balances and outcomes.
+//! everything is applied and published to a queue of its own, sends one
+//! event a second time on purpose, and consumes the queue with the consumer
+//! library (each event lands once in `consumed_events`, the duplicate is
+//! dropped), printing the events, balances and outcomes.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,10 +23,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::tools::fixtures::ScratchDb;
 use transfer_worker::account::{self, AccountId};
+use transfer_worker::consumer::{inbox, Consumer, ConsumerConfig, Record};
 use transfer_worker::error::{Error, Result};
 use transfer_worker::health::Health;
 use transfer_worker::outbox::sqs::{client_from_env, create_queue, Publisher, SqsConfig, SqsFailure};
 use transfer_worker::outbox::EventBody;
+use transfer_worker::service::Service;
 use transfer_worker::transfer::cancel::cancel;
 use transfer_worker::transfer::enqueue::{enqueue, NewTransfer};
 use transfer_worker::transfer::refund::request_refund;
@@ -112,34 +116,54 @@ async fn demo(pool: &PgPool, timeout: Duration) -> Result<()> {
         .fetch_one(&pool)
         .await?;
 
-    println!("== events received from SQS");
-    let mut received = Vec::new();
-    while (received.len() as i64) < expected && Instant::now() < deadline {
-        let out = client
-            .receive_message()
+    // A duplicate on purpose: the first event sent again, as SQS may
+    // deliver it twice or a consumer may see it after a crash.
+    let mut first_event = String::new();
+    let duplicate = client
+        .receive_message()
+        .queue_url(&queue_url)
+        .max_number_of_messages(1)
+        .visibility_timeout(0)
+        .send()
+        .await
+        .map_err(|e| Error::Sqs(SqsFailure::from_sdk("ReceiveMessage", &e)))?;
+    if let Some(body) = duplicate.messages().first().and_then(|m| m.body()) {
+        first_event = serde_json::from_str::<EventBody>(body).map(|e| e.event_id).unwrap_or_default();
+        client
+            .send_message()
             .queue_url(&queue_url)
-            .max_number_of_messages(10)
-            .wait_time_seconds(1)
-            .message_attribute_names("All")
+            .message_body(body)
+            .message_group_id(
+                serde_json::from_str::<EventBody>(body).map(|e| e.transfer_id.to_string()).unwrap_or_default(),
+            )
+            .message_deduplication_id(format!("demo-duplicate-{}", std::process::id()))
             .send()
             .await
-            .map_err(|e| Error::Sqs(SqsFailure::from_sdk("ReceiveMessage", &e)))?;
-        for m in out.messages() {
-            let body: EventBody = serde_json::from_str(m.body().unwrap_or_default())
-                .map_err(|e| Error::Failed(format!("unexpected message body: {e}")))?;
-            println!(
-                "   {:<20} transfer {:<6} {}",
-                body.event_type.as_str(),
-                body.transfer_id,
-                serde_json::to_string(&body.data).unwrap_or_default()
-            );
-            // Delete what we consumed, as a real consumer would.
-            if let Some(handle) = m.receipt_handle() {
-                let _ = client.delete_message().queue_url(&queue_url).receipt_handle(handle).send().await;
-            }
-            received.push(body);
-        }
+            .map_err(|e| Error::Sqs(SqsFailure::from_sdk("SendMessage", &e)))?;
     }
+
+    println!("== the consumer \"demo\" lands each event once (consumed_events), then deletes it from SQS");
+    inbox::ensure_table(&pool).await?;
+    let mut config = ConsumerConfig::new("demo", queue_url.clone());
+    config.wait = Duration::from_secs(1);
+    let consumer = Consumer::new(pool.clone(), client.clone(), config, Arc::new(Record)).on_landed(Box::new(|d| {
+        let e = &d.event;
+        println!(
+            "   {:<20} transfer {:<6} {}",
+            e.event_type.as_str(),
+            e.transfer_id,
+            serde_json::to_string(&e.data).unwrap_or_default()
+        );
+    }));
+    let (mut landed, mut duplicates) = (0, 0);
+    while (landed < expected as usize || duplicates == 0) && Instant::now() < deadline {
+        let c = consumer.run_once().await?;
+        landed += c.landed;
+        duplicates += c.duplicates;
+    }
+    consumer.finish(Instant::now() + Duration::from_secs(2)).await;
+    println!("   {duplicates} duplicate dropped (event {first_event} was delivered twice; it landed once)");
+    let received = landed;
     let _ = client.delete_queue().queue_url(&queue_url).send().await;
 
     println!("== balances");
@@ -163,9 +187,13 @@ async fn demo(pool: &PgPool, timeout: Duration) -> Result<()> {
             t.id, t.from_account, t.to_account, t.amount, t.status
         );
     }
-    println!("== {} events written, {} received from SQS", expected, received.len());
-    if (received.len() as i64) < expected {
-        return Err(Error::Failed(format!("expected {expected} events from SQS, received {}", received.len())));
+    println!(
+        "== {expected} events written, {received} landed once each in consumed_events, {duplicates} duplicate dropped"
+    );
+    if (received as i64) < expected || duplicates == 0 {
+        return Err(Error::Failed(format!(
+            "expected {expected} events to land and a duplicate dropped; {received} landed"
+        )));
     }
     Ok(())
 }

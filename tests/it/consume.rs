@@ -376,3 +376,31 @@ async fn on_a_fifo_queue_each_transfers_events_land_in_order() {
         assert!(seq > before, "transfer {transfer}: {event_type} landed after a later event");
     }
 }
+
+/// Two copies of one event in the same received batch: one lands, one is a
+/// duplicate (printed once, counted once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_copies_in_one_batch_land_once() {
+    let db = TestDb::new().await;
+    let consumer_db = TestDb::new().await;
+    let queue = TestQueue::new(false).await;
+    db.seed(3, 1_000, 1, 1).await;
+    db.apply_all().await;
+    let body = outbox_bodies(&db).await.remove(0);
+    send_all(&queue, &[body.clone(), body]).await;
+    let mut c = consume(&consumer_db, &queue.url, &["--name", "twice", "--print"]);
+    let mut c = KillOnDrop(c.stdout(Stdio::piped()).spawn().unwrap());
+    let mut stdout = c.0.stdout.take().unwrap();
+    let printed = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut s).unwrap();
+        s
+    });
+    wait_for("landed and the queue emptied", Duration::from_secs(30), || async {
+        consumer_db.count_or_zero("SELECT count(*) FROM consumed_events").await == 1 && queue_empty(&queue).await
+    })
+    .await;
+    signal(&c.0, "TERM");
+    assert!(wait_exit(&mut c.0, Duration::from_secs(30)).await.success());
+    assert_eq!(printed.join().unwrap().lines().count(), 1, "printed once");
+}

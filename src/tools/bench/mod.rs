@@ -43,6 +43,7 @@ use transfer_worker::transfer::apply::{Applier, ApplyConfig};
 use transfer_worker::worker::{self, WorkerConfig};
 
 pub mod ceiling;
+pub mod consume;
 pub mod invariants;
 pub mod locks;
 mod setup;
@@ -61,6 +62,8 @@ pub enum Mode {
     Relay,
     Both,
     Enqueue,
+    /// The consumer against SQS's own receive + delete rate.
+    Consume,
 }
 
 #[derive(Debug, Clone)]
@@ -187,6 +190,10 @@ pub struct BenchReport {
     /// transfer today, and from one that made 100,000.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub enqueue_ms: Option<EnqueueLatency>,
+    /// consume: the consumer's rate, SQS's own receive + delete rate with as
+    /// many loops, and their ratio.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub consume: Option<consume::ConsumeReport>,
     /// How long loading `preload` took.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub preload_s: Option<f64>,
@@ -266,6 +273,7 @@ async fn measure(pool: &PgPool, config: &BenchConfig) -> Result<BenchReport> {
         enqueue_ms: None,
         preload_s: None,
         outbox_footprint: None,
+        consume: None,
     };
     open_accounts(pool, config).await?;
     if config.preload > 0 {
@@ -312,6 +320,17 @@ async fn measure(pool: &PgPool, config: &BenchConfig) -> Result<BenchReport> {
 
     let apply = ApplyConfig { batch_size: config.batch_size, ..ApplyConfig::default() };
     let latency_sql = match config.mode {
+        Mode::Consume => {
+            // The queue is FIFO with --fifo; the events are standalone (no
+            // transfers are applied), so the invariants are trivially those
+            // of the untouched accounts.
+            let c = consume::measure(pool, config.transfers, config.workers, config.fifo).await?;
+            report.published_per_s = 0.0;
+            report.consume = Some(c);
+            report.elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+            report.invariants_ok = invariants_hold(pool, config, false).await?;
+            return Ok(report);
+        }
         Mode::Enqueue => {
             report.enqueue_ms = Some(enqueue_latency(pool).await?);
             report.elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
