@@ -13,6 +13,7 @@
 //!   isolation levels with retries, optimistic versions;
 //! - [`outbox`]: events, the [`outbox::relay`] that publishes them,
 //!   [`outbox::sqs`] (the SQS client side) and [`outbox::requeue`];
+//! - [`controls`]: pause and resume, for every replica at once;
 //! - [`worker`]: the `run` process and its supervision; [`service`] the loop
 //!   every background task shares; [`wake`] LISTEN/NOTIFY; [`shutdown`]
 //!   signals; [`retry`] backoff; [`maintenance`] periodic upkeep;
@@ -45,6 +46,7 @@ pub mod account;
 pub mod admin;
 pub mod concurrency;
 pub mod consumer;
+pub mod controls;
 pub mod db;
 pub mod error;
 pub mod health;

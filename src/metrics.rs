@@ -52,6 +52,7 @@ pub struct Metrics {
     oldest_unpublished_age: Gauge<f64, AtomicU64>,
     consumer_messages: Family<Labels, Counter>,
     consumer_lag: Histogram,
+    paused: Family<Labels, Gauge>,
     /// Running totals for the console's rates.
     applied_total: AtomicU64,
     published_total: AtomicU64,
@@ -88,6 +89,7 @@ impl Metrics {
             oldest_unpublished_age: Gauge::default(),
             consumer_messages: Family::default(),
             consumer_lag: Histogram::new(latency_buckets()),
+            paused: Family::default(),
             applied_total: AtomicU64::new(0),
             published_total: AtomicU64::new(0),
         };
@@ -191,6 +193,11 @@ impl Metrics {
             Unit::Seconds,
             m.consumer_lag.clone(),
         );
+        registry.register(
+            "paused",
+            "1 while an operator has paused this part of the worker (apply, relay) for every replica",
+            m.paused.clone(),
+        );
         // Every series a dashboard or an alert expects exists from the start
         // (a rate() over a series that appears late misses its first step).
         for reason in ["", "insufficient_funds", "daily_limit_exceeded", "processing_error"] {
@@ -205,6 +212,9 @@ impl Metrics {
         }
         for class in ["08", "40", "53", "55", "57", "58", "25", "io"] {
             let _ = m.db_retries.get_or_create(&labels(&[("class", class)]));
+        }
+        for part in ["apply", "relay"] {
+            let _ = m.paused.get_or_create(&labels(&[("part", part)]));
         }
         for step in ["transfer", "refund"] {
             let l = labels(&[("step", step)]);
@@ -261,6 +271,11 @@ impl Metrics {
     pub fn sqs_call(&self, result: &str, took: Duration) {
         self.sqs_calls.get_or_create(&labels(&[("result", result)])).inc();
         self.sqs_call_duration.observe(took.as_secs_f64());
+    }
+
+    /// Whether a part of the worker is paused (the control watcher's reading).
+    pub fn set_paused(&self, part: &str, paused: bool) {
+        self.paused.get_or_create(&labels(&[("part", part)])).set(i64::from(paused));
     }
 
     /// What a consumer's pass did with the messages it received.

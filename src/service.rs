@@ -29,6 +29,12 @@ pub trait Progress: Default + std::ops::AddAssign + Send {
     fn unavailable(&self) -> bool {
         false
     }
+    /// Whether it left claimed work for a moment because another session
+    /// held what it needed (another replica's batch, usually, which is done
+    /// in milliseconds): look again soon rather than at the next poll.
+    fn contended(&self) -> bool {
+        false
+    }
 }
 
 /// A background service: one pass at a time, the loop around it shared.
@@ -65,6 +71,7 @@ pub trait Service: Send + Sync + 'static {
             match outcome {
                 Ok(c) if c.unavailable() => Pass::Unavailable,
                 Ok(c) if c.claimed() as i64 >= self.batch_size() => Pass::Busy,
+                Ok(c) if c.contended() => Pass::Contended,
                 Ok(_) => Pass::Idle,
                 Err(e) => {
                     if let Some(db_err) = e.sql() {
@@ -137,6 +144,11 @@ pub async fn run<S: Service>(service: Arc<S>, shutdown: CancellationToken) {
     .await
 }
 
+/// How soon a pass that found some of its work held elsewhere looks again.
+/// (Work held by a session outside the worker for longer stops being
+/// claimed after a few tries: see `transfer::busy`.)
+pub const CONTENDED_RETRY: Duration = Duration::from_millis(25);
+
 /// How a pass went, which decides when the next one starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pass {
@@ -144,6 +156,9 @@ pub enum Pass {
     Busy,
     /// Less than a batch: sleep until notified or the poll interval passes.
     Idle,
+    /// Less than a batch, but some of it was held by another session: try
+    /// again after [`CONTENDED_RETRY`] (or when notified).
+    Contended,
     /// A dependency (database, SQS) was unavailable: back off, and do not let
     /// notifications cut the backoff short.
     Unavailable,
@@ -178,6 +193,10 @@ pub async fn run_loop<F>(
             Pass::Idle => {
                 backoff.reset();
                 (poll, true)
+            }
+            Pass::Contended => {
+                backoff.reset();
+                (poll.min(CONTENDED_RETRY), true)
             }
             Pass::Unavailable => (backoff.next_delay(), false),
         };

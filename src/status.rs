@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use sqlx::PgPool;
 
+use crate::controls::PauseState;
 use crate::error::Result;
 use crate::outbox::EventState;
 use crate::transfer::{RefundStatus, TransferStatus};
@@ -24,6 +25,8 @@ pub struct Status {
     /// The oldest dead events (at most [`DEAD_SHOWN`]), for the operator to
     /// fix and requeue.
     pub dead_events: Vec<DeadEvent>,
+    /// What an operator paused (`pause`), for every replica.
+    pub paused: PauseState,
 }
 
 /// How many dead events `status` lists.
@@ -125,7 +128,8 @@ pub async fn read(pool: &PgPool) -> Result<Status> {
     .fetch_all(pool)
     .await?;
 
-    Ok(Status { transfers, refunds, outbox, oldest_unpublished_age_s: oldest.max(0.0), dead_events })
+    let paused = crate::controls::read(&mut *pool.acquire().await?).await?;
+    Ok(Status { transfers, refunds, outbox, oldest_unpublished_age_s: oldest.max(0.0), dead_events, paused })
 }
 
 impl std::fmt::Display for Status {
@@ -138,6 +142,18 @@ impl std::fmt::Display for Status {
         let o = &self.outbox;
         writeln!(f, "outbox:    pending {}, published {}, dead {}, held {}", o.pending, o.published, o.dead, o.held)?;
         write!(f, "oldest unpublished event: {:.1} s", self.oldest_unpublished_age_s)?;
+        let p = &self.paused;
+        if p.apply || p.relay {
+            let parts: Vec<&str> =
+                [("apply", p.apply), ("relay", p.relay)].iter().filter(|(_, on)| *on).map(|(n, _)| *n).collect();
+            write!(
+                f,
+                "\nPAUSED: {} since {} ({})",
+                parts.join(" and "),
+                p.since.as_deref().unwrap_or("?"),
+                p.reason.as_deref().unwrap_or("no reason given")
+            )?;
+        }
         if !self.dead_events.is_empty() {
             write!(f, "\ndead events (oldest first; `outbox requeue [--event ID]` once the cause is fixed):")?;
             for e in &self.dead_events {

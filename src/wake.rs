@@ -31,6 +31,8 @@ pub enum Work {
     Refund,
     /// Events were written or put back to pending by another process: the relay.
     Outbox,
+    /// An operator paused or resumed a part of the worker: the control watcher.
+    Control,
 }
 
 /// NOTIFYs the workers from inside the caller's transaction (delivered at
@@ -39,6 +41,7 @@ pub async fn notify(conn: &mut sqlx::PgConnection, work: Work) -> sqlx::Result<(
     let payload = match work {
         Work::Refund => "refund",
         Work::Outbox => "outbox",
+        Work::Control => "control",
     };
     sqlx::query!("SELECT pg_notify($1, $2)::text", CHANNEL, payload).fetch_one(conn).await?;
     Ok(())
@@ -59,6 +62,8 @@ pub struct Wakers {
     pub outbox: Arc<Notify>,
     /// A refund was requested since the apply tasks last looked.
     pub refunds: Arc<AtomicBool>,
+    /// The pause state changed: the control watcher.
+    pub control: Arc<Notify>,
 }
 
 impl Wakers {
@@ -66,6 +71,7 @@ impl Wakers {
         self.refunds.store(true, Ordering::Relaxed);
         self.work.notify_waiters();
         self.outbox.notify_waiters();
+        self.control.notify_waiters();
     }
 
     /// Listens until `shutdown`; reconnects (waking everyone, since
@@ -97,6 +103,7 @@ impl Wakers {
                 };
                 match next {
                     Ok(Some(n)) if n.payload() == "outbox" => self.outbox.notify_one(),
+                    Ok(Some(n)) if n.payload() == "control" => self.control.notify_waiters(),
                     Ok(Some(n)) if n.payload() == "refund" => {
                         self.refunds.store(true, Ordering::Relaxed);
                         self.work.notify_one();

@@ -36,6 +36,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::controls::{self, Part, Paused};
 use crate::error::{Error, Result};
 use crate::health::Health;
 use crate::maintenance::MaintenanceConfig;
@@ -104,7 +105,12 @@ pub struct Stopped {
 pub async fn run(pool: PgPool, publisher: Publisher, config: WorkerConfig, health: Arc<Health>) -> Result<Stopped> {
     let shutdown = health.shutdown_token();
     let wakers = Wakers::default();
+    // The operator's pause, read before anything starts: a replica started
+    // while paused stays idle from its first pass.
+    let paused = Arc::new(Paused::default());
+    paused.update(&controls::read(&mut *pool.acquire().await?).await?);
     let mut background = JoinSet::new();
+    background.spawn(watch_controls(pool.clone(), paused.clone(), wakers.clone(), shutdown.clone()));
     background.spawn(wakers.clone().listen(pool.clone(), shutdown.clone()));
     background.spawn(crate::maintenance::run(pool.clone(), config.maintenance, shutdown.clone(), config.db_retry));
 
@@ -120,6 +126,7 @@ pub async fn run(pool: PgPool, publisher: Publisher, config: WorkerConfig, healt
                 .sharing_busy_accounts(busy.clone())
                 .waking_on_events(wakers.outbox.clone())
                 .with_refund_hint(wakers.refunds.clone())
+                .pausable(paused.clone())
                 .observing(config.observer.clone()),
         );
         appliers.spawn(service::run(applier, shutdown.clone()));
@@ -133,7 +140,8 @@ pub async fn run(pool: PgPool, publisher: Publisher, config: WorkerConfig, healt
     let relay_pool = crate::db::without_commit_wait(&pool, config.relays.max(1) as u32 * 2 + 2);
     let relay = Arc::new(
         Relay::new(relay_pool.clone(), publisher, config.relay.clone(), wakers.outbox.clone())
-            .with_health(health.clone()),
+            .with_health(health.clone())
+            .pausable(paused.clone()),
     );
     let mut relays = JoinSet::new();
     for _ in 0..config.relays.max(1) {
@@ -210,6 +218,39 @@ pub async fn run(pool: PgPool, publisher: Publisher, config: WorkerConfig, healt
     tracing::info!(?stopped, "worker stopped");
     Ok(stopped)
 }
+
+/// Keeps `paused` up to date: on the NOTIFY `pause`/`resume` send, and at
+/// least every [`CONTROL_POLL`] (a notification can be lost). A part just
+/// resumed has its loops woken at once.
+async fn watch_controls(pool: PgPool, paused: Arc<Paused>, wakers: Wakers, shutdown: CancellationToken) {
+    loop {
+        match pool.acquire().await {
+            Ok(mut conn) => match controls::read(&mut conn).await {
+                Ok(state) => {
+                    for part in paused.update(&state) {
+                        match part {
+                            Part::Apply => wakers.work.notify_waiters(),
+                            Part::Relay => wakers.outbox.notify_waiters(),
+                        }
+                    }
+                    for part in Part::ALL {
+                        crate::metrics::metrics().set_paused(part.as_str(), state.is_paused(part));
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "reading the pause state failed; keeping the last one"),
+            },
+            Err(e) => tracing::warn!(error = %e, "reading the pause state failed; keeping the last one"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = wakers.control.notified() => {}
+            _ = tokio::time::sleep(CONTROL_POLL) => {}
+        }
+    }
+}
+
+/// The longest a replica goes without reading the pause state.
+pub const CONTROL_POLL: Duration = Duration::from_secs(1);
 
 /// Waits for every task of `set` until `deadline`; true if they all ended.
 /// A task that panics while stopping is logged and counted as ended.

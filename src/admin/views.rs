@@ -194,6 +194,7 @@ mod tests {
                 last_error: Some(nasty.into()),
                 held: 0,
             }],
+            paused: Default::default(),
         };
         let notice = Notice { requeued: None, error: Some(nasty.into()) };
         // (State names are enums now; what comes from the database as text

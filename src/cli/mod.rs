@@ -11,6 +11,7 @@ mod demo;
 mod enqueue;
 mod lab;
 mod outbox;
+mod pause;
 mod probe;
 mod prune;
 mod refund;
@@ -67,6 +68,10 @@ pub enum Command {
     /// Consume the events: each lands once per consumer name in
     /// consumed_events (optionally running --exec), until SIGINT/SIGTERM.
     Consume(consume::ConsumeArgs),
+    /// Pause a part of the worker (apply, relay, all) on every replica, until `resume`.
+    Pause(pause::PauseArgs),
+    /// Resume what `pause` paused, on every replica.
+    Resume(pause::ResumeArgs),
     /// Operate the outbox.
     #[command(subcommand)]
     Outbox(outbox::OutboxCommand),
@@ -103,6 +108,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Refund(args) => refund::run(&connect(&cli.database_url, 2).await?, args).await,
         Command::Cancel(args) => cancel::run(&connect(&cli.database_url, 2).await?, args).await,
         Command::Consume(args) => consume::run(&cli.database_url, args).await,
+        Command::Pause(args) => pause::pause(&connect(&cli.database_url, 2).await?, args).await,
+        Command::Resume(args) => pause::resume(&connect(&cli.database_url, 2).await?, args).await,
         Command::Outbox(cmd) => outbox::run(&connect(&cli.database_url, 2).await?, cmd).await,
         Command::Status(args) => status::run(&connect(&cli.database_url, 2).await?, args).await,
         Command::Transfer(cmd) => transfer::run(&connect(&cli.database_url, 2).await?, cmd).await,

@@ -17,7 +17,9 @@
 //! change `attempts` and never make an event dead.
 
 pub mod delivery;
+pub mod glob;
 pub mod relay;
+pub mod replay;
 pub mod requeue;
 pub mod sqs;
 pub(crate) mod store;

@@ -36,6 +36,7 @@ use std::time::Duration;
 use sqlx::PgPool;
 use tokio::sync::Notify;
 
+use crate::controls::{Part, Paused};
 use crate::error::{Error, Result};
 use crate::health::Health;
 use crate::outbox::sqs::{escape_for_sqs, Delivery, EntryError, Outgoing, Published, Publisher};
@@ -109,6 +110,8 @@ pub struct ClaimedEvent {
     pub event: EventBody,
     pub attempts: i32,
     pub transient_failures: i32,
+    /// Times an operator replayed it (its FIFO deduplication id changes with it).
+    pub replays: i32,
     /// When it was written (Unix seconds), for the publish-age metric.
     pub occurred_epoch: f64,
     /// The transfer's trace context, if its producer gave one.
@@ -141,6 +144,8 @@ pub struct Relay {
     open_leases: Mutex<HashSet<String>>,
     /// Where to say how SQS last answered (for `/readyz`).
     health: Option<Arc<Health>>,
+    /// The operator's pause (no new pass while the relay is paused).
+    paused: Option<Arc<Paused>>,
 }
 
 impl Relay {
@@ -152,7 +157,13 @@ impl Relay {
                 "the relay lease is shorter than a pass's longest send: slow passes may send events twice"
             );
         }
-        Relay { pool, publisher, config, wake, open_leases: Mutex::new(HashSet::new()), health: None }
+        Relay { pool, publisher, config, wake, open_leases: Mutex::new(HashSet::new()), health: None, paused: None }
+    }
+
+    /// Starts no pass while `paused` says the relay is paused.
+    pub fn pausable(mut self, paused: Arc<Paused>) -> Self {
+        self.paused = Some(paused);
+        self
     }
 
     /// Reports how SQS answers each pass to `health`.
@@ -167,6 +178,9 @@ impl Relay {
 
     /// Claim, send, record (see the module docs).
     async fn relay_pass(&self) -> Result<RelayCounts> {
+        if self.paused.as_ref().is_some_and(|p| p.is_paused(Part::Relay)) {
+            return Ok(RelayCounts::default());
+        }
         let started = std::time::Instant::now();
         let claim = self.claim().await?;
         if claim.events.is_empty() {
@@ -211,6 +225,7 @@ impl Relay {
                 },
                 attempts: r.attempts,
                 transient_failures: r.transient_failures,
+                replays: r.replays,
                 occurred_epoch: r.occurred_epoch,
                 // Only what the producer API accepts travels on (W3C Trace Context).
                 traceparent: r.traceparent.filter(|t| crate::transfer::TraceParent::new(t).is_ok()),
@@ -453,6 +468,13 @@ fn to_outgoing(e: &ClaimedEvent) -> Outgoing {
         outbox_id: e.id,
         transfer_id: e.event.transfer_id,
         event_id: e.event.event_id.clone(),
+        // A replay must get past FIFO's five-minute deduplication of the
+        // first publication (see `replay`).
+        dedup_id: if e.replays == 0 {
+            e.event.event_id.clone()
+        } else {
+            format!("{}:replay-{}", e.event.event_id, e.replays)
+        },
         event_type: e.event.event_type,
         body: escape_for_sqs(&json).into_owned(),
         traceparent: e.traceparent.clone(),

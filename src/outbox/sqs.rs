@@ -50,6 +50,9 @@ pub struct Outgoing {
     pub outbox_id: i64,
     pub transfer_id: TransferId,
     pub event_id: String,
+    /// The FIFO `MessageDeduplicationId`: the `event_id`, or for a replay
+    /// `<event_id>:replay-<n>`.
+    pub dedup_id: String,
     pub event_type: EventType,
     pub body: String,
     /// The producer's trace context, sent as the `traceparent` attribute.
@@ -272,7 +275,7 @@ impl Publisher {
             if self.fifo {
                 // Per-transfer order on a FIFO queue; SQS drops a resend of the
                 // same event_id within its 5-minute deduplication window.
-                entry = entry.message_group_id(e.transfer_id.to_string()).message_deduplication_id(&e.event_id);
+                entry = entry.message_group_id(e.transfer_id.to_string()).message_deduplication_id(&e.dedup_id);
             }
             entries.push(entry.build().expect("id and body are set"));
         }
@@ -389,6 +392,7 @@ mod tests {
             outbox_id: id,
             transfer_id: TransferId(id),
             event_id: id.to_string(),
+            dedup_id: id.to_string(),
             event_type: EventType::TransferSucceeded,
             body: "x".repeat(body_len),
             traceparent: None,

@@ -22,6 +22,7 @@ pub(crate) struct ClaimRow {
     pub data: Json<serde_json::Value>,
     pub attempts: i32,
     pub transient_failures: i32,
+    pub replays: i32,
     pub lease: String,
     pub occurred_epoch: f64,
     pub occurred_at: String,
@@ -64,7 +65,7 @@ pub(crate) async fn claim_heads(pool: &PgPool, limit: i64, lease_ms: f64) -> sql
         RETURNING (SELECT t.traceparent FROM transfers t WHERE t.id = o.transfer_id) AS traceparent,
                   o.id, o.event_id::text AS "event_id!", o.transfer_id AS "transfer_id: TransferId",
                   o.event_type AS "event_type: EventType", o.data AS "data: Json<serde_json::Value>",
-                  o.attempts, o.transient_failures,
+                  o.attempts, o.transient_failures, o.replays,
                   o.claimed_until::text AS "lease!",
                   extract(epoch FROM o.occurred_at)::float8 AS "occurred_epoch!",
                   to_char(o.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS "occurred_at!""#,
@@ -91,7 +92,9 @@ pub(crate) type Outcomes<'a> = (&'a [i64], &'a [String], &'a [i64]);
 /// pending -> published, where the lease holds; the ids it moved.
 pub(crate) async fn mark_published(conn: &mut PgConnection, ids: &[i64], lease: &str) -> sqlx::Result<Vec<i64>> {
     sqlx::query_scalar!(
-        "UPDATE outbox SET state = 'published', published_at = now(), last_error = NULL, claimed_until = NULL
+        "UPDATE outbox SET state = 'published', published_at = now(), last_error = NULL, claimed_until = NULL,
+                           first_published_at = COALESCE(first_published_at, now()),
+                           publications = publications || now()
           WHERE id = ANY($1) AND state = 'pending' AND claimed_until = $2::text::timestamptz
       RETURNING id",
         ids,

@@ -43,6 +43,7 @@ use sqlx::{PgConnection, PgPool};
 use tokio::sync::Notify;
 
 use crate::account::AccountId;
+use crate::controls::{Part, Paused};
 use crate::db::{self, Fault};
 use crate::error::{Error, Result};
 use crate::retry::RetryPolicy;
@@ -101,6 +102,10 @@ impl Progress for ApplyCounts {
     fn claimed(&self) -> usize {
         self.claimed
     }
+
+    fn contended(&self) -> bool {
+        self.skipped > 0
+    }
 }
 
 impl std::ops::AddAssign for ApplyCounts {
@@ -129,6 +134,8 @@ pub struct Applier {
     /// process, which then need not wait for a NOTIFY or its poll.
     events_written: Option<Arc<Notify>>,
     observer: Option<CommitObserver>,
+    /// The operator's pause (no new pass while apply is paused).
+    paused: Option<Arc<Paused>>,
 }
 
 impl Service for Applier {
@@ -169,7 +176,14 @@ impl Applier {
             wake: Arc::new(Notify::new()),
             events_written: None,
             observer: None,
+            paused: None,
         }
+    }
+
+    /// Starts no pass while `paused` says apply is paused.
+    pub fn pausable(mut self, paused: Arc<Paused>) -> Self {
+        self.paused = Some(paused);
+        self
     }
 
     /// How its loop polls and backs off while the database is down.
@@ -213,6 +227,9 @@ impl Applier {
     /// says, a batch of refunds. An `Err` is a transient database failure;
     /// what committed before it stays.
     async fn apply_pass(&self) -> Result<ApplyCounts> {
+        if self.paused.as_ref().is_some_and(|p| p.is_paused(Part::Apply)) {
+            return Ok(ApplyCounts::default());
+        }
         let mut counts = self.run_step(Step::Transfer).await.map_err(|e| e.at("applying a batch of transfers"))?;
         let backlog = counts.claimed as i64 >= self.config.batch_size;
         if self.pacing.look_for_refunds(backlog) {

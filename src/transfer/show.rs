@@ -58,7 +58,14 @@ pub struct EventView {
     pub attempts: i32,
     pub last_error: Option<String>,
     pub occurred_at: String,
+    /// Its latest publication (None while it waits to go out again).
     pub published_at: Option<String>,
+    /// Its first publication: never changed by a replay.
+    pub first_published_at: Option<String>,
+    /// Every publication, oldest first (more than one after a replay).
+    pub publications: Vec<String>,
+    /// Times an operator replayed it (`outbox replay`).
+    pub replays: i32,
 }
 
 /// Reads one transfer; one that does not exist is bad input (exit 2).
@@ -110,7 +117,16 @@ pub async fn show(pool: &PgPool, lookup: &Lookup) -> Result<TransferView> {
                                                    WHERE d.transfer_id = o.transfer_id AND d.state = 'dead'
                                                      AND d.id < o.id) AS "held!",
                   to_char(o.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS "occurred_at!",
-                  to_char(o.published_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS published_at
+                  to_char(o.published_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS published_at,
+                  to_char(COALESCE(o.first_published_at, o.published_at) AT TIME ZONE 'UTC',
+                          'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS first_published_at,
+                  -- (An event published before publications were kept has
+                  -- its published_at as its only one.)
+                  ARRAY(SELECT to_char(p AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
+                          FROM unnest(CASE WHEN cardinality(o.publications) = 0 AND o.published_at IS NOT NULL
+                                           THEN ARRAY[o.published_at] ELSE o.publications END) AS p
+                         ORDER BY p) AS "publications!",
+                  o.replays
              FROM outbox o WHERE o.transfer_id = $1 ORDER BY o.id"#,
         t.id
     )
@@ -127,6 +143,9 @@ pub async fn show(pool: &PgPool, lookup: &Lookup) -> Result<TransferView> {
         last_error: e.last_error,
         occurred_at: e.occurred_at,
         published_at: e.published_at,
+        first_published_at: e.first_published_at,
+        publications: e.publications,
+        replays: e.replays,
     })
     .collect();
     let refund = (t.refund_status != RefundStatus::None).then(|| RefundView {

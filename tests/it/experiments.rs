@@ -53,7 +53,10 @@ async fn bench_reports_rates_latency_and_invariants_for_each_mode() {
     let out = db.cli(&["bench", "--mode", "consume", "--transfers", "200", "--workers", "2", "--json"]).await;
     assert_eq!(out.code, 0, "consume: {out:?}");
     let c = &out.json()["consume"];
-    assert!(c["consumed_per_s"].as_f64().unwrap() > 0.0 && c["sqs_receive_delete_per_s"].as_f64().unwrap() > 0.0, "{c}");
+    assert!(
+        c["consumed_per_s"].as_f64().unwrap() > 0.0 && c["sqs_receive_delete_per_s"].as_f64().unwrap() > 0.0,
+        "{c}"
+    );
     assert!(c["consume_ratio"].as_f64().unwrap() > 0.0 && c["bar_runs_per_s"].as_array().unwrap().len() == 4, "{c}");
     let bad = db.cli(&["bench", "--mode", "sideways"]).await;
     assert_eq!(bad.code, 2);

@@ -30,18 +30,22 @@ fn env(name: &str) -> String {
 
 /// The log filter of the worker processes a test starts, and of its own
 /// in-process services: warnings only, or everything at info with
-/// `TEST_LOG=1` (run with `--nocapture` to see it all).
+/// `TEST_LOG=1`, or at the filter `TEST_LOG` holds (`TEST_LOG=debug,sqlx=warn`;
+/// run with `--nocapture` to see it all).
 pub fn log_filter() -> &'static str {
     static FILTER: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
     FILTER.get_or_init(|| {
-        if std::env::var("TEST_LOG").is_ok_and(|v| v == "1") {
-            let _ = tracing_subscriber::fmt()
-                .with_env_filter(tracing_subscriber::EnvFilter::new("info,sqlx=warn"))
-                .with_test_writer()
-                .try_init();
-            "info,sqlx=warn"
-        } else {
-            "warn"
+        match std::env::var("TEST_LOG").ok().filter(|v| !v.is_empty()) {
+            Some(v) => {
+                // `1`, or a filter of its own (`debug,sqlx=warn`).
+                let filter: &'static str = if v == "1" { "info,sqlx=warn" } else { Box::leak(v.into_boxed_str()) };
+                let _ = tracing_subscriber::fmt()
+                    .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                    .with_test_writer()
+                    .try_init();
+                filter
+            }
+            None => "warn",
         }
     })
 }
@@ -133,8 +137,11 @@ impl TestDb {
     /// `transfer-worker run` on this database, ready to adjust and spawn.
     pub fn worker_command(&self, queue_url: &str, extra: &[&str]) -> Command {
         let mut cmd = Command::new(BIN);
-        cmd.arg("run")
-            .args(["--poll-interval-ms", "100", "--backoff-max-ms", "1000"])
+        cmd.arg("run");
+        if !extra.contains(&"--poll-interval-ms") {
+            cmd.args(["--poll-interval-ms", "100"]);
+        }
+        cmd.args(["--backoff-max-ms", "1000"])
             .env("TRANSFER_WORKER_ADMIN_ADDR", "127.0.0.1:0")
             .args(extra)
             .env("DATABASE_URL", &self.url)
@@ -389,7 +396,12 @@ impl TestQueue {
                     let group = system.get(&MessageSystemAttributeName::MessageGroupId);
                     assert_eq!(group, Some(&body.transfer_id.to_string()), "MessageGroupId is the transfer id");
                     let dedup = system.get(&MessageSystemAttributeName::MessageDeduplicationId);
-                    assert_eq!(dedup, Some(&body.event_id), "MessageDeduplicationId is the event_id");
+                    let dedup = dedup.expect("a MessageDeduplicationId");
+                    let replay = format!("{}:replay-", body.event_id);
+                    assert!(
+                        dedup == &body.event_id || dedup.starts_with(&replay),
+                        "MessageDeduplicationId is the event_id (or a replay's <event_id>:replay-<n>): {dedup}"
+                    );
                 }
                 out.push(body);
                 entries.push(

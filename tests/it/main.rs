@@ -8,6 +8,7 @@ mod cli;
 mod concurrency;
 mod consume;
 mod container;
+mod controls;
 mod enqueue;
 mod experiments;
 #[path = "../../src/tools/fixtures.rs"]

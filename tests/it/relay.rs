@@ -462,6 +462,7 @@ async fn sqs_refusing_one_entry_backs_off_that_event_only_never_the_pass() {
         outbox_id: 1,
         transfer_id: transfer_worker::transfer::TransferId(1),
         event_id: "e-1".into(),
+        dedup_id: "e-1".into(),
         event_type: transfer_worker::outbox::EventType::TransferSucceeded,
         body: "{\"k\":\"\u{FFFF}\"}".into(),
         traceparent: None,
