@@ -63,6 +63,18 @@ pub async fn compact_counts(pool: &PgPool) -> Result<i64> {
     Ok(sqlx::query_scalar!(r#"SELECT compact_state_counts() AS "folded!""#).fetch_one(pool).await?)
 }
 
+/// What waits, for every replica: pending transfers and unpublished
+/// (pending or dead) events, from the maintained counters (one small read).
+pub async fn backlog(pool: &PgPool) -> Result<i64> {
+    Ok(sqlx::query_scalar!(
+        r#"SELECT COALESCE(sum(n), 0)::int8 AS "n!" FROM current_state_counts
+            WHERE (kind = 'transfer' AND state = 'PENDING')
+               OR (kind NOT IN ('transfer', 'refund') AND state IN ('pending', 'dead'))"#
+    )
+    .fetch_one(pool)
+    .await?)
+}
+
 /// Reads the status without scanning any table: counts per state from the
 /// maintained counters, `held` from the (few) dead events, the oldest
 /// unpublished event from the heads of the pending and dead events' indexes.

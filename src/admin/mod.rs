@@ -10,7 +10,7 @@
 //! - `/metrics`: the process's counters and histograms, and gauges from
 //!   cheap sources only (see [`crate::status`] and [`crate::metrics`]), the
 //!   database read at most once a second however often it is scraped;
-//! - `/`: the dead-event console (see `console`).
+//! - `/`, `/transfer`: the console (see `console`).
 //!
 //! It cannot hurt the worker, and no client of it can starve the probes:
 //! - it has connections of its own: one held for the probes' database check
@@ -45,9 +45,12 @@ use crate::health::Health;
 use crate::status;
 
 pub mod access;
+mod chart;
 mod console;
+mod history;
 mod listener;
 mod metrics;
+mod transfer_view;
 mod views;
 
 use access::Access;
@@ -125,7 +128,8 @@ struct AdminState {
     /// The last status read, shared by `/metrics` and the console.
     status: StatusCache,
     access: Access,
-    rates: Mutex<console::Rates>,
+    /// The last hour, for the console's rates and chart.
+    history: Mutex<history::History>,
     role: Role,
 }
 
@@ -148,20 +152,23 @@ pub async fn serve(addr: SocketAddr, pools: Pools, health: Arc<Health>, config: 
         readiness: Mutex::new(None),
         status: StatusCache::default(),
         access: Access::new(addr, config.token, &config.allowed_hosts),
-        rates: Mutex::new(console::Rates::default()),
+        history: Mutex::new(history::History::default()),
         role: config.role,
     });
-    // The console's rates need samples whether or not anyone looks.
-    let sampler = {
+    // The console's rates and chart need samples whether or not anyone looks.
+    let sampler = (state.role == Role::Worker).then(|| {
         let state = state.clone();
         tokio::spawn(async move {
             loop {
-                state.rates.lock().await.sample();
-                tokio::time::sleep(console::RATE_SAMPLE_EVERY).await;
+                // (Its own small read, not the status cache: a sample must
+                // not make the next /metrics or page view a second stale.)
+                let backlog = status::backlog(&state.pool).await.ok();
+                state.history.lock().await.sample(backlog);
+                tokio::time::sleep(history::SAMPLE_EVERY).await;
             }
         })
-    };
-    let _stop_sampler = AbortOnDrop(sampler);
+    });
+    let _stop_sampler = sampler.map(AbortOnDrop);
     listener::serve(listener, router(state)).await;
 }
 
@@ -170,6 +177,10 @@ fn router(state: Arc<AdminState>) -> Router {
         .route("/", get(console::page))
         .route("/requeue", post(console::requeue_one))
         .route("/requeue-all", post(console::requeue_all))
+        .route("/transfer", get(console::transfer))
+        .route("/pause", post(console::pause))
+        .route("/resume", post(console::resume))
+        .route("/replay", post(console::replay_transfer))
         .route_layer(middleware::from_fn_with_state(state.clone(), known_host));
     let probes = Router::new()
         .route("/livez", get(|| async { "ok\n" }))

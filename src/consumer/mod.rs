@@ -6,7 +6,7 @@
 //! 1. **receive**: `ReceiveMessage`, up to 10 messages, long-polling up to
 //!    20 s (cut short at shutdown); a pass handles the batch the previous
 //!    one received while it receives the next;
-//! 2. **decode** each body into the one event type ([`EventBody`], native or
+//! 2. **decode** each body into the one event type ([`crate::outbox::EventBody`], native or
 //!    CloudEvents). A body that is not one of our events (a foreign message,
 //!    bad JSON) is logged with its message id, counted, and left alone: the
 //!    queue's redrive policy (`maxReceiveCount` to a dead-letter queue)
@@ -35,14 +35,16 @@
 //! primary key makes one of two concurrent deliveries of an event wait for
 //! the other's transaction, then see it as a duplicate.
 
+mod decode;
 pub mod handler;
 pub mod inbox;
+mod messages;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, Message, MessageSystemAttributeName, QueueAttributeName};
+use aws_sdk_sqs::types::{Message, MessageSystemAttributeName, QueueAttributeName};
 use futures::future::BoxFuture;
 use futures::StreamExt;
 use sqlx::PgPool;
@@ -53,10 +55,11 @@ use crate::concurrency::advisory::{LockKey, SessionLock};
 use crate::error::{Error, Result};
 use crate::metrics::metrics;
 use crate::outbox::delivery::SqsFailure;
-use crate::outbox::EventBody;
 use crate::retry::RetryPolicy;
 use crate::service::{Progress, Service, Timing};
+pub use decode::{decode, in_transfer_order};
 pub use handler::{Delivered, Exec, Handler, HandlerError, Record};
+pub use messages::DELETES_IN_FLIGHT;
 
 /// SQS's limits for `ReceiveMessage`: at most 10 messages, at most 20 s of
 /// long polling, visibility at most 12 hours.
@@ -339,7 +342,7 @@ impl Consumer {
             match handled {
                 Handled::Landed(d) => {
                     counts.landed += 1;
-                    counts.lags.push(lag(&d.event));
+                    counts.lags.push(decode::lag(&d.event));
                     if let Some(f) = &self.on_landed {
                         f(&d);
                     }
@@ -449,53 +452,6 @@ impl Consumer {
         }
     }
 
-    /// Extends the message's visibility every third of the timeout, forever
-    /// (the caller drops it when the handler is done).
-    async fn keep_invisible(&self, m: &Message) {
-        let every = (self.config.visibility_timeout / 3).max(Duration::from_millis(500));
-        loop {
-            tokio::time::sleep(every).await;
-            self.set_visibility(m, self.config.visibility_timeout).await;
-        }
-    }
-
-    async fn set_visibility(&self, m: &Message, visible_in: Duration) {
-        let Some(receipt) = m.receipt_handle() else { return };
-        let r = self
-            .client
-            .change_message_visibility()
-            .queue_url(&self.config.queue_url)
-            .receipt_handle(receipt)
-            .visibility_timeout(visible_in.min(MAX_VISIBILITY).as_secs() as i32)
-            .send()
-            .await;
-        if let Err(e) = r {
-            tracing::warn!(error = %SqsFailure::from_sdk("ChangeMessageVisibility", &e), "could not change a message's visibility");
-        }
-    }
-
-    /// Deletes handled messages without holding up the next receive: the
-    /// deletes run on a task of their own (at most [`DELETES_IN_FLIGHT`] at
-    /// once; beyond that the pass waits for a slot). Everything deleted has
-    /// committed; a delete that never happens (a crash, a failure) only means
-    /// a redelivery, which the inbox drops.
-    async fn delete_in_background(&self, messages: Vec<Message>) {
-        if messages.is_empty() {
-            return;
-        }
-        let Ok(slot) = self.deletes.clone().acquire_owned().await else { return };
-        let (client, url) = (self.client.clone(), self.config.queue_url.clone());
-        tokio::spawn(async move {
-            delete(&client, &url, &messages).await;
-            drop(slot);
-        });
-    }
-
-    /// Waits until every delete started so far is done (tests, shutdown).
-    pub async fn deletes_done(&self) {
-        let _all = self.deletes.acquire_many(DELETES_IN_FLIGHT as u32).await;
-    }
-
     /// Prunes the inbox every `prune_interval`, one replica at a time.
     async fn prune_if_due(&self) {
         let Some(retention) = self.config.retention else { return };
@@ -518,42 +474,6 @@ impl Consumer {
             }
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, "could not take the inbox's prune lock"),
-        }
-    }
-}
-
-/// Delete calls a consumer keeps in flight.
-pub const DELETES_IN_FLIGHT: usize = 8;
-
-/// Deletes handled messages, 10 per call.
-async fn delete(client: &aws_sdk_sqs::Client, queue_url: &str, messages: &[Message]) {
-    for chunk in messages.chunks(MAX_RECEIVE as usize) {
-        let entries: Vec<_> = chunk
-            .iter()
-            .enumerate()
-            .filter_map(|(i, m)| {
-                DeleteMessageBatchRequestEntry::builder()
-                    .id(i.to_string())
-                    .receipt_handle(m.receipt_handle()?)
-                    .build()
-                    .ok()
-            })
-            .collect();
-        if entries.is_empty() {
-            continue;
-        }
-        let r = client.delete_message_batch().queue_url(queue_url).set_entries(Some(entries)).send().await;
-        match r {
-            Ok(out) if !out.failed().is_empty() => {
-                tracing::warn!(
-                    failed = out.failed().len(),
-                    "some deletes failed; those messages come back and are dropped as duplicates"
-                )
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(error = %SqsFailure::from_sdk("DeleteMessageBatch", &e), "deletes failed; those messages come back and are dropped as duplicates")
-            }
         }
     }
 }
@@ -591,92 +511,4 @@ impl Service for Consumer {
 
 fn system(m: &Message, name: MessageSystemAttributeName) -> Option<&str> {
     m.attributes().and_then(|a| a.get(&name)).map(String::as_str)
-}
-
-/// How long after it happened an event landed.
-fn lag(event: &EventBody) -> Duration {
-    let occurred = chrono_free_parse(&event.occurred_at);
-    let now =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
-    Duration::from_secs_f64((now - occurred.unwrap_or(now)).max(0.0))
-}
-
-/// Seconds since the epoch of an RFC 3339 UTC time as the relay writes it
-/// (`YYYY-MM-DDTHH:MM:SS[.ffffff]Z`); None for anything else.
-fn chrono_free_parse(t: &str) -> Option<f64> {
-    let (date, time) = t.strip_suffix('Z')?.split_once('T')?;
-    let mut d = date.split('-').map(|p| p.parse::<i64>());
-    let (y, mo, da) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
-    let mut c = time.split(':');
-    let (h, mi) = (c.next()?.parse::<i64>().ok()?, c.next()?.parse::<i64>().ok()?);
-    let s: f64 = c.next()?.parse().ok()?;
-    // Days from the civil date (Howard Hinnant's algorithm).
-    let y = if mo <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * (mo + if mo > 2 { -3 } else { 9 }) + 2) / 5 + da - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some((days * 86_400 + h * 3_600 + mi * 60) as f64 + s)
-}
-
-/// Decodes a message body: our native event, or a CloudEvents 1.0
-/// structured event whose `data` is one. Returns the event and its native
-/// JSON as it arrived (unknown fields kept); Err says why it is not one of
-/// ours.
-pub fn decode(body: &str) -> std::result::Result<(EventBody, serde_json::Value), String> {
-    use serde::Deserialize;
-    let value: serde_json::Value = serde_json::from_str(body).map_err(|e| format!("not JSON: {e}"))?;
-    let native = if value.get("specversion").is_some() {
-        let mut value = value;
-        value.get_mut("data").map(serde_json::Value::take).ok_or("a CloudEvent without data")?
-    } else {
-        value
-    };
-    let event = EventBody::deserialize(&native).map_err(|e| format!("not a transfer-worker event: {e}"))?;
-    uuid::Uuid::parse_str(&event.event_id).map_err(|e| format!("its event_id is not a UUID: {e}"))?;
-    Ok((event, native))
-}
-
-/// The event types in the order they happen to one transfer, for consumers
-/// of standard queues that must put them back in order.
-pub fn in_transfer_order(mut events: Vec<EventBody>) -> Vec<EventBody> {
-    events.sort_by_key(|e| (e.transfer_id, e.event_type.sequence()));
-    events
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::outbox::EventType;
-
-    const NATIVE: &str = r#"{"event_id":"0190b2a4-7d2e-7c3a-9f00-000000000001","event_type":"transfer.succeeded","transfer_id":42,
-        "occurred_at":"2026-11-21T12:00:00.000000Z","schema_version":1,
-        "data":{"from_account":1,"to_account":2,"amount":500,"idempotency_key":"k-42"},"added_later":true}"#;
-
-    #[test]
-    fn native_and_cloudevents_bodies_decode_to_one_event_and_foreign_ones_do_not() {
-        let (native, _) = decode(NATIVE).unwrap();
-        assert_eq!(
-            (native.event_type, native.transfer_id.0, native.data.amount),
-            (EventType::TransferSucceeded, 42, 500)
-        );
-        let cloud = format!(
-            r#"{{"specversion":"1.0","id":"{}","source":"transfer-worker","type":"transfer.succeeded","subject":"42","data":{NATIVE}}}"#,
-            native.event_id
-        );
-        assert_eq!(decode(&cloud).unwrap().0, native);
-        for foreign in
-            ["not json", "{}", r#"{"hello":"world"}"#, &NATIVE.replace("0190b2a4-7d2e-7c3a-9f00-000000000001", "nope")]
-        {
-            assert!(decode(foreign).is_err(), "{foreign}");
-        }
-    }
-
-    #[test]
-    fn the_relays_times_parse() {
-        assert_eq!(chrono_free_parse("1970-01-01T00:00:00Z"), Some(0.0));
-        assert_eq!(chrono_free_parse("2026-11-21T12:00:00.500000Z"), Some(1_795_262_400.5));
-        assert_eq!(chrono_free_parse("yesterday"), None);
-    }
 }

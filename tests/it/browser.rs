@@ -1,6 +1,8 @@
-//! The dead-event console in a real browser: headless Chromium (Debian's
-//! package) opens the page of a running worker that has a dead event, takes
-//! a screenshot, clicks "Requeue", and the event is then published.
+//! The console in a real browser: headless Chromium (Debian's package)
+//! opens the page of a running worker that has a dead event, takes a
+//! screenshot, clicks "Requeue", and the event is then published; an
+//! operator pauses apply with a reason, looks a transfer up and replays it,
+//! and resumes.
 //! (`scripts/test.sh` installs Chromium and the driver, playwright-core,
 //! pinned in tests/browser/package-lock.json.)
 
@@ -11,8 +13,8 @@ use aws_sdk_sqs::types::QueueAttributeName;
 use crate::admin::{free_port, http};
 use crate::helpers::{signal, wait_exit, wait_for, KillOnDrop, TestDb, TestQueue};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_operator_requeues_a_dead_event_from_the_console_in_a_browser() {
+/// The browser drivers' folder and Chromium, checked to be there.
+fn browser() -> (String, String) {
     let browser_dir = format!("{}/tests/browser", env!("CARGO_MANIFEST_DIR"));
     assert!(
         std::path::Path::new(&format!("{browser_dir}/node_modules/playwright-core")).exists(),
@@ -20,6 +22,81 @@ async fn an_operator_requeues_a_dead_event_from_the_console_in_a_browser() {
     );
     let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
     assert!(std::path::Path::new(&chromium).exists(), "{chromium} missing: scripts/test.sh installs Debian's chromium");
+    (browser_dir, chromium)
+}
+
+/// Runs one step of `incident.mjs`; what the page showed.
+async fn incident_step(addr: &str, step: &str, arg: &str) -> serde_json::Value {
+    let (dir, chromium) = browser();
+    let screenshot = format!("{}/target/console-{step}.png", env!("CARGO_MANIFEST_DIR"));
+    let _ = std::fs::remove_file(&screenshot);
+    let out = tokio::process::Command::new("node")
+        .args([&format!("{dir}/incident.mjs"), &format!("http://{addr}/"), step, arg, &screenshot])
+        .env("CHROMIUM", &chromium)
+        .output()
+        .await
+        .expect("node (Node.js) runs the browser driver");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{step}: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let png = std::fs::read(&screenshot).expect("a screenshot");
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "a real screenshot ({} bytes)", png.len());
+    serde_json::from_str(stdout.trim()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_pauses_looks_up_replays_and_resumes_from_the_console_in_a_browser() {
+    let db = TestDb::new().await;
+    let queue = TestQueue::new(true).await;
+    db.open_account(1, 1_000).await;
+    db.open_account(2, 0).await;
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut w = KillOnDrop(db.spawn_worker(&queue.url, &["--admin-addr", &addr]));
+    db.enqueue_sql("order-1", 1, 2, 10).await;
+    assert_eq!(queue.receive(1, Duration::from_millis(200)).await.len(), 1);
+
+    let seen = incident_step(&addr, "pause", "incident 9 (bob)").await;
+    assert!(seen["banner_before"].is_null(), "no banner before: {seen}");
+    assert_eq!(seen["charts"], 2, "the rates and the backlog: {seen}");
+    assert_eq!(seen["flash"], "apply paused.", "{seen}");
+    let banner = seen["banner"].as_str().unwrap_or_default();
+    assert!(banner.starts_with("Paused: apply on every replica, since 20"), "{seen}");
+    assert_eq!(seen["reason"], "incident 9 (bob)", "{seen}");
+    assert_eq!(seen["resume_button"], "Resume apply");
+    let state = db.cli(&["status", "--json"]).await.json()["paused"].clone();
+    assert_eq!((state["apply"].as_bool(), state["relay"].as_bool()), (Some(true), Some(false)), "{state}");
+    assert_eq!(state["reason"], "incident 9 (bob)");
+    // The pause holds: a new transfer waits.
+    db.enqueue_sql("order-2", 1, 2, 10).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(db.scalar("SELECT count(*) FROM transfers WHERE status = 'PENDING'").await, 1);
+
+    let seen = incident_step(&addr, "transfer", "order-1").await;
+    assert_eq!(seen["heading"], "Transfer 1", "{seen}");
+    assert_eq!(seen["status"], "SUCCEEDED", "{seen}");
+    assert_eq!((seen["events"].as_i64(), seen["publications"].as_i64()), (Some(1), Some(1)), "{seen}");
+    assert!(seen["url"].as_str().unwrap().ends_with("/transfer?q=order-1"), "{seen}");
+    assert!(seen["flash"].as_str().unwrap_or_default().starts_with("Queued 1 event(s) for replay"), "{seen}");
+    let again = queue.receive(1, Duration::from_millis(200)).await;
+    assert_eq!(again.len(), 1, "the replay went out (the relay is not paused)");
+    wait_for("the replay recorded", Duration::from_secs(10), || async {
+        db.scalar("SELECT count(*) FROM outbox WHERE cardinality(publications) = 2").await == 1
+    })
+    .await;
+
+    let seen = incident_step(&addr, "resume", "-").await;
+    assert_eq!(seen["flash"], "apply resumed.", "{seen}");
+    assert!(seen["banner"].is_null(), "{seen}");
+    wait_for("the waiting transfer applied", Duration::from_secs(10), || async {
+        db.scalar("SELECT count(*) FROM transfers WHERE status = 'PENDING'").await == 0
+    })
+    .await;
+    signal(&w.0, "TERM");
+    assert!(wait_exit(&mut w.0, Duration::from_secs(30)).await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_requeues_a_dead_event_from_the_console_in_a_browser() {
+    let (browser_dir, chromium) = browser();
 
     let db = TestDb::new().await;
     // A queue that refuses messages over 1 KiB, and a transfer whose key makes

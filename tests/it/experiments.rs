@@ -82,7 +82,7 @@ async fn demo_runs_on_a_scratch_database_and_never_touches_the_one_it_was_pointe
         .unwrap();
     let out = db.cli(&["demo"]).await;
     assert_eq!(out.code, 0, "{out:?}");
-    assert!(out.stdout.contains("events received from SQS"), "{}", out.stdout);
+    assert!(out.stdout.contains("landed once each in consumed_events"), "{}", out.stdout);
     assert!(out.stdout.contains("refund.completed"), "{}", out.stdout);
     assert_eq!(
         db.scalar("SELECT count(*) FROM transfers WHERE status = 'PENDING'").await,
