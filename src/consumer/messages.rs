@@ -64,17 +64,7 @@ pub const DELETES_IN_FLIGHT: usize = 8;
 /// Deletes handled messages, 10 per call.
 async fn delete(client: &aws_sdk_sqs::Client, queue_url: &str, messages: &[Message]) {
     for chunk in messages.chunks(MAX_RECEIVE as usize) {
-        let entries: Vec<_> = chunk
-            .iter()
-            .enumerate()
-            .filter_map(|(i, m)| {
-                DeleteMessageBatchRequestEntry::builder()
-                    .id(i.to_string())
-                    .receipt_handle(m.receipt_handle()?)
-                    .build()
-                    .ok()
-            })
-            .collect();
+        let entries = delete_entries(chunk);
         if entries.is_empty() {
             continue;
         }
@@ -92,4 +82,15 @@ async fn delete(client: &aws_sdk_sqs::Client, queue_url: &str, messages: &[Messa
             }
         }
     }
+}
+
+/// The `DeleteMessageBatch` entries of up to 10 received messages.
+pub fn delete_entries(messages: &[Message]) -> Vec<DeleteMessageBatchRequestEntry> {
+    messages
+        .iter()
+        .enumerate()
+        .filter_map(|(i, m)| {
+            DeleteMessageBatchRequestEntry::builder().id(i.to_string()).receipt_handle(m.receipt_handle()?).build().ok()
+        })
+        .collect()
 }

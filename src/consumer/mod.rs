@@ -59,7 +59,7 @@ use crate::retry::RetryPolicy;
 use crate::service::{Progress, Service, Timing};
 pub use decode::{decode, in_transfer_order};
 pub use handler::{Delivered, Exec, Handler, HandlerError, Record};
-pub use messages::DELETES_IN_FLIGHT;
+pub use messages::{delete_entries, DELETES_IN_FLIGHT};
 
 /// SQS's limits for `ReceiveMessage`: at most 10 messages, at most 20 s of
 /// long polling, visibility at most 12 hours.

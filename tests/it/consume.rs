@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use aws_sdk_sqs::types::{QueueAttributeName, SendMessageBatchRequestEntry};
+use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
 
 use crate::helpers::{signal, wait_exit, wait_for, KillOnDrop, TestDb, TestQueue, BIN};
 use transfer_worker::outbox::EventBody;
@@ -72,19 +72,7 @@ fn consume(consumer_db: &TestDb, queue: &str, args: &[&str]) -> Command {
 }
 
 async fn queue_empty(queue: &TestQueue) -> bool {
-    let a = queue
-        .client
-        .get_queue_attributes()
-        .queue_url(&queue.url)
-        .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
-        .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
-        .send()
-        .await
-        .unwrap();
-    let n =
-        |k: QueueAttributeName| a.attributes().and_then(|m| m.get(&k)).map(|v| v.parse::<i64>().unwrap()).unwrap_or(0);
-    n(QueueAttributeName::ApproximateNumberOfMessages) + n(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
-        == 0
+    queue.messages().await == 0
 }
 
 /// The worker publishes 200 transfers' events; every one is sent a second

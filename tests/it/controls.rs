@@ -20,25 +20,6 @@ async fn count(db: &TestDb, sql: &'static str) -> i64 {
     db.scalar(sql).await
 }
 
-/// Messages visible or in flight on the queue (LocalStack counts exactly).
-async fn messages_on(queue: &TestQueue) -> i64 {
-    use aws_sdk_sqs::types::QueueAttributeName as A;
-    let attrs = queue
-        .client
-        .get_queue_attributes()
-        .queue_url(&queue.url)
-        .attribute_names(A::ApproximateNumberOfMessages)
-        .attribute_names(A::ApproximateNumberOfMessagesNotVisible)
-        .send()
-        .await
-        .expect("GetQueueAttributes");
-    let a = attrs.attributes().expect("attributes");
-    [A::ApproximateNumberOfMessages, A::ApproximateNumberOfMessagesNotVisible]
-        .iter()
-        .map(|k| a.get(k).map_or(0, |v| v.parse::<i64>().unwrap()))
-        .sum()
-}
-
 /// Checks, for `seconds`, that `sql` keeps the value `want`.
 async fn stays(db: &TestDb, what: &str, sql: &'static str, want: i64, seconds: u64) {
     let until = Instant::now() + Duration::from_secs(seconds);
@@ -128,7 +109,7 @@ async fn pause_relay_sends_nothing_counts_nothing_and_resume_delivers_every_even
     assert_eq!(out.code, 0, "{out:?}");
     assert!(out.json()["paused"]["reason"].is_null());
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let on_queue = messages_on(&queue).await;
+    let on_queue = queue.messages().await;
     assert_eq!(on_queue, 10);
     // Apply goes on (refunds, new transfers); their events wait in the outbox.
     enqueue_many(&db, "second", 10).await;
@@ -141,7 +122,7 @@ async fn pause_relay_sends_nothing_counts_nothing_and_resume_delivers_every_even
     .await;
     let until = Instant::now() + Duration::from_secs(3);
     while Instant::now() < until {
-        assert_eq!(messages_on(&queue).await, on_queue, "no send while the relay is paused");
+        assert_eq!(queue.messages().await, on_queue, "no send while the relay is paused");
         assert_eq!(count(&db, "SELECT count(*) FROM outbox WHERE state = 'published'").await, 10);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

@@ -324,6 +324,24 @@ impl TestQueue {
             .expect("set MaximumMessageSize");
     }
 
+    /// Messages on the queue, visible or in flight (LocalStack counts exactly).
+    pub async fn messages(&self) -> i64 {
+        let attrs = self
+            .client
+            .get_queue_attributes()
+            .queue_url(&self.url)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+            .send()
+            .await
+            .expect("GetQueueAttributes");
+        let n = |k: QueueAttributeName| {
+            attrs.attributes().and_then(|m| m.get(&k)).map_or(0, |v| v.parse::<i64>().expect("a count"))
+        };
+        n(QueueAttributeName::ApproximateNumberOfMessages)
+            + n(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+    }
+
     pub async fn publisher(&self) -> Publisher {
         Publisher::new(self.client.clone(), &sqs_config(&self.url))
     }

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, MessageSystemAttributeName, SendMessageBatchRequestEntry};
+use aws_sdk_sqs::types::{MessageSystemAttributeName, SendMessageBatchRequestEntry};
 use serde::Serialize;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -124,17 +124,7 @@ async fn receive_delete_rate(queue: &ScratchQueue, n: usize, loops: usize) -> Re
                     if messages.is_empty() {
                         continue;
                     }
-                    let entries: Vec<_> = messages
-                        .iter()
-                        .enumerate()
-                        .filter_map(|(i, m)| {
-                            DeleteMessageBatchRequestEntry::builder()
-                                .id(i.to_string())
-                                .receipt_handle(m.receipt_handle()?)
-                                .build()
-                                .ok()
-                        })
-                        .collect();
+                    let entries = transfer_worker::consumer::delete_entries(&messages);
                     client
                         .delete_message_batch()
                         .queue_url(&url)
