@@ -78,13 +78,25 @@ start_postgres() {
   fi
 }
 
-localstack_up() {
+localstack_health() {
   local url="http://127.0.0.1:$ls_port/_localstack/health"
   if command -v curl >/dev/null; then
-    curl -fsS -o /dev/null "$url" 2>/dev/null
+    curl -fsS "$url" 2>/dev/null
   else
-    python3 -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)" "$url" 2>/dev/null
+    python3 -c "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=2).read().decode())" "$url" 2>/dev/null
   fi
+}
+
+localstack_up() {
+  localstack_health >/dev/null
+}
+
+# Up and serving both SQS and SNS (an older start of ours served SQS only).
+localstack_serves_all() {
+  local health; health=$(localstack_health) || return 1
+  for service in sqs sns; do
+    echo "$health" | grep -Eq "\"$service\": \"(available|running)\"" || return 1
+  done
 }
 
 localstack_venv() {
@@ -102,14 +114,24 @@ localstack_venv() {
 
 start_localstack() {
   local venv; venv=$(localstack_venv)
+  if localstack_up && ! localstack_serves_all; then
+    if [ -f "$ls_dir/pid" ] && kill -0 "$(cat "$ls_dir/pid")" 2>/dev/null; then
+      log "LocalStack on 127.0.0.1:$ls_port serves SQS only: restarting it with SNS"
+      kill "$(cat "$ls_dir/pid")"
+      local i
+      for i in $(seq 1 30); do localstack_up || break; sleep 1; done
+    else
+      die "a LocalStack without SNS answers on 127.0.0.1:$ls_port and is not ours: stop it (or set TW_LOCALSTACK_PORT)"
+    fi
+  fi
   if localstack_up; then
     log "LocalStack already up on 127.0.0.1:$ls_port"
   else
-    log "starting LocalStack (SQS) on 127.0.0.1:$ls_port"
+    log "starting LocalStack (SQS, SNS) on 127.0.0.1:$ls_port"
     mkdir -p "$ls_dir"
     # LS_LOG=warn: one INFO line per request costs LocalStack (a single Python
     # process) about a tenth of its CPU under load; LS_LOG=info brings them back.
-    GATEWAY_LISTEN=127.0.0.1:$ls_port SERVICES=sqs SQS_ENDPOINT_STRATEGY=path LS_LOG=${LS_LOG:-warn} \
+    GATEWAY_LISTEN=127.0.0.1:$ls_port SERVICES=sqs,sns SQS_ENDPOINT_STRATEGY=path LS_LOG=${LS_LOG:-warn} \
       LOCALSTACK_HOST=127.0.0.1:$ls_port FILESYSTEM_ROOT=$ls_dir \
       nohup "$venv/bin/python" -m localstack.runtime.main >"$ls_dir/log" 2>&1 &
     echo $! >"$ls_dir/pid"

@@ -27,6 +27,10 @@ pub struct Status {
     pub dead_events: Vec<DeadEvent>,
     /// What an operator paused (`pause`), for every replica.
     pub paused: PauseState,
+    /// Each destination's events (its deliveries), by `outbox.destination`;
+    /// `""` holds the events no route takes (recorded, not delivered). Events
+    /// not routed yet are in `outbox` only.
+    pub destinations: BTreeMap<String, OutboxCounts>,
 }
 
 /// How many dead events `status` lists.
@@ -36,6 +40,8 @@ pub const DEAD_SHOWN: i64 = 10;
 pub struct DeadEvent {
     #[serde(rename = "outbox_id")]
     pub id: i64,
+    /// Where it could not be delivered.
+    pub destination: String,
     pub event_id: String,
     pub transfer_id: i64,
     pub event_type: String,
@@ -48,7 +54,7 @@ pub struct DeadEvent {
 /// The outbox's events, each counted once: `pending` (waiting for the relay),
 /// `held` (pending, but behind a dead event of the same transfer), `dead` and
 /// `published`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct OutboxCounts {
     pub pending: i64,
     pub published: i64,
@@ -86,30 +92,56 @@ pub async fn read(pool: &PgPool) -> Result<Status> {
     let mut refunds: BTreeMap<RefundStatus, i64> =
         RefundStatus::ALL.iter().filter(|s| **s != RefundStatus::None).map(|s| (*s, 0)).collect();
     let mut events: BTreeMap<EventState, i64> = EventState::ALL.iter().map(|s| (*s, 0)).collect();
-    // The counters' `kind` names which column a state is of; a state this
-    // binary does not know (a newer release wrote it) is left out.
+    let mut destinations: BTreeMap<String, OutboxCounts> = BTreeMap::new();
+    // The counters' `kind` names which column a state is of ('event' for
+    // unrouted events, 'event@<destination>' for a destination's); a state
+    // this binary does not know (a newer release wrote it) is left out.
     for c in counts {
         match c.kind.as_str() {
             "transfer" => c.state.parse().ok().map(|s| transfers.insert(s, c.n)),
             "refund" => c.state.parse().ok().map(|s| refunds.insert(s, c.n)),
-            _ => c.state.parse().ok().map(|s| events.insert(s, c.n)),
+            kind => {
+                let Ok(state) = c.state.parse::<EventState>() else { continue };
+                *events.entry(state).or_default() += c.n;
+                if let Some(destination) = kind.strip_prefix("event@") {
+                    let d = destinations.entry(destination.to_owned()).or_default();
+                    match state {
+                        EventState::Pending => d.pending += c.n,
+                        EventState::Published => d.published += c.n,
+                        EventState::Dead => d.dead += c.n,
+                    }
+                }
+                None
+            }
         };
     }
 
-    // Pending events behind a dead one of the same transfer: walks the dead
-    // events (a partial index) and, per transfer, its events through
-    // (transfer_id, id). The state tests are written `state || ''` so that
-    // the index of pending events, which statistics from before a backlog
-    // make look empty, is never walked once per dead event.
-    let held = sqlx::query_scalar!(
-        r#"SELECT count(DISTINCT o.id) AS "held!"
+    // Pending events behind a dead one of the same transfer and
+    // destination: walks the dead events (a partial index) and, per
+    // transfer, its events through (transfer_id, id). The state tests are
+    // written `state || ''` so that the index of pending events, which
+    // statistics from before a backlog make look empty, is never walked once
+    // per dead event.
+    let held_rows = sqlx::query!(
+        r#"SELECT d.destination AS "destination!", count(DISTINCT o.id) AS "held!"
              FROM outbox d
-             JOIN outbox o ON o.transfer_id = d.transfer_id AND o.id > d.id
+             JOIN outbox o ON o.transfer_id = d.transfer_id
+                          AND COALESCE(o.event_seq, o.id) > COALESCE(d.event_seq, d.id)
                           AND o.state || '' = 'pending'
-            WHERE d.state = 'dead'"#
+                          AND (o.destination = d.destination OR o.destination IS NULL)
+            WHERE d.state = 'dead'
+            GROUP BY d.destination"#
     )
-    .fetch_one(pool)
+    .fetch_all(pool)
     .await?;
+    let mut held = 0;
+    for r in held_rows {
+        held += r.held;
+        let d = destinations.entry(r.destination).or_default();
+        d.held = r.held;
+        d.pending -= r.held;
+    }
+    destinations.retain(|_, c| *c != OutboxCounts::default());
     let outbox = OutboxCounts {
         pending: events[&EventState::Pending] - held,
         published: events[&EventState::Published],
@@ -117,13 +149,23 @@ pub async fn read(pool: &PgPool) -> Result<Status> {
         held,
     };
 
-    // The oldest event still waiting: the head of the pending events' index,
-    // or a dead event (few, from their own index) if one is older.
+    // The oldest event still waiting: the heads of the unrouted events'
+    // index and of each destination's pending events (the destinations the
+    // counters know), or a dead event (few, from their own index) if one is
+    // older.
+    let known: Vec<String> = destinations.keys().filter(|d| !d.is_empty()).cloned().collect();
     let oldest = sqlx::query_scalar!(
         r#"SELECT EXTRACT(EPOCH FROM now() - min(occurred_at))::float8 AS "age"
-             FROM ((SELECT occurred_at FROM outbox WHERE state = 'pending' ORDER BY id LIMIT 1)
+             FROM ((SELECT occurred_at FROM outbox WHERE state = 'pending' AND destination IS NULL ORDER BY id LIMIT 1)
                    UNION ALL
-                   (SELECT occurred_at FROM outbox WHERE state = 'dead' ORDER BY id LIMIT 1)) heads"#
+                   (SELECT h.occurred_at
+                      FROM unnest($1::text[]) AS d(destination)
+                      CROSS JOIN LATERAL (SELECT occurred_at FROM outbox o
+                                           WHERE o.state = 'pending' AND o.destination = d.destination
+                                           ORDER BY o.id LIMIT 1) h)
+                   UNION ALL
+                   (SELECT occurred_at FROM outbox WHERE state = 'dead' ORDER BY id LIMIT 1)) heads"#,
+        &known
     )
     .fetch_one(pool)
     .await?
@@ -131,9 +173,13 @@ pub async fn read(pool: &PgPool) -> Result<Status> {
 
     let dead_events = sqlx::query_as!(
         DeadEvent,
-        r#"SELECT d.id, d.event_id::text AS "event_id!", d.transfer_id, d.event_type, d.attempts, d.last_error,
+        r#"SELECT d.id, COALESCE(d.destination, '') AS "destination!", d.event_id::text AS "event_id!",
+                  d.transfer_id, d.event_type, d.attempts, d.last_error,
                   (SELECT count(*) FROM outbox o
-                    WHERE o.transfer_id = d.transfer_id AND o.id > d.id AND o.state || '' = 'pending') AS "held!"
+                    WHERE o.transfer_id = d.transfer_id
+                      AND COALESCE(o.event_seq, o.id) > COALESCE(d.event_seq, d.id)
+                      AND o.state || '' = 'pending'
+                      AND (o.destination = d.destination OR o.destination IS NULL)) AS "held!"
              FROM outbox d WHERE d.state = 'dead' ORDER BY d.id LIMIT $1"#,
         DEAD_SHOWN
     )
@@ -141,7 +187,15 @@ pub async fn read(pool: &PgPool) -> Result<Status> {
     .await?;
 
     let paused = crate::controls::read(&mut *pool.acquire().await?).await?;
-    Ok(Status { transfers, refunds, outbox, oldest_unpublished_age_s: oldest.max(0.0), dead_events, paused })
+    Ok(Status {
+        transfers,
+        refunds,
+        outbox,
+        oldest_unpublished_age_s: oldest.max(0.0),
+        dead_events,
+        paused,
+        destinations,
+    })
 }
 
 impl std::fmt::Display for Status {
@@ -153,6 +207,14 @@ impl std::fmt::Display for Status {
         writeln!(f, "refunds:   {}", line(&self.refunds))?;
         let o = &self.outbox;
         writeln!(f, "outbox:    pending {}, published {}, dead {}, held {}", o.pending, o.published, o.dead, o.held)?;
+        for (destination, c) in &self.destinations {
+            let name = if destination.is_empty() { "(no route: recorded, not delivered)" } else { destination };
+            writeln!(
+                f,
+                "  to {name}: pending {}, published {}, dead {}, held {}",
+                c.pending, c.published, c.dead, c.held
+            )?;
+        }
         write!(f, "oldest unpublished event: {:.1} s", self.oldest_unpublished_age_s)?;
         let p = &self.paused;
         if p.apply || p.relay {
@@ -172,8 +234,8 @@ impl std::fmt::Display for Status {
                 let error = e.last_error.as_deref().unwrap_or("");
                 write!(
                     f,
-                    "\n  event {} ({}) {} of transfer {}, {} attempts, holding {}: {error}",
-                    e.id, e.event_id, e.event_type, e.transfer_id, e.attempts, e.held
+                    "\n  event {} ({}) {} of transfer {} to {}, {} attempts, holding {}: {error}",
+                    e.id, e.event_id, e.event_type, e.transfer_id, e.destination, e.attempts, e.held
                 )?;
             }
             if self.outbox.dead > self.dead_events.len() as i64 {

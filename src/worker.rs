@@ -40,13 +40,30 @@ use crate::controls::{self, Part, Paused};
 use crate::error::{Error, Result};
 use crate::health::Health;
 use crate::maintenance::MaintenanceConfig;
+use crate::outbox::publisher::Publisher;
 use crate::outbox::relay::{Relay, RelayConfig};
-use crate::outbox::sqs::Publisher;
+use crate::outbox::route::{Route, Routing};
 use crate::retry::RetryPolicy;
 use crate::service::{self, Service, Timing};
 use crate::transfer::apply::{Applier, ApplyConfig, CommitObserver};
 use crate::transfer::busy::BusyAccounts;
 use crate::wake::Wakers;
+
+/// Where events go: a publisher per destination, and the routes that say
+/// which events each takes.
+#[derive(Clone)]
+pub struct Outlets {
+    pub publishers: Vec<Publisher>,
+    pub routing: Routing,
+}
+
+impl From<Publisher> for Outlets {
+    /// Every event to one destination.
+    fn from(publisher: Publisher) -> Outlets {
+        let routing = Routing::new(vec![Route::everything_to(publisher.target().clone())]);
+        Outlets { publishers: vec![publisher], routing }
+    }
+}
 
 /// Everything `run` can be tuned with (see `transfer-worker run --help`).
 #[derive(Debug, Clone)]
@@ -102,7 +119,13 @@ pub struct Stopped {
 /// reads). The one entry point of the worker: `run`, `demo` and `bench` all
 /// start it here. An `Err` means a task died (see "Supervision"): the
 /// process should exit non-zero.
-pub async fn run(pool: PgPool, publisher: Publisher, config: WorkerConfig, health: Arc<Health>) -> Result<Stopped> {
+pub async fn run(
+    pool: PgPool,
+    outlets: impl Into<Outlets>,
+    config: WorkerConfig,
+    health: Arc<Health>,
+) -> Result<Stopped> {
+    let outlets = outlets.into();
     let shutdown = health.shutdown_token();
     let wakers = Wakers::default();
     // The operator's pause, read before anything starts: a replica started
@@ -137,15 +160,31 @@ pub async fn run(pool: PgPool, publisher: Publisher, config: WorkerConfig, healt
     // The relay's own pool: its writes need not wait for the disk (see
     // `db::without_commit_wait`), and its connections are never the ones
     // the apply tasks wait for.
-    let relay_pool = crate::db::without_commit_wait(&pool, config.relays.max(1) as u32 * 2 + 2);
-    let relay = Arc::new(
-        Relay::new(relay_pool.clone(), publisher, config.relay.clone(), wakers.outbox.clone())
-            .with_health(health.clone())
-            .pausable(paused.clone()),
-    );
+    let per_destination = config.relays.max(1);
+    let relay_pool = crate::db::without_commit_wait(&pool, (per_destination * outlets.publishers.len()) as u32 * 2 + 2);
+    // Each destination has relays of its own, so an outage of one never
+    // delays another's deliveries. With several, the one wake-up for
+    // written events is passed on to each destination's relays.
+    let mut relays_of = Vec::new();
+    for publisher in outlets.publishers {
+        let wake = if outlets.routing.routes().len() == 1 { wakers.outbox.clone() } else { Default::default() };
+        let relay = Arc::new(
+            Relay::new(relay_pool.clone(), publisher, config.relay.clone(), wake)
+                .routed(&outlets.routing, wakers.outbox.clone())
+                .with_health(health.clone())
+                .pausable(paused.clone()),
+        );
+        relays_of.push(relay);
+    }
+    if relays_of.len() > 1 {
+        let wakes: Vec<_> = relays_of.iter().map(|r| r.wake()).collect();
+        background.spawn(fan_out(wakers.outbox.clone(), wakes, shutdown.clone()));
+    }
     let mut relays = JoinSet::new();
-    for _ in 0..config.relays.max(1) {
-        relays.spawn(service::run(relay.clone(), relay_stop.clone()));
+    for relay in &relays_of {
+        for _ in 0..per_destination {
+            relays.spawn(service::run(relay.clone(), relay_stop.clone()));
+        }
     }
     tracing::info!(workers = config.workers, relays = config.relays, "worker running");
 
@@ -165,7 +204,9 @@ pub async fn run(pool: PgPool, publisher: Publisher, config: WorkerConfig, healt
         appliers.abort_all();
         relays.abort_all();
         background.abort_all();
-        let _ = tokio::time::timeout(Duration::from_secs(1), relay.release_open_leases()).await;
+        for relay in &relays_of {
+            let _ = tokio::time::timeout(Duration::from_secs(1), relay.release_open_leases()).await;
+        }
         return Err(Error::Failed(format!("{why}; the worker stopped")));
     }
 
@@ -185,17 +226,21 @@ pub async fn run(pool: PgPool, publisher: Publisher, config: WorkerConfig, healt
     // the apply tasks used up the whole bound.
     let relay_deadline = deadline.max(Instant::now() + Duration::from_millis(200));
     if join_until(&mut relays, relay_deadline, "relay task").await {
-        relay.drain_until(deadline).await;
+        futures::future::join_all(relays_of.iter().map(|r| r.drain_until(deadline))).await;
     } else {
         stopped.abandoned_relay_tasks = relays.len();
         relays.abort_all();
     }
-    // Whatever the relay still had claimed (an abandoned send, a drain cut
+    // Whatever the relays still had claimed (an abandoned send, a drain cut
     // short) goes back now rather than when its lease expires.
-    match tokio::time::timeout(Duration::from_secs(1), relay.release_open_leases()).await {
-        Ok(Ok(n)) => stopped.leases_released = n,
-        Ok(Err(e)) => tracing::warn!(error = %e, "could not give back the relay's leases; they expire on their own"),
-        Err(_) => tracing::warn!("giving back the relay's leases timed out; they expire on their own"),
+    for relay in &relays_of {
+        match tokio::time::timeout(Duration::from_secs(1), relay.release_open_leases()).await {
+            Ok(Ok(n)) => stopped.leases_released += n,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not give back the relay's leases; they expire on their own")
+            }
+            Err(_) => tracing::warn!("giving back the relay's leases timed out; they expire on their own"),
+        }
     }
     if stopped.abandoned_relay_tasks > 0 || stopped.leases_released > 0 {
         tracing::warn!(
@@ -245,6 +290,20 @@ async fn watch_controls(pool: PgPool, paused: Arc<Paused>, wakers: Wakers, shutd
             _ = shutdown.cancelled() => return,
             _ = wakers.control.notified() => {}
             _ = tokio::time::sleep(CONTROL_POLL) => {}
+        }
+    }
+}
+
+/// Passes each wake-up for written events on to every destination's relays.
+async fn fan_out(
+    written: Arc<tokio::sync::Notify>,
+    relays: Vec<Arc<tokio::sync::Notify>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = written.notified() => relays.iter().for_each(|r| r.notify_one()),
         }
     }
 }

@@ -188,7 +188,7 @@ pub async fn requeue_all(State(state): State<Arc<AdminState>>, headers: HeaderMa
 }
 
 async fn act(state: &AdminState, event: Option<&EventRef>) -> Response {
-    let response = match requeue(&state.pool, event).await {
+    let response = match requeue(&state.pool, event, None).await {
         Ok(r) => {
             metrics().events_requeued(r.requeued);
             tracing::info!(requeued = r.requeued, event = ?event.map(|e| e.to_string()), "requeued from the console");

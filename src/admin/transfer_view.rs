@@ -69,14 +69,21 @@ fn transfer(t: &TransferView, p: &TransferPage<'_>) -> Markup {
         } @else {
             table #events {
                 tr {
-                    th { "outbox id" } th { "event id" } th { "type" } th { "state" } th { "attempts" }
-                    th { "last error" } th { "occurred" } th { "publications" }
+                    th { "outbox id" } th { "event id" } th { "type" } th { "destination" } th { "state" }
+                    th { "attempts" } th { "last error" } th { "occurred" } th { "publications" }
                 }
                 @for e in &t.events {
                     tr {
                         td.num { (e.outbox_id) }
                         td { code { (e.event_id) } }
                         td { (e.event_type) }
+                        td {
+                            @match e.destination.as_deref() {
+                                None => span.note { "not routed yet" },
+                                Some("") => span.note { "no route" },
+                                Some(d) => code { (d) },
+                            }
+                        }
                         td { (e.state) @if e.held { " (held behind a dead event)" } }
                         td.num { (e.attempts) }
                         td { (optional(&e.last_error)) }
@@ -139,6 +146,7 @@ mod tests {
             events: vec![EventView {
                 outbox_id: 1,
                 event_id: "e".into(),
+                destination: Some("http://h/1/q".into()),
                 event_type: "transfer.succeeded".into(),
                 state: EventState::Published,
                 held: false,

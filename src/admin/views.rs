@@ -113,6 +113,20 @@ fn status(s: &Status, p: &ConsolePage<'_>) -> Markup {
                 td.num { (o.held) }
             }
         }
+        @if !s.destinations.is_empty() {
+            table #destinations {
+                tr { th { "destination" } th { "pending" } th { "published" } th { "dead" } th { "held" } }
+                @for (d, c) in &s.destinations {
+                    tr {
+                        td { @if d.is_empty() { span.note { "(no route: recorded, not delivered)" } } @else { code { (d) } } }
+                        td.num { (c.pending) }
+                        td.num { (c.published) }
+                        td.num.bad[c.dead > 0] { (c.dead) }
+                        td.num { (c.held) }
+                    }
+                }
+            }
+        }
         p { "Oldest unpublished event: " b #oldest { (format!("{:.1} s", s.oldest_unpublished_age_s)) } }
         h2 { "The last hour" }
         (chart::chart(p.points))
@@ -153,8 +167,8 @@ fn status(s: &Status, p: &ConsolePage<'_>) -> Markup {
             }
             table #dead {
                 tr {
-                    th { "outbox id" } th { "event id" } th { "transfer" } th { "type" } th { "attempts" }
-                    th { "holds back" } th { "last error" } th {}
+                    th { "outbox id" } th { "event id" } th { "transfer" } th { "type" } th { "destination" }
+                    th { "attempts" } th { "holds back" } th { "last error" } th {}
                 }
                 @for e in &s.dead_events {
                     tr {
@@ -162,6 +176,7 @@ fn status(s: &Status, p: &ConsolePage<'_>) -> Markup {
                         td { code { (e.event_id) } }
                         td.num { (e.transfer_id) }
                         td { (e.event_type) }
+                        td { code { (e.destination) } }
                         td.num { (e.attempts) }
                         td.num { (e.held) }
                         td { (e.last_error.as_deref().unwrap_or("")) }
@@ -291,6 +306,7 @@ mod tests {
             oldest_unpublished_age_s: 0.0,
             dead_events: vec![DeadEvent {
                 id: 1,
+                destination: nasty.into(),
                 event_id: nasty.into(),
                 transfer_id: 2,
                 event_type: nasty.into(),
@@ -299,6 +315,7 @@ mod tests {
                 held: 0,
             }],
             paused: PauseState { apply: true, relay: false, reason: Some(nasty.into()), since: Some(nasty.into()) },
+            destinations: [(nasty.to_owned(), OutboxCounts::default())].into(),
         };
         let notice = Notice { error: Some(nasty.into()), ..Default::default() };
         // (State names are enums now; what comes from the database as text

@@ -20,6 +20,9 @@ pub enum OutboxCommand {
         /// The event: its outbox id or its event_id (UUID).
         #[arg(long)]
         event: Option<EventRef>,
+        /// Only its deliveries to this destination (a queue URL or topic ARN).
+        #[arg(long)]
+        destination: Option<String>,
     },
     /// Publish already-published events again, with their original event_id,
     /// body and attributes, per transfer in their original order, through the
@@ -44,6 +47,10 @@ pub enum OutboxCommand {
         /// transfer.*, refund.completed, *.failed.
         #[arg(long = "type", value_name = "GLOB")]
         event_type: Option<String>,
+        /// Only the deliveries to this destination (a queue URL or topic
+        /// ARN); by default every destination gets its events again.
+        #[arg(long)]
+        destination: Option<String>,
         /// Count what would be replayed; write nothing.
         #[arg(long)]
         dry_run: bool,
@@ -52,13 +59,15 @@ pub enum OutboxCommand {
 
 pub async fn run(pool: &PgPool, cmd: OutboxCommand) -> Result<()> {
     match cmd {
-        OutboxCommand::Requeue { event } => print_json(&requeue(pool, event.as_ref()).await?),
-        OutboxCommand::Replay { transfer, since, until, event_type, dry_run } => {
+        OutboxCommand::Requeue { event, destination } => {
+            print_json(&requeue(pool, event.as_ref(), destination.as_deref()).await?)
+        }
+        OutboxCommand::Replay { transfer, since, until, event_type, destination, dry_run } => {
             let types = match event_type {
                 Some(pattern) => Some(event_types(&pattern)?),
                 None => None,
             };
-            let selection = Selection { transfer, since, until, types };
+            let selection = Selection { transfer, since, until, types, destination };
             print_json(&replay(pool, &selection, dry_run).await?)
         }
     }

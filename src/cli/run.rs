@@ -12,20 +12,46 @@ use transfer_worker::db::SessionLimits;
 use transfer_worker::error::{Error, Result};
 use transfer_worker::health::Health;
 use transfer_worker::maintenance::MaintenanceConfig;
+use transfer_worker::outbox::publisher::Publisher;
+use transfer_worker::outbox::publisher::DEFAULT_EVENT_SOURCE;
 use transfer_worker::outbox::relay::RelayConfig;
-use transfer_worker::outbox::sqs::{client_from_env, Publisher, SqsConfig, DEFAULT_CONCURRENCY};
+use transfer_worker::outbox::route::{self, EventFormat, Route, Routing, Target};
+use transfer_worker::outbox::sqs::{aws_config_from_env, SqsConfig, DEFAULT_CONCURRENCY};
 use transfer_worker::retention::PruneConfig;
 use transfer_worker::retry::RetryPolicy;
 use transfer_worker::transfer::apply::ApplyConfig;
-use transfer_worker::worker::{self, WorkerConfig};
+use transfer_worker::worker::{self, Outlets, WorkerConfig};
 
 /// Claims and applies transfers, relays the outbox to SQS, until SIGINT or
 /// SIGTERM; then finishes in-flight work and exits 0.
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
-    /// The events queue; a URL ending in `.fifo` is a FIFO queue.
+    /// The events queue when no --route is given; a URL ending in `.fifo`
+    /// is a FIFO queue.
     #[arg(long, env = "SQS_QUEUE_URL")]
     pub queue_url: Option<String>,
+    /// Send the events matching PATTERN (an event-type glob: `transfer.*`,
+    /// `refund.completed`, `*`) to DESTINATION (an SQS queue URL or an SNS
+    /// topic ARN, FIFO ones included), optionally in FORMAT (`native` or
+    /// `cloudevents`): `PATTERN=DESTINATION[;FORMAT]`. Repeatable (the env
+    /// twin is comma-separated); an event goes to every destination that
+    /// matches, each with its own delivery state. Without any, every event
+    /// goes to SQS_QUEUE_URL.
+    #[arg(
+        long = "route",
+        env = "TRANSFER_WORKER_ROUTES",
+        value_delimiter = ',',
+        value_name = "PATTERN=DESTINATION[;FORMAT]"
+    )]
+    pub routes: Vec<Route>,
+    /// The body format of routes that do not name one: `native` (the
+    /// contract's body) or `cloudevents` (CloudEvents 1.0 structured JSON
+    /// whose data is the native body).
+    #[arg(long, env = "TRANSFER_WORKER_EVENT_FORMAT", default_value = "native", value_parser = parse_format)]
+    pub event_format: EventFormat,
+    /// The `source` of CloudEvents bodies.
+    #[arg(long, env = "TRANSFER_WORKER_EVENT_SOURCE", default_value = DEFAULT_EVENT_SOURCE)]
+    pub event_source: String,
     /// Apply tasks in this process.
     #[arg(long, env = "TRANSFER_WORKER_WORKERS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub workers: u32,
@@ -197,13 +223,24 @@ impl RunArgs {
         Ok(AdminConfig { role: Role::Worker, token, allowed_hosts })
     }
 
+    /// The routes: those given, or every event to SQS_QUEUE_URL.
+    pub fn routes(&self) -> Result<Vec<Route>> {
+        if self.routes.is_empty() {
+            let target: Target = self.sqs_config()?.queue_url.parse().map_err(Error::invalid)?;
+            return Ok(vec![Route::everything_to(target)]);
+        }
+        route::check(&self.routes).map_err(Error::invalid)?;
+        Ok(self.routes.clone())
+    }
+
     pub fn sqs_config(&self) -> Result<SqsConfig> {
-        let queue_url = self
-            .queue_url
-            .clone()
-            .filter(|u| !u.is_empty())
-            .ok_or_else(|| Error::invalid("SQS_QUEUE_URL is not set (set it, or pass --queue-url)"))?;
-        if !queue_url.starts_with("http://") && !queue_url.starts_with("https://") {
+        let queue_url = match (&self.queue_url, self.routes.is_empty()) {
+            (Some(u), _) if !u.is_empty() => u.clone(),
+            // With routes, the queue URL is not needed.
+            (_, false) => String::new(),
+            _ => return Err(Error::invalid("SQS_QUEUE_URL is not set (set it, pass --queue-url, or give --route)")),
+        };
+        if self.routes.is_empty() && !queue_url.starts_with("http://") && !queue_url.starts_with("https://") {
             return Err(Error::invalid(format!("SQS_QUEUE_URL must be an http(s) URL, got {queue_url:?}")));
         }
         Ok(SqsConfig {
@@ -212,6 +249,10 @@ impl RunArgs {
             concurrency: self.relay_concurrency as usize,
         })
     }
+}
+
+fn parse_format(text: &str) -> std::result::Result<EventFormat, String> {
+    text.parse()
 }
 
 /// A value never printed: `Debug` shows `***`.
@@ -242,56 +283,81 @@ pub fn parse_optional_age(text: &str) -> std::result::Result<OptionalAge, String
     transfer_worker::retention::parse_age(text).map(|d| OptionalAge(Some(d))).map_err(|e| format!("{e}, or off"))
 }
 
-/// How long `run` waits at start for the queue to answer `GetQueueAttributes`.
+/// How long `run` waits at start for each destination to answer
+/// (`GetQueueAttributes` / `GetTopicAttributes`).
 const QUEUE_CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 
 pub async fn run(database_url: &Option<String>, args: RunArgs) -> Result<()> {
     let mut config = args.worker_config()?;
     let sqs = args.sqs_config()?;
+    let routes = args.routes()?;
     let admin_config = args.admin_config()?;
     // Signals first: a SIGTERM during start-up must stop it too.
     let shutdown = transfer_worker::shutdown::on_signals();
-    let connections = (config.workers + config.relays + 4) as u32;
+    let connections = (config.workers + config.relays * routes.len() + 4) as u32;
     let url = super::require_database_url(database_url)?;
     let pool = transfer_worker::db::connect(url, connections, args.session_limits()).await?;
     // A database without our schema (or with an older one) would have the
     // worker retry forever while looking ready: refuse to start instead.
     transfer_worker::db::check_schema(&pool).await?;
-    // One SQS client, from the environment; a publisher for the events queue on it.
-    let client = client_from_env(sqs.call_timeout).await;
-    let mut publisher = Publisher::new(client, &sqs);
-    // Whether the queue is FIFO, from SQS itself when it answers; from the
-    // URL otherwise (an SQS outage at start is an outage, not a reason to
-    // refuse to apply transfers).
-    let queue_check = match tokio::time::timeout(QUEUE_CHECK_TIMEOUT, publisher.check_queue()).await {
-        Ok(Ok(info)) => {
-            tracing::info!(queue = %sqs.queue_url, fifo = info.fifo, "queue answered GetQueueAttributes");
-            Ok(info)
-        }
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(format!("GetQueueAttributes on {}: no answer within {QUEUE_CHECK_TIMEOUT:?}", sqs.queue_url)),
-    };
-    if let Err(e) = &queue_check {
-        tracing::warn!(
-            error = %e, fifo = publisher.is_fifo(),
-            "the queue did not answer; FIFO judged from its URL; events wait until SQS answers"
-        );
+    // One AWS configuration from the environment; an SQS and an SNS client on it.
+    let aws = aws_config_from_env(sqs.call_timeout).await;
+    let (sqs_client, sns_client) = (aws_sdk_sqs::Client::new(&aws), aws_sdk_sns::Client::new(&aws));
+    let health = Arc::new(Health::new(shutdown));
+    let mut publishers = Vec::with_capacity(routes.len());
+    for r in &routes {
+        let format = r.format.unwrap_or(args.event_format);
+        let mut publisher = Publisher::to(r.target.clone(), sqs_client.clone(), sns_client.clone(), &sqs)
+            .with_format(format, &args.event_source);
+        check_destination(&mut publisher, r, !args.routes.is_empty(), &health).await?;
+        publishers.push(publisher);
     }
     // A claim must outlast the longest send of a pass, with room to spare.
-    let worst = publisher.worst_case_duration(config.relay.batch_size as usize);
-    config.relay.lease = worst + Duration::from_secs(5);
-    let health = Arc::new(Health::new(shutdown));
-    if let Ok(info) = &queue_check {
-        health.sqs_answered(format!("queue answered GetQueueAttributes at start; FIFO: {}", info.fifo));
-    }
+    let worst = publishers.iter().map(|p| p.worst_case_duration(config.relay.batch_size as usize)).max();
+    config.relay.lease = worst.unwrap_or_default() + Duration::from_secs(5);
+    let outlets = Outlets { publishers, routing: Routing::new(routes) };
     let admin_pools = Pools::new(transfer_worker::db::parse_url(url)?);
     let admin =
         tokio::spawn(transfer_worker::admin::serve(args.admin_addr, admin_pools.clone(), health.clone(), admin_config));
-    let result = worker::run(pool.clone(), publisher, config, health).await;
+    let result = worker::run(pool.clone(), outlets, config, health).await;
     admin.abort();
     // Connections still busy (an abandoned query) are not waited for: the
     // process exit closes them, and PostgreSQL rolls back what they held.
     let _ =
         tokio::time::timeout(Duration::from_secs(1), async { tokio::join!(pool.close(), admin_pools.close()) }).await;
     result.map(|_| ())
+}
+
+/// Asks a destination whether it exists and is FIFO. A route the service
+/// answers about with an error (no such queue or topic, no permission) is
+/// bad input: exit 2, naming the route. No answer at all is an outage, not a
+/// reason to refuse to apply transfers: FIFO is judged from the name, and
+/// events wait until it answers. (`SQS_QUEUE_URL` without routes keeps that
+/// tolerance for every error: a queue deleted mid-run is an outage too.)
+async fn check_destination(publisher: &mut Publisher, route: &Route, strict: bool, health: &Health) -> Result<()> {
+    let target = route.target.to_string();
+    match tokio::time::timeout(QUEUE_CHECK_TIMEOUT, publisher.check()).await {
+        Ok(Ok(info)) => {
+            tracing::info!(destination = %target, fifo = info.fifo, format = publisher.format().as_str(), "destination answered");
+            let call = match route.target {
+                Target::SqsQueue(_) => "GetQueueAttributes",
+                Target::SnsTopic(_) => "GetTopicAttributes",
+            };
+            health.sqs_answered(format!("{target} answered {call} at start; FIFO: {}", info.fifo));
+            Ok(())
+        }
+        Ok(Err(e)) if strict && e.code.is_some() => {
+            Err(Error::invalid(format!("route {route}: the destination does not answer as one: {e}")))
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, destination = %target, fifo = publisher.is_fifo(),
+                "the destination did not answer; FIFO judged from its name; its events wait until it answers");
+            Ok(())
+        }
+        Err(_) => {
+            tracing::warn!(destination = %target, fifo = publisher.is_fifo(),
+                "the destination did not answer within {QUEUE_CHECK_TIMEOUT:?}; FIFO judged from its name");
+            Ok(())
+        }
+    }
 }

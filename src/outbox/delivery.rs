@@ -83,8 +83,10 @@ impl From<&BatchResultErrorEntry> for EntryError {
 /// the code decides before the flag does.
 const MESSAGE_FAULT_CODES: &[&str] = &[
     "InvalidMessageContents",
+    "InvalidParameter",
     "InvalidParameterValue",
     "InvalidParameterValueException",
+    "ValidationError",
     "InvalidAttributeName",
     "InvalidAttributeValue",
     "MessageTooLong",
@@ -99,6 +101,8 @@ fn is_transient_entry_code(code: &str) -> bool {
         code,
         "ThrottlingException"
             | "Throttling"
+            | "Throttled"
+            | "ThrottledException"
             | "RequestThrottled"
             | "ServiceUnavailable"
             | "InternalError"

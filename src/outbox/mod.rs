@@ -18,9 +18,13 @@
 
 pub mod delivery;
 pub mod glob;
+pub mod message;
+pub mod publisher;
 pub mod relay;
 pub mod replay;
 pub mod requeue;
+pub mod route;
+pub mod sns;
 pub mod sqs;
 pub(crate) mod store;
 pub mod telemetry;

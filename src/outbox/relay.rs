@@ -39,7 +39,9 @@ use tokio::sync::Notify;
 use crate::controls::{Part, Paused};
 use crate::error::{Error, Result};
 use crate::health::Health;
-use crate::outbox::sqs::{escape_for_sqs, Delivery, EntryError, Outgoing, Published, Publisher};
+use crate::outbox::publisher::{Published, Publisher};
+use crate::outbox::route::{Route, Routing, Scope};
+use crate::outbox::sqs::{Delivery, EntryError, Outgoing};
 use crate::outbox::telemetry::{self, RelayReport};
 use crate::outbox::{store, EventBody, EventData, EventState, SCHEMA_VERSION};
 use crate::retry::RetryPolicy;
@@ -146,6 +148,14 @@ pub struct Relay {
     health: Option<Arc<Health>>,
     /// The operator's pause (no new pass while the relay is paused).
     paused: Option<Arc<Paused>>,
+    /// What its destination claims, and the copies it makes for the others.
+    scope: Scope,
+    /// The event types no route takes (recorded as such by this relay).
+    unrouted: Vec<String>,
+    /// Woken when a claim made copies for other destinations (their relays).
+    others: Option<Arc<Notify>>,
+    /// When the events no route takes were last looked for.
+    last_unrouted_sweep: Mutex<Option<std::time::Instant>>,
 }
 
 impl Relay {
@@ -157,7 +167,29 @@ impl Relay {
                 "the relay lease is shorter than a pass's longest send: slow passes may send events twice"
             );
         }
-        Relay { pool, publisher, config, wake, open_leases: Mutex::new(HashSet::new()), health: None, paused: None }
+        let routing = Routing::new(vec![Route::everything_to(publisher.target().clone())]);
+        Relay {
+            scope: routing.scope_of(publisher.destination()),
+            unrouted: Vec::new(),
+            pool,
+            publisher,
+            config,
+            wake,
+            open_leases: Mutex::new(HashSet::new()),
+            health: None,
+            paused: None,
+            others: None,
+            last_unrouted_sweep: Mutex::new(None),
+        }
+    }
+
+    /// Claims by `routing` (its destination's route and the others'), and
+    /// wakes `others` when a claim copied events for them.
+    pub fn routed(mut self, routing: &Routing, others: Arc<Notify>) -> Self {
+        self.scope = routing.scope_of(self.publisher.destination());
+        self.unrouted = routing.unrouted();
+        self.others = Some(others);
+        self
     }
 
     /// Starts no pass while `paused` says the relay is paused.
@@ -203,12 +235,44 @@ impl Relay {
         Ok(counts)
     }
 
+    /// Records the events no route takes, at most once a second (they are
+    /// never claimed, and would otherwise wait forever as pending).
+    async fn sweep_unrouted(&self) {
+        if self.unrouted.is_empty() {
+            return;
+        }
+        {
+            let mut last = self.last_unrouted_sweep.lock().expect("sweep clock");
+            if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+                return;
+            }
+            *last = Some(std::time::Instant::now());
+        }
+        match store::mark_unrouted(&self.pool, &self.unrouted, 1_000).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(events = n, "recorded events no route takes (not delivered anywhere)"),
+            Err(e) => tracing::warn!(error = %e, "recording events no route takes failed; will retry"),
+        }
+    }
+
     /// Step 1: claims a batch under a fresh lease (committed before return).
     pub async fn claim(&self) -> Result<Claim> {
+        self.sweep_unrouted().await;
         let lease_ms = self.config.lease.as_millis() as f64;
-        let rows = store::claim_heads(&self.pool, self.config.batch_size, lease_ms)
+        let scope = store::ClaimScope {
+            destination: self.publisher.destination(),
+            types: &self.scope.types,
+            copy_types: &self.scope.copy_types,
+            copy_destinations: &self.scope.copy_destinations,
+        };
+        let rows = store::claim_heads(&self.pool, self.config.batch_size, lease_ms, &scope)
             .await
             .map_err(|e| Error::from(e).at("claiming events to publish"))?;
+        if !rows.is_empty() && !self.scope.copy_types.is_empty() {
+            if let Some(others) = &self.others {
+                others.notify_one();
+            }
+        }
         let lease = rows.first().map(|r| r.lease.clone()).unwrap_or_default();
         let (mut events, mut malformed) = (Vec::with_capacity(rows.len()), Vec::new());
         for r in rows {
@@ -245,7 +309,7 @@ impl Relay {
 
     /// Step 2: sends the claimed events; no transaction is open meanwhile.
     pub async fn send(&self, claim: &Claim) -> Published {
-        let outgoing: Vec<Outgoing> = claim.events.iter().map(to_outgoing).collect();
+        let outgoing: Vec<Outgoing> = claim.events.iter().map(|e| to_outgoing(e, &self.publisher)).collect();
         let mut published = self.publisher.publish(&outgoing).await;
         for (e, why) in &claim.malformed {
             let error = EntryError { code: "MalformedEvent".into(), message: why.clone(), sender_fault: true };
@@ -459,11 +523,9 @@ fn publish_span(e: &mut ClaimedEvent) -> Option<(i64, tracing::Span)> {
     Some((e.id, span))
 }
 
-/// The contract's message body for an event, escaped for SQS: a producer's
-/// idempotency key may hold characters SQS refuses (U+FFFF, say); they go out
-/// as JSON escapes, so the consumer decodes exactly what the database holds.
-fn to_outgoing(e: &ClaimedEvent) -> Outgoing {
-    let json = serde_json::to_string(&e.event).expect("an event body always serializes");
+/// What goes out for an event: its body in the destination's format (see
+/// [`Publisher::body`]) and its ids.
+fn to_outgoing(e: &ClaimedEvent, publisher: &Publisher) -> Outgoing {
     Outgoing {
         outbox_id: e.id,
         transfer_id: e.event.transfer_id,
@@ -476,7 +538,7 @@ fn to_outgoing(e: &ClaimedEvent) -> Outgoing {
             format!("{}:replay-{}", e.event.event_id, e.replays)
         },
         event_type: e.event.event_type,
-        body: escape_for_sqs(&json).into_owned(),
+        body: publisher.body(&e.event),
         traceparent: e.traceparent.clone(),
     }
 }

@@ -35,6 +35,8 @@ pub struct Selection {
     pub until: Option<Moment>,
     /// Only these types (all if None; never empty: see [`glob::event_types`](super::glob::event_types)).
     pub types: Option<Vec<EventType>>,
+    /// Only the deliveries to this destination (all if None).
+    pub destination: Option<String>,
 }
 
 /// A point in time as operators write it: RFC 3339, or an age (`15m` = 15
@@ -92,7 +94,10 @@ fn looks_like_rfc3339(t: &str) -> bool {
     }
 }
 
-/// What `outbox replay` did (or, with `--dry-run`, would do).
+/// What `outbox replay` did (or, with `--dry-run`, would do). With several
+/// destinations, `replayed` counts deliveries: an event going to two
+/// destinations is replayed twice (once with `--destination`). Events no
+/// route took are not replayed (there is nowhere to send them).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Replayed {
     /// Events queued for publication again.
@@ -159,11 +164,14 @@ pub async fn replay(pool: &PgPool, selection: &Selection, dry_run: bool) -> Resu
               AND ($1::bigint IS NULL OR transfer_id = $1)
               AND ($2::text::timestamptz IS NULL OR occurred_at >= $2::text::timestamptz)
               AND ($3::text::timestamptz IS NULL OR occurred_at < $3::text::timestamptz)
-              AND ($4::text[] IS NULL OR event_type = ANY($4))"#,
+              AND ($4::text[] IS NULL OR event_type = ANY($4))
+              AND ($5::text IS NULL OR destination = $5)
+              AND destination IS DISTINCT FROM ''"#,
         transfer,
         since.as_deref(),
         until.as_deref(),
-        types.as_deref() as Option<&[String]>
+        types.as_deref() as Option<&[String]>,
+        selection.destination.as_deref()
     )
     .fetch_one(&mut *tx)
     .await?;
@@ -208,11 +216,14 @@ pub async fn replay(pool: &PgPool, selection: &Selection, dry_run: bool) -> Resu
               AND ($1::bigint IS NULL OR o.transfer_id = $1)
               AND ($2::text::timestamptz IS NULL OR o.occurred_at >= $2::text::timestamptz)
               AND ($3::text::timestamptz IS NULL OR o.occurred_at < $3::text::timestamptz)
-              AND ($4::text[] IS NULL OR o.event_type = ANY($4))"#,
+              AND ($4::text[] IS NULL OR o.event_type = ANY($4))
+              AND ($5::text IS NULL OR o.destination = $5)
+              AND o.destination IS DISTINCT FROM ''"#,
         transfer,
         since.as_deref(),
         until.as_deref(),
-        types.as_deref() as Option<&[String]>
+        types.as_deref() as Option<&[String]>,
+        selection.destination.as_deref()
     )
     .execute(&mut *tx)
     .await?

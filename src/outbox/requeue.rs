@@ -54,15 +54,17 @@ pub struct Requeued {
 }
 
 /// Requeues every dead event, or just `event`, which must exist (exit 2) and
-/// be dead (exit 3 otherwise, nothing written).
-pub async fn requeue(pool: &PgPool, event: Option<&EventRef>) -> Result<Requeued> {
+/// be dead (exit 3 otherwise, nothing written); only those of `destination`
+/// when one is given (an event sent to several destinations is dead only
+/// where it was refused).
+pub async fn requeue(pool: &PgPool, event: Option<&EventRef>, destination: Option<&str>) -> Result<Requeued> {
     let (outbox_id, event_id) = match event {
         None => (None, None),
         Some(EventRef::OutboxId(id)) => (Some(*id), None),
         Some(EventRef::EventId(id)) => (None, Some(id.as_str())),
     };
     let mut tx = pool.begin().await?;
-    let n = store::requeue_dead(&mut tx, outbox_id, event_id).await?;
+    let n = store::requeue_dead(&mut tx, outbox_id, event_id, destination).await?;
     if n == 0 {
         if let Some(e) = event {
             let state = store::state_of(&mut tx, outbox_id, event_id).await?;

@@ -29,37 +29,84 @@ pub(crate) struct ClaimRow {
     pub traceparent: Option<String>,
 }
 
-/// Claims up to `limit` events under a lease of `lease_ms`: the earliest
-/// unpublished event of each transfer, only when its retry time has come and
-/// no live lease is on it. SKIP LOCKED: a concurrent claim's rows are not
-/// ours. One statement, committed at once.
+/// Which rows a destination's relay claims (see `route::Routing`).
+pub(crate) struct ClaimScope<'a> {
+    /// Its `outbox.destination`.
+    pub destination: &'a str,
+    /// The event types its route takes (of the unrouted events).
+    pub types: &'a [String],
+    /// The other destinations each of those types goes to: an unrouted
+    /// event this claim routes gets a copy for each (pairs, as two arrays).
+    pub copy_types: &'a [String],
+    pub copy_destinations: &'a [String],
+}
+
+/// Claims up to `limit` of a destination's events under a lease of
+/// `lease_ms`: the earliest undelivered event of each transfer for this
+/// destination, only when its retry time has come and no live lease is on
+/// it. Those are the destination's own pending rows and the unrouted rows
+/// its route takes; an unrouted row claimed here becomes the destination's,
+/// and a copy is inserted for each other destination it goes to (same
+/// event_id, body and times; `event_seq` keeps its place in its transfer's
+/// order). SKIP LOCKED: a concurrent claim's rows are not ours. One
+/// statement, committed at once.
 ///
-/// The heads come from the partial index of pending events, in id order.
-/// The earlier-event check (pending or dead: a dead event holds the later
-/// ones) can only go through `(transfer_id, id)`, a few rows per head: no
-/// partial index's predicate follows from `state <> 'published'`. (When one
-/// did, statistics from before an outage's backlog made the planner walk the
-/// whole backlog once per head: 2.3 s a claim with 50,000 pending, instead
-/// of 4.6 ms.)
-pub(crate) async fn claim_heads(pool: &PgPool, limit: i64, lease_ms: f64) -> sqlx::Result<Vec<ClaimRow>> {
+/// The heads come from the partial index of pending events by destination,
+/// in id order (another destination's backlog is never walked). The
+/// earlier-event check (pending or dead: a dead event holds the later ones
+/// of its destination) can only go through `(transfer_id, id)`, a few rows
+/// per head: no partial index's predicate follows from `state <>
+/// 'published'`. (When one did, statistics from before an outage's backlog
+/// made the planner walk the whole backlog once per head: 2.3 s a claim
+/// with 50,000 pending, instead of 4.6 ms.)
+pub(crate) async fn claim_heads(
+    pool: &PgPool,
+    limit: i64,
+    lease_ms: f64,
+    scope: &ClaimScope<'_>,
+) -> sqlx::Result<Vec<ClaimRow>> {
     // In id order from the index, never a sort of the backlog (see BEGIN_CLAIM).
     let mut tx = pool.begin_with(crate::db::BEGIN_CLAIM).await?;
     let rows = sqlx::query_as!(
         ClaimRow,
-        r#"WITH heads AS (
+        r#"WITH own AS (
                SELECT o.id FROM outbox o
-                WHERE o.state = 'pending'
+                WHERE o.state = 'pending' AND o.destination = $3
                   AND o.next_attempt_at <= now()
                   AND (o.claimed_until IS NULL OR o.claimed_until < now())
                   AND NOT EXISTS (SELECT 1 FROM outbox e
                                    WHERE e.transfer_id = o.transfer_id
-                                     AND e.id < o.id
-                                     AND e.state <> 'published')
+                                     AND COALESCE(e.event_seq, e.id) < COALESCE(o.event_seq, o.id)
+                                     AND e.state <> 'published'
+                                     AND (e.destination = $3 OR (e.destination IS NULL AND e.event_type = ANY($4))))
                 ORDER BY o.id
                 LIMIT $1
                   FOR NO KEY UPDATE OF o SKIP LOCKED
+           ), unrouted AS (
+               SELECT o.id FROM outbox o
+                WHERE o.state = 'pending' AND o.destination IS NULL AND o.event_type = ANY($4)
+                  AND o.next_attempt_at <= now()
+                  AND (o.claimed_until IS NULL OR o.claimed_until < now())
+                  AND NOT EXISTS (SELECT 1 FROM outbox e
+                                   WHERE e.transfer_id = o.transfer_id
+                                     AND COALESCE(e.event_seq, e.id) < o.id
+                                     AND e.state <> 'published'
+                                     AND (e.destination = $3 OR (e.destination IS NULL AND e.event_type = ANY($4))))
+                ORDER BY o.id
+                LIMIT $1
+                  FOR NO KEY UPDATE OF o SKIP LOCKED
+           ), heads AS (
+               -- The destination's own (retries, held-over) first, then new
+               -- ones; no sort (see BEGIN_CLAIM).
+               SELECT id FROM own UNION ALL SELECT id FROM unrouted LIMIT $1
+           ), copies AS (
+               INSERT INTO outbox (event_id, transfer_id, event_type, data, occurred_at, destination, event_seq)
+               SELECT o.event_id, o.transfer_id, o.event_type, o.data, o.occurred_at, r.destination, o.id
+                 FROM heads h
+                 JOIN outbox o ON o.id = h.id AND o.destination IS NULL
+                 JOIN unnest($5::text[], $6::text[]) AS r(event_type, destination) ON r.event_type = o.event_type
            )
-           UPDATE outbox o SET claimed_until = now() + $2 * interval '1 millisecond'
+           UPDATE outbox o SET claimed_until = now() + $2 * interval '1 millisecond', destination = $3
              FROM heads h
             WHERE o.id = h.id
         RETURNING (SELECT t.traceparent FROM transfers t WHERE t.id = o.transfer_id) AS traceparent,
@@ -70,12 +117,36 @@ pub(crate) async fn claim_heads(pool: &PgPool, limit: i64, lease_ms: f64) -> sql
                   extract(epoch FROM o.occurred_at)::float8 AS "occurred_epoch!",
                   to_char(o.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS "occurred_at!""#,
         limit,
-        lease_ms
+        lease_ms,
+        scope.destination,
+        scope.types,
+        scope.copy_types,
+        scope.copy_destinations
     )
     .fetch_all(&mut *tx)
     .await?;
     tx.commit().await?;
     Ok(rows)
+}
+
+/// Records the unrouted events of `types` (those no route takes) as such:
+/// destination '' and published, in batches of `limit`; how many.
+pub(crate) async fn mark_unrouted(pool: &PgPool, types: &[String], limit: i64) -> sqlx::Result<u64> {
+    if types.is_empty() {
+        return Ok(0);
+    }
+    Ok(sqlx::query!(
+        "UPDATE outbox SET destination = '', state = 'published', published_at = now(), claimed_until = NULL
+          WHERE id IN (SELECT id FROM outbox
+                        WHERE state = 'pending' AND destination IS NULL AND event_type = ANY($1)
+                        ORDER BY id LIMIT $2
+                          FOR NO KEY UPDATE SKIP LOCKED)",
+        types,
+        limit
+    )
+    .execute(pool)
+    .await?
+    .rows_affected())
 }
 
 /// Events (ids), their errors, and (for retries) their delays in ms.
@@ -203,15 +274,18 @@ pub(crate) async fn requeue_dead(
     conn: &mut PgConnection,
     outbox_id: Option<i64>,
     event_id: Option<&str>,
+    destination: Option<&str>,
 ) -> sqlx::Result<u64> {
     // With no event given, both keys are NULL and every dead event matches.
     Ok(sqlx::query!(
         "UPDATE outbox SET state = 'pending', attempts = 0, transient_failures = 0, next_attempt_at = now(),
                 last_error = NULL, claimed_until = NULL
           WHERE state = 'dead'
-            AND (($1::bigint IS NULL AND $2::text IS NULL) OR id = $1 OR event_id = $2::text::uuid)",
+            AND (($1::bigint IS NULL AND $2::text IS NULL) OR id = $1 OR event_id = $2::text::uuid)
+            AND ($3::text IS NULL OR destination = $3)",
         outbox_id,
-        event_id
+        event_id,
+        destination
     )
     .execute(conn)
     .await?
@@ -225,7 +299,8 @@ pub(crate) async fn state_of(
     event_id: Option<&str>,
 ) -> sqlx::Result<Option<EventState>> {
     sqlx::query_scalar!(
-        r#"SELECT state AS "state: EventState" FROM outbox WHERE id = $1 OR event_id = $2::text::uuid"#,
+        r#"SELECT state AS "state: EventState" FROM outbox WHERE id = $1 OR event_id = $2::text::uuid
+            ORDER BY state = 'dead' DESC LIMIT 1"#,
         outbox_id,
         event_id
     )

@@ -50,6 +50,10 @@ pub struct RefundView {
 pub struct EventView {
     pub outbox_id: i64,
     pub event_id: String,
+    /// Where this delivery goes (`outbox.destination`): None while not
+    /// routed yet, `""` when no route takes it. An event sent to several
+    /// destinations is listed once per destination, with one `event_id`.
+    pub destination: Option<String>,
     pub event_type: String,
     pub state: EventState,
     /// Pending behind a dead event of this transfer.
@@ -111,11 +115,12 @@ pub async fn show(pool: &PgPool, lookup: &Lookup) -> Result<TransferView> {
         });
     };
     let events = sqlx::query!(
-        r#"SELECT o.id, o.event_id::text AS "event_id!", o.event_type, o.state AS "state: EventState", o.attempts,
-                  o.last_error,
+        r#"SELECT o.id, o.event_id::text AS "event_id!", o.destination, o.event_type, o.state AS "state: EventState",
+                  o.attempts, o.last_error,
                   o.state = 'pending' AND EXISTS (SELECT 1 FROM outbox d
                                                    WHERE d.transfer_id = o.transfer_id AND d.state = 'dead'
-                                                     AND d.id < o.id) AS "held!",
+                                                     AND COALESCE(d.event_seq, d.id) < COALESCE(o.event_seq, o.id)
+                                                     AND (d.destination = o.destination OR o.destination IS NULL)) AS "held!",
                   to_char(o.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS "occurred_at!",
                   to_char(o.published_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS published_at,
                   to_char(COALESCE(o.first_published_at, o.published_at) AT TIME ZONE 'UTC',
@@ -127,7 +132,7 @@ pub async fn show(pool: &PgPool, lookup: &Lookup) -> Result<TransferView> {
                                            THEN ARRAY[o.published_at] ELSE o.publications END) AS p
                          ORDER BY p) AS "publications!",
                   o.replays
-             FROM outbox o WHERE o.transfer_id = $1 ORDER BY o.id"#,
+             FROM outbox o WHERE o.transfer_id = $1 ORDER BY COALESCE(o.event_seq, o.id), o.destination"#,
         t.id
     )
     .fetch_all(pool)
@@ -136,6 +141,7 @@ pub async fn show(pool: &PgPool, lookup: &Lookup) -> Result<TransferView> {
     .map(|e| EventView {
         outbox_id: e.id,
         event_id: e.event_id,
+        destination: e.destination,
         event_type: e.event_type,
         state: e.state,
         held: e.held,

@@ -16,7 +16,7 @@ try {
   await page.goto(url, { waitUntil: 'load' });
   await page.waitForSelector('table#dead');
   const dead = await page.locator('table#dead tr').count() - 1;
-  const held = await page.locator('table#dead tr:nth-child(2) td:nth-child(6)').textContent();
+  const held = await page.locator('table#dead tr:nth-child(2) td:nth-child(7)').textContent();
   const heading = await page.textContent('h1');
   await page.screenshot({ path: screenshot, fullPage: true });
   await Promise.all([page.waitForNavigation(), page.locator('button.requeue').first().click()]);

@@ -13,8 +13,9 @@ use rand::Rng;
 use sqlx::PgPool;
 use tokio::time::Instant;
 
+use transfer_worker::outbox::publisher::Publisher;
 use transfer_worker::outbox::relay::{Relay, RelayConfig};
-use transfer_worker::outbox::sqs::{Publisher, SqsConfig};
+use transfer_worker::outbox::sqs::SqsConfig;
 use transfer_worker::service::Service;
 use transfer_worker::transfer::apply::{Applier, ApplyConfig};
 
@@ -225,12 +226,14 @@ impl TestDb {
         assert!(actual.keys().all(|id| expected.contains_key(id)));
     }
 
-    /// Each transfer's outbox event types, in id order.
+    /// Each transfer's events (types), in the order they were written (an
+    /// event sent to several destinations counts once).
     pub async fn events_by_transfer(&self) -> HashMap<i64, Vec<EventType>> {
-        let rows: Vec<(i64, String)> = sqlx::query_as("SELECT transfer_id, event_type FROM outbox ORDER BY id")
-            .fetch_all(&self.pool)
-            .await
-            .unwrap();
+        let rows: Vec<(i64, String)> =
+            sqlx::query_as("SELECT transfer_id, event_type FROM outbox WHERE event_seq IS NULL ORDER BY id")
+                .fetch_all(&self.pool)
+                .await
+                .unwrap();
         let mut out: HashMap<i64, Vec<EventType>> = HashMap::new();
         for (id, t) in rows {
             out.entry(id).or_default().push(t.parse().unwrap());
@@ -376,8 +379,38 @@ impl TestQueue {
     }
 
     /// Receives (and deletes) messages until `expected` arrived or nothing
-    /// more came for `quiet`; returns them in arrival order.
+    /// more came for `quiet`; returns them in arrival order, each checked:
+    /// its `event_type` attribute matches its body, and on a FIFO queue its
+    /// group is the transfer id and its deduplication id the `event_id` (or
+    /// a replay's `<event_id>:replay-<n>`).
     pub async fn receive(&self, expected: usize, quiet: Duration) -> Vec<EventBody> {
+        self.receive_messages(expected, quiet)
+            .await
+            .iter()
+            .map(|m| {
+                let (body, _) = transfer_worker::consumer::decode(m.body().unwrap()).expect("an event body");
+                let attr = m.message_attributes().and_then(|a| a.get("event_type")).and_then(|v| v.string_value());
+                assert_eq!(attr, Some(body.event_type.as_str()), "event_type attribute matches the body");
+                if self.url.ends_with(".fifo") {
+                    let system = m.attributes().expect("system attributes");
+                    let group = system.get(&MessageSystemAttributeName::MessageGroupId);
+                    assert_eq!(group, Some(&body.transfer_id.to_string()), "MessageGroupId is the transfer id");
+                    let dedup = system.get(&MessageSystemAttributeName::MessageDeduplicationId);
+                    let dedup = dedup.expect("a MessageDeduplicationId");
+                    let replay = format!("{}:replay-", body.event_id);
+                    assert!(
+                        dedup == &body.event_id || dedup.starts_with(&replay),
+                        "MessageDeduplicationId is the event_id (or a replay's <event_id>:replay-<n>): {dedup}"
+                    );
+                }
+                body
+            })
+            .collect()
+    }
+
+    /// Receives (and deletes) messages as they are, until `expected` arrived
+    /// or nothing more came for `quiet`, in arrival order.
+    pub async fn receive_messages(&self, expected: usize, quiet: Duration) -> Vec<aws_sdk_sqs::types::Message> {
         let mut out = Vec::new();
         let mut last = Instant::now();
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -395,50 +428,60 @@ impl TestQueue {
                 .expect("receive");
             let messages = resp.messages();
             if messages.is_empty() {
-                if out.len() >= expected {
-                    break;
-                }
-                if last.elapsed() > quiet.max(Duration::from_secs(20)) {
+                if out.len() >= expected || last.elapsed() > quiet.max(Duration::from_secs(20)) {
                     break;
                 }
                 continue;
             }
             last = Instant::now();
-            let mut entries = Vec::new();
-            for (i, m) in messages.iter().enumerate() {
-                let body: EventBody = serde_json::from_str(m.body().unwrap()).expect("event body");
-                let attr = m.message_attributes().and_then(|a| a.get("event_type")).and_then(|v| v.string_value());
-                assert_eq!(attr, Some(body.event_type.as_str()), "event_type attribute matches the body");
-                if self.url.ends_with(".fifo") {
-                    let system = m.attributes().expect("system attributes");
-                    let group = system.get(&MessageSystemAttributeName::MessageGroupId);
-                    assert_eq!(group, Some(&body.transfer_id.to_string()), "MessageGroupId is the transfer id");
-                    let dedup = system.get(&MessageSystemAttributeName::MessageDeduplicationId);
-                    let dedup = dedup.expect("a MessageDeduplicationId");
-                    let replay = format!("{}:replay-", body.event_id);
-                    assert!(
-                        dedup == &body.event_id || dedup.starts_with(&replay),
-                        "MessageDeduplicationId is the event_id (or a replay's <event_id>:replay-<n>): {dedup}"
-                    );
-                }
-                out.push(body);
-                entries.push(
-                    aws_sdk_sqs::types::DeleteMessageBatchRequestEntry::builder()
-                        .id(i.to_string())
-                        .receipt_handle(m.receipt_handle().unwrap())
-                        .build()
-                        .unwrap(),
-                );
-            }
             self.client
                 .delete_message_batch()
                 .queue_url(&self.url)
-                .set_entries(Some(entries))
+                .set_entries(Some(transfer_worker::consumer::delete_entries(messages)))
                 .send()
                 .await
                 .expect("delete");
+            out.extend(messages.iter().cloned());
         }
         out
+    }
+}
+
+/// An SNS topic of its own on LocalStack, and a queue subscribed to it with
+/// raw message delivery (what reaches the queue is exactly what was published).
+pub struct TestTopic {
+    pub arn: String,
+    /// The subscribed queue.
+    pub queue: TestQueue,
+}
+
+impl TestTopic {
+    pub async fn new(fifo: bool) -> TestTopic {
+        let client = transfer_worker::outbox::sns::client_from_env(Duration::from_secs(5)).await;
+        let name = format!("tw-topic-{}{}", random_suffix(), if fifo { ".fifo" } else { "" });
+        let arn = transfer_worker::outbox::sns::create_topic(&client, &name).await.expect("create test topic");
+        let queue = TestQueue::new(fifo).await;
+        let queue_arn = queue
+            .client
+            .get_queue_attributes()
+            .queue_url(&queue.url)
+            .attribute_names(QueueAttributeName::QueueArn)
+            .send()
+            .await
+            .expect("the queue's ARN")
+            .attributes()
+            .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
+            .expect("QueueArn");
+        client
+            .subscribe()
+            .topic_arn(&arn)
+            .protocol("sqs")
+            .endpoint(queue_arn)
+            .attributes("RawMessageDelivery", "true")
+            .send()
+            .await
+            .expect("subscribe the queue");
+        TestTopic { arn, queue }
     }
 }
 

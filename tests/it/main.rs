@@ -20,4 +20,5 @@ mod plans;
 mod processes;
 mod relay;
 mod requests;
+mod routes;
 mod traces;

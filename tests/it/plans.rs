@@ -125,10 +125,10 @@ async fn a_claim_walks_the_waiting_index_in_order_instead_of_sorting_a_backlog()
     .execute(&db.pool)
     .await
     .unwrap();
-    let before = index_reads(&db, "outbox_pending_idx").await;
+    let before = index_reads(&db, "outbox_unrouted_idx").await;
     let relay = Relay::new(db.pool.clone(), queue.publisher().await, RelayConfig::default(), Default::default());
     assert_eq!(relay.claim().await.unwrap().events.len(), 100);
-    let read = entries_read_since(&db, "outbox_pending_idx", before).await;
+    let read = entries_read_since(&db, "outbox_unrouted_idx", before).await;
     assert!(read < 1_000, "a relay claim of 100 read {read} entries of the pending events' index");
 }
 
@@ -145,24 +145,39 @@ async fn a_relay_claim_checks_earlier_events_by_transfer_not_by_walking_the_back
     .execute(&db.pool)
     .await
     .unwrap();
-    let before = index_reads(&db, "outbox_pending_idx").await;
+    let before = index_reads(&db, "outbox_unrouted_idx").await;
     let relay = Relay::new(db.pool.clone(), queue.publisher().await, RelayConfig::default(), Default::default());
     let claim = relay.claim().await.unwrap();
     assert_eq!(claim.events.len(), 100);
-    let read = entries_read_since(&db, "outbox_pending_idx", before).await;
+    let read = entries_read_since(&db, "outbox_unrouted_idx", before).await;
     // The heads' scan reads about 100 entries; checking each head's earlier
     // events through this index would read the backlog once per head (500,000).
     assert!(read < 1_000, "a claim of 100 read {read} entries of the pending index");
+
+    // Another destination's backlog (an outage there) is never walked: the
+    // rest is routed elsewhere and waits; this destination's claim reads
+    // only its own index's few entries.
+    sqlx::query(
+        "UPDATE outbox SET destination = 'http://elsewhere/1/q' WHERE state = 'pending' AND destination IS NULL",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let before = index_reads(&db, "outbox_pending_by_destination_idx").await;
+    let other = Relay::new(db.pool.clone(), queue.publisher().await, RelayConfig::default(), Default::default());
+    assert_eq!(other.claim().await.unwrap().events.len(), 0, "its own are claimed already");
+    let read = entries_read_since(&db, "outbox_pending_by_destination_idx", before).await;
+    assert!(read < 1_000, "a claim read {read} entries of another destination's backlog");
 
     // `status` counts what is held behind dead events the same way.
     sqlx::query("UPDATE outbox SET state = 'dead', claimed_until = NULL WHERE id IN (SELECT id FROM outbox WHERE state = 'pending' ORDER BY id LIMIT 50)")
         .execute(&db.pool)
         .await
         .unwrap();
-    let before = index_reads(&db, "outbox_pending_idx").await;
+    let before = index_reads(&db, "outbox_pending_by_destination_idx").await;
     let status = transfer_worker::status::read(&db.pool).await.unwrap();
     assert_eq!(status.outbox.dead, 50);
-    // (The oldest-unpublished lookup reads the index's head; wait for its flush.)
-    let read = entries_read_since(&db, "outbox_pending_idx", before).await;
+    // (The oldest-unpublished lookup reads each destination's head; wait for its flush.)
+    let read = entries_read_since(&db, "outbox_pending_by_destination_idx", before).await;
     assert!(read < 1_000, "status read {read} entries of the pending index");
 }

@@ -8,8 +8,9 @@ use transfer_worker::service::Service;
 
 use aws_sdk_sqs::types::QueueAttributeName;
 use tokio::sync::Notify;
+use transfer_worker::outbox::publisher::Publisher;
 use transfer_worker::outbox::relay::{Relay, RelayConfig};
-use transfer_worker::outbox::sqs::{Delivery, Publisher};
+use transfer_worker::outbox::sqs::Delivery;
 use transfer_worker::retry::RetryPolicy;
 
 use crate::helpers::{sqs_config, wait_for, TestDb, TestQueue};
@@ -249,7 +250,10 @@ async fn events_go_out_again_after_a_crash_between_send_and_record_and_fifo_drop
     let standard = TestQueue::new(false).await;
     seed_events(&db, 5, 1, |t| format!("k-{t}")).await;
     for queue in [&fifo, &standard] {
-        sqlx::query("UPDATE outbox SET state = 'pending', published_at = NULL").execute(&db.pool).await.unwrap();
+        sqlx::query("UPDATE outbox SET state = 'pending', published_at = NULL, destination = NULL")
+            .execute(&db.pool)
+            .await
+            .unwrap();
         let crashed = relay_with_lease(&db, queue.publisher().await, Duration::from_secs(1));
         // SQS accepted the batch, then the process died before recording it.
         let claim = crashed.claim().await.unwrap();
@@ -458,7 +462,7 @@ async fn sqs_refusing_one_entry_backs_off_that_event_only_never_the_pass() {
     // What LocalStack answers for a body with U+FFFF (had it not been
     // escaped): a per-entry InvalidMessageContents with SenderFault false.
     let publisher = queue.publisher().await;
-    let poisoned = transfer_worker::outbox::sqs::Outgoing {
+    let poisoned = transfer_worker::outbox::message::Outgoing {
         outbox_id: 1,
         transfer_id: transfer_worker::transfer::TransferId(1),
         event_id: "e-1".into(),
@@ -467,7 +471,7 @@ async fn sqs_refusing_one_entry_backs_off_that_event_only_never_the_pass() {
         body: "{\"k\":\"\u{FFFF}\"}".into(),
         traceparent: None,
     };
-    let fine = transfer_worker::outbox::sqs::Outgoing { outbox_id: 2, body: "{}".into(), ..poisoned.clone() };
+    let fine = transfer_worker::outbox::message::Outgoing { outbox_id: 2, body: "{}".into(), ..poisoned.clone() };
     let outcomes = publisher.publish(&[poisoned, fine]).await.outcomes;
     assert_eq!(outcomes[&2], Delivery::Sent);
     match &outcomes[&1] {
@@ -542,7 +546,7 @@ async fn a_fifo_queue_url_with_a_trailing_slash_keeps_the_fifo_attributes() {
 
     // And SQS's own word is taken over the URL's.
     let mut asked = Publisher::new(queue.client.clone(), &sqs_config(&queue.url)).with_fifo(false);
-    assert!(asked.check_queue().await.unwrap().fifo);
+    assert!(asked.check().await.unwrap().fifo);
     assert!(asked.is_fifo());
 }
 

@@ -12,8 +12,9 @@ use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, SendMessageBatchRequest
 use tokio::task::JoinSet;
 
 use transfer_worker::error::{Error, Result};
+use transfer_worker::outbox::publisher::Publisher;
 use transfer_worker::outbox::sqs::{
-    client_from_env, create_queue, Publisher, SqsConfig, SqsFailure, DEFAULT_CONCURRENCY, EVENT_TYPE_ATTRIBUTE,
+    client_from_env, create_queue, SqsConfig, SqsFailure, DEFAULT_CONCURRENCY, EVENT_TYPE_ATTRIBUTE,
 };
 use transfer_worker::outbox::EventBody;
 
@@ -37,7 +38,7 @@ impl ScratchQueue {
     }
 
     pub fn client(&self) -> &aws_sdk_sqs::Client {
-        self.publisher.client()
+        self.publisher.sqs_client().expect("a scratch queue is an SQS queue")
     }
 
     pub async fn delete(self) {
