@@ -53,6 +53,8 @@ pub struct Metrics {
     consumer_messages: Family<Labels, Counter>,
     consumer_lag: Histogram,
     paused: Family<Labels, Gauge>,
+    deliveries: Family<Labels, Counter>,
+    destination_events: Family<Labels, Gauge>,
     /// Running totals for the console's rates.
     applied_total: AtomicU64,
     published_total: AtomicU64,
@@ -90,6 +92,8 @@ impl Metrics {
             consumer_messages: Family::default(),
             consumer_lag: Histogram::new(latency_buckets()),
             paused: Family::default(),
+            deliveries: Family::default(),
+            destination_events: Family::default(),
             applied_total: AtomicU64::new(0),
             published_total: AtomicU64::new(0),
         };
@@ -194,6 +198,17 @@ impl Metrics {
             m.consumer_lag.clone(),
         );
         registry.register(
+            "deliveries",
+            "What each destination (queue URL or topic ARN) did with the events this process sent it, by outcome \
+             (published, rejected, dead, deferred, unavailable)",
+            m.deliveries.clone(),
+        );
+        registry.register(
+            "destination_events",
+            "Each destination's events by state (pending, published, dead, held), for every replica",
+            m.destination_events.clone(),
+        );
+        registry.register(
             "paused",
             "1 while an operator has paused this part of the worker (apply, relay) for every replica",
             m.paused.clone(),
@@ -273,6 +288,13 @@ impl Metrics {
         self.sqs_call_duration.observe(took.as_secs_f64());
     }
 
+    /// What a destination did with `n` events of a pass.
+    pub fn delivered(&self, destination: &str, outcome: &str, n: u64) {
+        if n > 0 {
+            self.deliveries.get_or_create(&labels(&[("destination", destination), ("outcome", outcome)])).inc_by(n);
+        }
+    }
+
     /// Whether a part of the worker is paused (the control watcher's reading).
     pub fn set_paused(&self, part: &str, paused: bool) {
         self.paused.get_or_create(&labels(&[("part", part)])).set(i64::from(paused));
@@ -320,6 +342,10 @@ impl Metrics {
             self.outbox_events.get_or_create(&labels(&[("state", state)])).set(*n);
         }
         self.oldest_unpublished_age.set(gauges.oldest_unpublished_age_s);
+        for (destination, state, n) in gauges.destinations {
+            let l = labels(&[("destination", destination), ("state", state)]);
+            self.destination_events.get_or_create(&l).set(*n);
+        }
     }
 
     /// The OpenMetrics exposition of every metric.
@@ -336,6 +362,8 @@ pub struct DatabaseGauges<'a> {
     pub refunds: &'a [(&'static str, i64)],
     pub outbox: &'a [(&'static str, i64)],
     pub oldest_unpublished_age_s: f64,
+    /// (destination, state, count).
+    pub destinations: &'a [(&'a str, &'static str, i64)],
 }
 
 /// The process's metrics.

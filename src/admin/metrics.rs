@@ -14,11 +14,21 @@ pub fn render(status: Option<&Status>) -> String {
         let refunds: Vec<(&'static str, i64)> = s.refunds.iter().map(|(k, n)| (k.as_str(), *n)).collect();
         let o = &s.outbox;
         let outbox = [("pending", o.pending), ("published", o.published), ("dead", o.dead), ("held", o.held)];
+        let destinations: Vec<(&str, &'static str, i64)> = s
+            .destinations
+            .iter()
+            .filter(|(d, _)| !d.is_empty())
+            .flat_map(|(d, c)| {
+                [("pending", c.pending), ("published", c.published), ("dead", c.dead), ("held", c.held)]
+                    .map(|(state, n)| (d.as_str(), state, n))
+            })
+            .collect();
         m.set_database_gauges(&DatabaseGauges {
             transfers: &transfers,
             refunds: &refunds,
             outbox: &outbox,
             oldest_unpublished_age_s: s.oldest_unpublished_age_s,
+            destinations: &destinations,
         });
     }
     m.encode()

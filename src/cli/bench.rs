@@ -59,6 +59,11 @@ pub struct BenchArgs {
     /// in the floor measured alone (a diagnostic: it adds that load too).
     #[arg(long)]
     floor_alongside: Option<f64>,
+    /// Relay mode: send every event to this many destinations (queues of
+    /// their own, each with its own relays and delivery state); the bar is
+    /// SQS taking as many deliveries with as many calls in flight.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
+    destinations: u32,
     /// How long the apply mode measures the PostgreSQL ceiling first (0: skip).
     #[arg(long, default_value_t = 10.0)]
     ceiling_seconds: f64,
@@ -84,6 +89,7 @@ pub async fn run(database_url: &Option<String>, args: BenchArgs) -> Result<()> {
         relays: args.relays.map(|r| r as usize),
         prune_after: args.prune_after,
         floor_alongside: args.floor_alongside,
+        destinations: args.destinations as usize,
     };
     let report = crate::tools::bench::run(url, &config).await?;
     if args.json {
@@ -123,8 +129,14 @@ fn print_text(r: &BenchReport) {
         println!("ceiling   {} (PostgreSQL, same shape, same run): applied = {x:.2} x ceiling", rate(c));
     }
     println!("published {}", rate(r.published_per_s));
+    if let (Some(d), true) = (r.delivered_per_s, r.destinations > 1) {
+        println!("delivered {} (every event to {} destinations)", rate(d), r.destinations);
+    }
     if let (Some(b), Some(x)) = (r.sqs_batch_per_s, r.relay_ratio) {
-        println!("SQS alone {} (SendMessageBatch of 10, same client): relay = {x:.2} x SQS", rate(b));
+        println!(
+            "SQS alone {} (SendMessageBatch of 10, same client, as many calls in flight): relay = {x:.2} x SQS",
+            rate(b)
+        );
     }
     let l = &r.latency_ms;
     println!("latency   p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms", l.p50, l.p95, l.p99);

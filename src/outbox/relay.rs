@@ -224,6 +224,14 @@ impl Relay {
         let mut counts =
             self.record(claim, &published.outcomes).await.map_err(|e| e.at("recording what SQS did with a batch"))?;
         counts.report.calls = published.calls;
+        counts.report.destination = self.publisher.destination().to_owned();
+        counts.report.outcomes = [
+            counts.published as u64,
+            counts.rejected as u64,
+            counts.dead as u64,
+            counts.deferred as u64,
+            counts.unavailable as u64,
+        ];
         tracing::debug!(
             events = counts.claimed,
             published = counts.published,

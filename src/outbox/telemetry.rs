@@ -9,6 +9,10 @@ use crate::metrics::metrics;
 /// What a pass did, for the metrics.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RelayReport {
+    /// The destination's `outbox.destination`.
+    pub destination: String,
+    /// Events by outcome: published, rejected, dead, deferred, unavailable.
+    pub outcomes: [u64; 5],
     /// Per event published: how long after it was written.
     pub published_ages: Vec<Duration>,
     /// Per rejection: SQS's code, and whether the event is now dead.
@@ -21,6 +25,12 @@ pub struct RelayReport {
 
 impl RelayReport {
     pub fn merge(&mut self, other: RelayReport) {
+        if self.destination.is_empty() {
+            self.destination = other.destination;
+        }
+        for (mine, theirs) in self.outcomes.iter_mut().zip(other.outcomes) {
+            *mine += theirs;
+        }
         self.published_ages.extend(other.published_ages);
         self.rejected.extend(other.rejected);
         self.deferred.extend(other.deferred);
@@ -43,4 +53,10 @@ pub fn record(report: &RelayReport) {
     for (result, took) in &report.calls {
         m.sqs_call(result, *took);
     }
+    for (outcome, n) in OUTCOMES.iter().zip(report.outcomes) {
+        m.delivered(&report.destination, outcome, n);
+    }
 }
+
+/// The `outcome` labels of [`RelayReport::outcomes`], in order.
+pub const OUTCOMES: [&str; 5] = ["published", "rejected", "dead", "deferred", "unavailable"];

@@ -58,7 +58,8 @@ async fn events_are_routed_by_type_to_queues_and_topics_each_in_order_and_in_its
         format!("refund.*={};cloudevents", refunds.url),
         format!("*.failed={}", alerts.arn),
     ];
-    let mut args = vec!["--event-source", "payments/test"];
+    let addr = format!("127.0.0.1:{}", crate::admin::free_port());
+    let mut args = vec!["--event-source", "payments/test", "--admin-addr", addr.as_str()];
     for r in &routes {
         args.extend(["--route", r.as_str()]);
     }
@@ -119,6 +120,27 @@ async fn events_are_routed_by_type_to_queues_and_topics_each_in_order_and_in_its
     assert_eq!(destinations[&alerts.arn]["published"], 3, "{status}");
     let ids: i64 = db.scalar("SELECT count(DISTINCT event_id) FROM outbox").await;
     assert_eq!(ids, 12 + 8, "one event_id per event, whatever its destinations");
+    // A failed transfer's story: one event, two deliveries, one event_id.
+    let failed_id: i64 = db.scalar("SELECT min(id) FROM transfers WHERE status = 'FAILED'").await;
+    let shown = db.cli(&["transfer", "show", &failed_id.to_string()]).await.json();
+    let events = shown["events"].as_array().unwrap();
+    let mut to: Vec<&str> = events.iter().map(|e| e["destination"].as_str().unwrap()).collect();
+    to.sort();
+    let mut want = [ledger.url.as_str(), alerts.arn.as_str()];
+    want.sort();
+    assert_eq!(to, want, "{shown}");
+    assert_eq!(events[0]["event_id"], events[1]["event_id"]);
+    assert!(events.iter().all(|e| e["state"] == "published" && e["publications"].as_array().unwrap().len() == 1));
+    // Metrics per destination.
+    let (_, metrics) = crate::admin::http(&addr, "GET", "/metrics").await.unwrap();
+    for (destination, n) in [(&ledger.url, 12), (&refunds.url, 8), (&alerts.arn, 3)] {
+        let line =
+            format!("transfer_worker_deliveries_total{{destination=\"{destination}\",outcome=\"published\"}} {n}");
+        assert!(metrics.contains(&line), "{line} in {metrics}");
+        let gauge =
+            format!("transfer_worker_destination_events{{destination=\"{destination}\",state=\"published\"}} {n}");
+        assert!(metrics.contains(&gauge), "{gauge} in {metrics}");
+    }
     signal(&w.0, "TERM");
     assert!(wait_exit(&mut w.0, Duration::from_secs(30)).await.success());
 }

@@ -38,6 +38,7 @@ use crate::tools::fixtures::ScratchDb;
 use transfer_worker::error::{Error, Result};
 use transfer_worker::health::Health;
 use transfer_worker::outbox::relay::{Relay, RelayConfig};
+use transfer_worker::outbox::route::{Route, Routing};
 use transfer_worker::service::Service;
 use transfer_worker::transfer::apply::{Applier, ApplyConfig};
 use transfer_worker::worker::{self, WorkerConfig};
@@ -91,6 +92,8 @@ pub struct BenchConfig {
     /// Steady: also measure SQS's own latency at this rate while the
     /// pipeline runs (its own queue and consumer).
     pub floor_alongside: Option<f64>,
+    /// Relay: destinations every event goes to (each a queue of its own).
+    pub destinations: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -163,6 +166,9 @@ pub struct BenchReport {
     pub sqs_batch_per_s: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub relay_ratio: Option<f64>,
+    /// relay: destinations, and deliveries (events x destinations) per second.
+    pub destinations: usize,
+    pub delivered_per_s: Option<f64>,
     /// steady: the producer's achieved rate.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub offered_per_s: Option<f64>,
@@ -263,6 +269,8 @@ async fn measure(pool: &PgPool, config: &BenchConfig) -> Result<BenchReport> {
         lock_wait_ms_per_1000: None,
         sqs_batch_per_s: None,
         relay_ratio: None,
+        destinations: config.destinations,
+        delivered_per_s: None,
         offered_per_s: None,
         received_latency_ms: None,
         floor_latency_ms: None,
@@ -353,29 +361,47 @@ async fn measure(pool: &PgPool, config: &BenchConfig) -> Result<BenchReport> {
         Mode::Relay => {
             seed(pool, config).await?;
             drain_apply(pool, &apply, config.workers).await?;
-            let queue = ScratchQueue::create(config.fifo, DEFAULT_CONCURRENCY).await?;
+            let mut queues = Vec::new();
+            for _ in 0..config.destinations.max(1) {
+                queues.push(ScratchQueue::create(config.fifo, DEFAULT_CONCURRENCY).await?);
+            }
             let body_len: i64 = sqlx::query_scalar(
                 "SELECT COALESCE(avg(length(data::text)), 100)::bigint + 200 FROM outbox WHERE state = 'pending'",
             )
             .fetch_one(pool)
             .await?;
-            let baseline =
-                sqs::batch_send_rate(config.fifo, config.transfers.min(20_000), config.workers * 8, body_len as usize)
-                    .await?;
+            // The bar: SQS taking the same deliveries in the same batches,
+            // with as many calls in flight as all the relays together.
+            let deliveries = config.transfers * queues.len();
+            let baseline = sqs::batch_send_rate(
+                config.fifo,
+                deliveries.min(20_000 * queues.len()),
+                config.workers * 8 * queues.len(),
+                body_len as usize,
+            )
+            .await?;
+            let routing =
+                Routing::new(queues.iter().map(|q| Route::everything_to(q.publisher.target().clone())).collect());
             let started = Instant::now();
             drain_in_parallel(
-                (0..config.workers)
-                    .map(|_| {
-                        Relay::new(pool.clone(), queue.publisher.clone(), RelayConfig::default(), Default::default())
+                queues
+                    .iter()
+                    .flat_map(|q| (0..config.workers).map(|_| q.publisher.clone()))
+                    .map(|p| {
+                        Relay::new(pool.clone(), p, RelayConfig::default(), Default::default())
+                            .routed(&routing, Default::default())
                     })
                     .collect(),
             )
             .await?;
             let s = started.elapsed().as_secs_f64();
-            queue.delete().await;
+            for q in queues {
+                q.delete().await;
+            }
             report.published_per_s = config.transfers as f64 / s;
+            report.delivered_per_s = Some(deliveries as f64 / s);
             report.sqs_batch_per_s = Some(baseline);
-            report.relay_ratio = Some(report.published_per_s / baseline);
+            report.relay_ratio = Some(deliveries as f64 / s / baseline);
             "SELECT (extract(epoch FROM published_at - occurred_at) * 1000)::float8 FROM outbox
               WHERE transfer_id IN (SELECT id FROM transfers WHERE idempotency_key NOT LIKE 'preload-%')"
         }
