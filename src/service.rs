@@ -65,30 +65,43 @@ pub trait Service: Send + Sync + 'static {
     fn pass(&self) -> BoxFuture<'_, Pass> {
         Box::pin(async move {
             let outcome = self.run_once().await;
-            if let Ok(c) = &outcome {
-                self.record(c);
-            }
-            match outcome {
-                Ok(c) if c.unavailable() => Pass::Unavailable,
-                Ok(c) if c.claimed() as i64 >= self.batch_size() => Pass::Busy,
-                Ok(c) if c.contended() => Pass::Contended,
-                Ok(_) => Pass::Idle,
-                Err(e) => {
-                    if let Some(db_err) = e.sql() {
-                        crate::metrics::metrics().db_retry(crate::db::sqlstate(db_err).as_deref());
-                    }
-                    tracing::warn!(service = Self::NAME, error = %e, "pass failed; will retry");
-                    Pass::Unavailable
-                }
-            }
+            self.judge(outcome)
         })
     }
 
-    /// Passes until one takes nothing (or a dependency is unavailable);
-    /// what they did, summed.
+    /// How soon the next pass should start after one that ended so (its
+    /// counts recorded in the metrics first).
+    fn judge(&self, outcome: Result<Self::Counts>) -> Pass {
+        if let Ok(c) = &outcome {
+            self.record(c);
+        }
+        match outcome {
+            Ok(c) if c.unavailable() => Pass::Unavailable,
+            Ok(c) if c.claimed() as i64 >= self.batch_size() => Pass::Busy,
+            Ok(c) if c.contended() => Pass::Contended,
+            Ok(_) => Pass::Idle,
+            Err(e) => {
+                if let Some(db_err) = e.sql() {
+                    crate::metrics::metrics().db_retry(crate::db::sqlstate(db_err).as_deref());
+                }
+                tracing::warn!(service = Self::NAME, error = %e, "pass failed; will retry");
+                Pass::Unavailable
+            }
+        }
+    }
+
+    /// Waits for work the loop's passes left running in the background (a
+    /// relay's sends in flight) and returns what it did; nothing by default.
+    fn settle(&self) -> BoxFuture<'_, Result<Self::Counts>> {
+        Box::pin(async { Ok(Self::Counts::default()) })
+    }
+
+    /// What the loop left running settled, then passes until one takes
+    /// nothing (or a dependency is unavailable); what they did, summed.
     fn drain(&self) -> BoxFuture<'_, Result<Self::Counts>> {
         Box::pin(async move {
-            let mut total = Self::Counts::default();
+            let mut total = self.settle().await?;
+            self.record(&total);
             loop {
                 let c = self.run_once().await?;
                 self.record(&c);

@@ -70,8 +70,8 @@ impl From<Publisher> for Outlets {
 pub struct WorkerConfig {
     /// Apply tasks in this process (default 4).
     pub workers: usize,
-    /// Relay tasks in this process (default 2; each keeps several SQS calls in
-    /// flight, and one claims while the other sends).
+    /// Relay tasks per destination in this process (default 2; each claims
+    /// while its earlier claims are with SQS, see `relay`'s "Pipelining").
     pub relays: usize,
     pub apply: ApplyConfig,
     pub relay: RelayConfig,
@@ -161,7 +161,11 @@ pub async fn run(
     // `db::without_commit_wait`), and its connections are never the ones
     // the apply tasks wait for.
     let per_destination = config.relays.max(1);
-    let relay_pool = crate::db::without_commit_wait(&pool, (per_destination * outlets.publishers.len()) as u32 * 2 + 2);
+    // Each relay task claims on one connection and records each send in
+    // flight on another.
+    let per_relay = config.relay.passes_in_flight.max(1) + 1;
+    let relay_pool =
+        crate::db::without_commit_wait(&pool, (per_destination * outlets.publishers.len() * per_relay) as u32 + 2);
     // Each destination has relays of its own, so an outage of one never
     // delays another's deliveries. With several, the one wake-up for
     // written events is passed on to each destination's relays.

@@ -18,6 +18,7 @@
 
 pub mod delivery;
 pub mod glob;
+mod inflight;
 pub mod message;
 pub mod publisher;
 pub mod relay;

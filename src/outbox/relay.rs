@@ -23,6 +23,20 @@
 //!    call outlived its lease and another relay claimed the event again, the
 //!    stale outcome is dropped (the event was sent twice, never lost).
 //!
+//! # Pipelining
+//!
+//! The run loop's pass ([`Service::pass`]) claims and hands the claim's send
+//! and record to a task of its own, then returns: the next pass may claim
+//! at once (up to `passes_in_flight` claims with SQS at a time), so an event
+//! written while an earlier one waits on SQS goes out without waiting for
+//! that call. The claim's rules above keep per-transfer order: an event in
+//! flight holds a live lease, and its transfer's next event is not claimable
+//! until it is published (the send's task wakes the loop when it is). A
+//! pass first collects what the finished sends did; if SQS was unavailable
+//! the loop backs off before claiming more. At shutdown the loop stops
+//! claiming and [`Service::settle`] waits for the sends in flight; at the
+//! deadline they are stopped and their leases given back.
+//!
 //! A crash between 2 and 3 leaves the lease to expire, and the events go out
 //! again: at least once; FIFO queues drop the copy by `MessageDeduplicationId`
 //! = `event_id`, other consumers deduplicate by `event_id`. Per-transfer order
@@ -39,13 +53,14 @@ use tokio::sync::Notify;
 use crate::controls::{Part, Paused};
 use crate::error::{Error, Result};
 use crate::health::Health;
+use crate::outbox::inflight::InFlight;
 use crate::outbox::publisher::{Published, Publisher};
 use crate::outbox::route::{Route, Routing, Scope};
 use crate::outbox::sqs::{Delivery, EntryError, Outgoing};
 use crate::outbox::telemetry::{self, RelayReport};
 use crate::outbox::{store, EventBody, EventData, EventState, SCHEMA_VERSION};
 use crate::retry::RetryPolicy;
-use crate::service::{Progress, Service, Timing};
+use crate::service::{Pass, Progress, Service, Timing};
 use futures::future::BoxFuture;
 
 /// Tuning of the relay; see `transfer-worker run --help` for the flags.
@@ -67,6 +82,10 @@ pub struct RelayConfig {
     /// outlives it, another relay may send the same event again (a duplicate,
     /// dropped by `event_id`), never lose or reorder one.
     pub lease: Duration,
+    /// Claims the run loop's pass may have with SQS at once (default 4; see
+    /// "Pipelining" in the module docs). `run_once` and `drain` wait for
+    /// each claim's send instead.
+    pub passes_in_flight: usize,
 }
 
 impl Default for RelayConfig {
@@ -78,6 +97,7 @@ impl Default for RelayConfig {
             outage_retry: RetryPolicy::default(),
             poll_interval: Duration::from_millis(500),
             lease: Duration::from_secs(60),
+            passes_in_flight: 4,
         }
     }
 }
@@ -137,15 +157,23 @@ pub struct Claim {
     spans: Vec<(i64, tracing::Span)>,
 }
 
+impl Claim {
+    /// Rows claimed.
+    pub fn len(&self) -> usize {
+        self.events.len() + self.malformed.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 pub struct Relay {
-    pool: PgPool,
-    publisher: Publisher,
-    config: RelayConfig,
+    /// What a claim's send and record need (shared with the sends in flight).
+    courier: Arc<Courier>,
     wake: Arc<Notify>,
-    /// Leases claimed and not yet recorded, to give back at shutdown.
-    open_leases: Mutex<HashSet<String>>,
-    /// Where to say how SQS last answered (for `/readyz`).
-    health: Option<Arc<Health>>,
+    /// The run loop's sends in flight.
+    in_flight: InFlight<Result<RelayCounts>>,
     /// The operator's pause (no new pass while the relay is paused).
     paused: Option<Arc<Paused>>,
     /// What its destination claims, and the copies it makes for the others.
@@ -171,12 +199,15 @@ impl Relay {
         Relay {
             scope: routing.scope_of(publisher.destination()),
             unrouted: Vec::new(),
-            pool,
-            publisher,
-            config,
+            in_flight: InFlight::new(config.passes_in_flight),
+            courier: Arc::new(Courier {
+                pool,
+                publisher,
+                config,
+                open_leases: Mutex::new(HashSet::new()),
+                health: None,
+            }),
             wake,
-            open_leases: Mutex::new(HashSet::new()),
-            health: None,
             paused: None,
             others: None,
             last_unrouted_sweep: Mutex::new(None),
@@ -186,7 +217,7 @@ impl Relay {
     /// Claims by `routing` (its destination's route and the others'), and
     /// wakes `others` when a claim copied events for them.
     pub fn routed(mut self, routing: &Routing, others: Arc<Notify>) -> Self {
-        self.scope = routing.scope_of(self.publisher.destination());
+        self.scope = routing.scope_of(self.courier.publisher.destination());
         self.unrouted = routing.unrouted();
         self.others = Some(others);
         self
@@ -200,47 +231,67 @@ impl Relay {
 
     /// Reports how SQS answers each pass to `health`.
     pub fn with_health(mut self, health: Arc<Health>) -> Self {
-        self.health = Some(health);
+        Arc::get_mut(&mut self.courier).expect("set before any pass").health = Some(health);
         self
     }
 
     pub fn publisher(&self) -> &Publisher {
-        &self.publisher
+        &self.courier.publisher
     }
 
-    /// Claim, send, record (see the module docs).
+    /// Claim, send, record (see the module docs), all before returning.
     async fn relay_pass(&self) -> Result<RelayCounts> {
         if self.paused.as_ref().is_some_and(|p| p.is_paused(Part::Relay)) {
             return Ok(RelayCounts::default());
         }
-        let started = std::time::Instant::now();
         let claim = self.claim().await?;
-        if claim.events.is_empty() {
+        if claim.is_empty() {
             return Ok(RelayCounts::default());
         }
-        let claimed = started.elapsed();
-        let published = self.send(&claim).await;
-        let sent = started.elapsed();
-        let mut counts =
-            self.record(claim, &published.outcomes).await.map_err(|e| e.at("recording what SQS did with a batch"))?;
-        counts.report.calls = published.calls;
-        counts.report.destination = self.publisher.destination().to_owned();
-        counts.report.outcomes = [
-            counts.published as u64,
-            counts.rejected as u64,
-            counts.dead as u64,
-            counts.deferred as u64,
-            counts.unavailable as u64,
-        ];
-        tracing::debug!(
-            events = counts.claimed,
-            published = counts.published,
-            claim_ms = claimed.as_secs_f64() * 1e3,
-            send_ms = (sent - claimed).as_secs_f64() * 1e3,
-            record_ms = (started.elapsed() - sent).as_secs_f64() * 1e3,
-            "relay pass"
-        );
-        Ok(counts)
+        self.courier.deliver(claim).await
+    }
+
+    /// The run loop's pass (see "Pipelining" in the module docs): what the
+    /// sends that ended since the last pass did, then a claim handed to a
+    /// send of its own in the background, without waiting for it.
+    async fn pipelined_pass(&self) -> Result<RelayCounts> {
+        let mut done = RelayCounts::default();
+        let mut failed = None;
+        for outcome in self.in_flight.reap(|why| tracing::error!(%why, "a relay send panicked; its lease expires")) {
+            match outcome {
+                Ok(c) => done += c,
+                Err(e) => failed = Some(e),
+            }
+        }
+        if let Some(e) = failed {
+            self.record_counts(&done);
+            return Err(e);
+        }
+        // What the sends claimed was counted by the passes that claimed it.
+        done.claimed = 0;
+        let paused = self.paused.as_ref().is_some_and(|p| p.is_paused(Part::Relay));
+        // While SQS is unavailable the loop backs off before claiming more.
+        if paused || done.unavailable() {
+            return Ok(done);
+        }
+        let slot = self.in_flight.slot().await;
+        let claim = self.claim().await?;
+        if claim.is_empty() {
+            return Ok(done);
+        }
+        done.claimed = claim.len();
+        let (courier, wake) = (self.courier.clone(), self.wake.clone());
+        self.in_flight.spawn(slot, async move {
+            let outcome = courier.deliver(claim).await;
+            // The next event of each transfer it carried may be claimed now.
+            wake.notify_one();
+            outcome
+        });
+        Ok(done)
+    }
+
+    fn record_counts(&self, counts: &RelayCounts) {
+        telemetry::record(&counts.report);
     }
 
     /// Records the events no route takes, at most once a second (they are
@@ -256,7 +307,7 @@ impl Relay {
             }
             *last = Some(std::time::Instant::now());
         }
-        match store::mark_unrouted(&self.pool, &self.unrouted, 1_000).await {
+        match store::mark_unrouted(&self.courier.pool, &self.unrouted, 1_000).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(events = n, "recorded events no route takes (not delivered anywhere)"),
             Err(e) => tracing::warn!(error = %e, "recording events no route takes failed; will retry"),
@@ -266,14 +317,15 @@ impl Relay {
     /// Step 1: claims a batch under a fresh lease (committed before return).
     pub async fn claim(&self) -> Result<Claim> {
         self.sweep_unrouted().await;
-        let lease_ms = self.config.lease.as_millis() as f64;
+        let courier = &*self.courier;
+        let lease_ms = courier.config.lease.as_millis() as f64;
         let scope = store::ClaimScope {
-            destination: self.publisher.destination(),
+            destination: courier.publisher.destination(),
             types: &self.scope.types,
             copy_types: &self.scope.copy_types,
             copy_destinations: &self.scope.copy_destinations,
         };
-        let rows = store::claim_heads(&self.pool, self.config.batch_size, lease_ms, &scope)
+        let rows = store::claim_heads(&courier.pool, courier.config.batch_size, lease_ms, &scope)
             .await
             .map_err(|e| Error::from(e).at("claiming events to publish"))?;
         if !rows.is_empty() && !self.scope.copy_types.is_empty() {
@@ -309,7 +361,7 @@ impl Relay {
         }
         events.sort_by_key(|e| e.id);
         if !events.is_empty() || !malformed.is_empty() {
-            self.open_leases.lock().expect("lease set").insert(lease.clone());
+            courier.open_leases.lock().expect("lease set").insert(lease.clone());
         }
         let spans = events.iter_mut().filter_map(publish_span).collect();
         Ok(Claim { lease, events, malformed, spans })
@@ -317,6 +369,70 @@ impl Relay {
 
     /// Step 2: sends the claimed events; no transaction is open meanwhile.
     pub async fn send(&self, claim: &Claim) -> Published {
+        self.courier.send(claim).await
+    }
+
+    /// Step 3: records what happened to each event, where the lease still holds.
+    pub async fn record(&self, claim: Claim, outcomes: &HashMap<i64, Delivery>) -> Result<RelayCounts> {
+        self.courier.record(claim, outcomes).await
+    }
+
+    /// Gives back the leases of passes that were abandoned (at a shutdown
+    /// deadline), so a restarted worker sends those events at once instead
+    /// of waiting for the leases to expire. Events SQS had in fact accepted
+    /// go out again: a duplicate, never a loss.
+    pub async fn release_open_leases(&self) -> Result<u64> {
+        self.in_flight.abort_all();
+        let leases: Vec<String> = self.courier.open_leases.lock().expect("lease set").drain().collect();
+        if leases.is_empty() {
+            return Ok(0);
+        }
+        let n = store::release_leases(&self.courier.pool, &leases).await?;
+        Ok(n)
+    }
+}
+
+/// What carries a claim to its destination and records the outcome: the
+/// part of a relay its sends in flight share.
+struct Courier {
+    pool: PgPool,
+    publisher: Publisher,
+    config: RelayConfig,
+    /// Leases claimed and not yet recorded, to give back at shutdown.
+    open_leases: Mutex<HashSet<String>>,
+    /// Where to say how SQS last answered (for `/readyz`).
+    health: Option<Arc<Health>>,
+}
+
+impl Courier {
+    /// Steps 2 and 3 of a pass.
+    async fn deliver(&self, claim: Claim) -> Result<RelayCounts> {
+        let started = std::time::Instant::now();
+        let published = self.send(&claim).await;
+        let sent = started.elapsed();
+        let mut counts =
+            self.record(claim, &published.outcomes).await.map_err(|e| e.at("recording what SQS did with a batch"))?;
+        counts.report.calls = published.calls;
+        counts.report.destination = self.publisher.destination().to_owned();
+        counts.report.outcomes = [
+            counts.published as u64,
+            counts.rejected as u64,
+            counts.dead as u64,
+            counts.deferred as u64,
+            counts.unavailable as u64,
+        ];
+        tracing::debug!(
+            events = counts.claimed,
+            published = counts.published,
+            send_ms = sent.as_secs_f64() * 1e3,
+            record_ms = (started.elapsed() - sent).as_secs_f64() * 1e3,
+            "relay pass"
+        );
+        Ok(counts)
+    }
+
+    /// Step 2: sends the claimed events; no transaction is open meanwhile.
+    async fn send(&self, claim: &Claim) -> Published {
         let outgoing: Vec<Outgoing> = claim.events.iter().map(|e| to_outgoing(e, &self.publisher)).collect();
         let mut published = self.publisher.publish(&outgoing).await;
         for (e, why) in &claim.malformed {
@@ -327,7 +443,7 @@ impl Relay {
     }
 
     /// Step 3: records what happened to each event, where the lease still holds.
-    pub async fn record(&self, claim: Claim, outcomes: &HashMap<i64, Delivery>) -> Result<RelayCounts> {
+    async fn record(&self, claim: Claim, outcomes: &HashMap<i64, Delivery>) -> Result<RelayCounts> {
         let mut counts = RelayCounts { claimed: claim.events.len() + claim.malformed.len(), ..Default::default() };
         let lease = claim.lease.as_str();
         let mut published = Vec::new();
@@ -444,19 +560,6 @@ impl Relay {
         }
         Ok(counts)
     }
-
-    /// Gives back the leases of passes that were abandoned (at a shutdown
-    /// deadline), so a restarted worker sends those events at once instead
-    /// of waiting for the leases to expire. Events SQS had in fact accepted
-    /// go out again: a duplicate, never a loss.
-    pub async fn release_open_leases(&self) -> Result<u64> {
-        let leases: Vec<String> = self.open_leases.lock().expect("lease set").drain().collect();
-        if leases.is_empty() {
-            return Ok(0);
-        }
-        let n = store::release_leases(&self.pool, &leases).await?;
-        Ok(n)
-    }
 }
 
 impl Progress for RelayCounts {
@@ -492,14 +595,33 @@ impl Service for Relay {
         Box::pin(self.relay_pass())
     }
 
+    /// The run loop's pass: pipelined (see the module docs).
+    fn pass(&self) -> BoxFuture<'_, Pass> {
+        Box::pin(async move {
+            let outcome = self.pipelined_pass().await;
+            self.judge(outcome)
+        })
+    }
+
+    /// Waits for the sends the loop left in flight.
+    fn settle(&self) -> BoxFuture<'_, Result<RelayCounts>> {
+        Box::pin(async move {
+            let mut total = RelayCounts::default();
+            for outcome in self.in_flight.settle(|why| tracing::error!(%why, "a relay send panicked")).await {
+                total += outcome?;
+            }
+            Ok(total)
+        })
+    }
+
     fn batch_size(&self) -> i64 {
-        self.config.batch_size
+        self.courier.config.batch_size
     }
 
     /// Its poll interval, and its backoff while SQS (or the database) is
     /// unavailable.
     fn timing(&self) -> Timing {
-        Timing { poll_interval: self.config.poll_interval, outage_retry: self.config.outage_retry }
+        Timing { poll_interval: self.courier.config.poll_interval, outage_retry: self.courier.config.outage_retry }
     }
 
     /// Events written by this process, or notified.
@@ -508,7 +630,7 @@ impl Service for Relay {
     }
 
     fn record(&self, counts: &RelayCounts) {
-        telemetry::record(&counts.report);
+        self.record_counts(counts);
     }
 }
 

@@ -71,6 +71,7 @@ fn relay_config(batch_size: i64, max_attempts: i32) -> RelayConfig {
         outage_retry: fast,
         poll_interval: Duration::from_millis(50),
         lease: Duration::from_secs(30),
+        ..RelayConfig::default()
     }
 }
 
@@ -576,4 +577,85 @@ async fn an_outbox_row_whose_data_is_not_an_event_is_dead_and_blocks_nothing() {
     assert!(error.contains("MalformedEvent") && error.contains("not an event"), "{error}");
     assert_eq!(queue.receive(3, Duration::from_secs(1)).await.len(), 3);
     assert_eq!(db.cli(&["status", "--json"]).await.json()["outbox"]["dead"], 1);
+}
+
+/// A proxy in front of LocalStack that swallows its first connection (a
+/// call that hangs) and forwards every later one. Returns its address and a
+/// counter of connections it accepted.
+async fn first_call_hangs() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let upstream = std::env::var("AWS_ENDPOINT_URL").expect("the test services set AWS_ENDPOINT_URL");
+    let upstream = upstream.trim_start_matches("http://").trim_end_matches('/').to_owned();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut client, _)) = listener.accept().await {
+            if count.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                held.push(client);
+                continue;
+            }
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                if let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_never_waits_for_another_transfers_sqs_call_and_a_transfers_events_keep_their_order() {
+    let db = TestDb::new().await;
+    let queue = TestQueue::new(false).await;
+    let written = seed_events(&db, 1, 2, |t| format!("k-{t}")).await;
+    let (addr, accepted) = first_call_hangs().await;
+    let conf = queue.client.config().to_builder().endpoint_url(format!("http://{addr}")).build();
+    let mut config = sqs_config(&queue.url);
+    config.call_timeout = Duration::from_secs(6);
+    let publisher = Publisher::new(aws_sdk_sqs::Client::from_conf(conf), &config);
+    let wake = Arc::new(Notify::new());
+    // One relay task: without pipelining, its next claim waits for the call.
+    let r = Arc::new(Relay::new(db.pool.clone(), publisher, relay_config(100, 5), wake.clone()));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(transfer_worker::service::run(r.clone(), stop.clone()));
+    wait_for("transfer 1's first event to be inside a hung call", Duration::from_secs(5), || async {
+        accepted.load(std::sync::atomic::Ordering::SeqCst) > 0
+    })
+    .await;
+
+    // Another transfer's event, written while that call hangs.
+    sqlx::query(
+        "INSERT INTO transfers (idempotency_key, from_account, to_account, amount, status) VALUES ('k-2', 1, 2, 10, 'SUCCEEDED')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let other = add_event(&db, 2, "transfer.succeeded").await;
+    wake.notify_one();
+    let published = "SELECT count(*) FROM outbox WHERE event_id::text = $1 AND state = 'published'";
+    let started = std::time::Instant::now();
+    wait_for("the other transfer's event, without waiting for the hung call", Duration::from_secs(2), || async {
+        db.scalar_with(published, &other).await == 1
+    })
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let of_1 = &written[&1];
+    assert_eq!(db.scalar_with(published, &of_1[0]).await, 0, "still with the hung call");
+    assert_eq!(db.scalar_with(published, &of_1[1]).await, 0, "transfer 1's second event waits for its first");
+
+    // The hung call times out; its event goes again, then the one it held.
+    wait_for("transfer 1's events after the timeout", Duration::from_secs(20), || async {
+        db.scalar("SELECT count(*) FROM outbox WHERE state = 'published'").await == 3
+    })
+    .await;
+    stop.cancel();
+    running.await.unwrap();
+    let received = queue.receive(3, Duration::from_secs(1)).await;
+    let order: Vec<&str> = received.iter().filter(|e| e.transfer_id.0 == 1).map(|e| e.event_id.as_str()).collect();
+    assert_eq!(order, vec![of_1[0].as_str(), of_1[1].as_str()], "per-transfer order");
+    assert_eq!(received.len(), 3);
 }
