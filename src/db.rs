@@ -22,18 +22,16 @@ use crate::error::{Error, Result};
 /// on-disk sort per claim, 0.5 to 0.9 s each (seen at the start of every
 /// bench run until autovacuum analyzed the table). Without sorts to choose,
 /// the claim walks the index in order and stops after `n` rows, whatever the
-/// statistics say. Sorts are allowed again right after the claim
-/// ([`SORTS_ALLOWED`]): the account locks that follow need one (PostgreSQL
-/// 15 cannot return `id = ANY(..)` in index order).
+/// statistics say. Sorts are allowed again right after the claim (by the
+/// claim itself: see `transfer::store::claim`): the account locks that
+/// follow need one (PostgreSQL 15 cannot return `id = ANY(..)` in index
+/// order).
 ///
 /// JIT is off too: a claim is a few hundred rows, and a plan that had to
 /// sort anyway would carry the disabled sort's cost, far above
 /// `jit_above_cost`, into half a second of compiling (seen: 455 ms of JIT
 /// for a 1 ms claim).
 pub(crate) const BEGIN_CLAIM: &str = "BEGIN; SET LOCAL enable_sort = off; SET LOCAL jit = off";
-
-/// Undoes [`BEGIN_CLAIM`]'s setting for the rest of the transaction.
-pub(crate) const SORTS_ALLOWED: &str = "SET LOCAL enable_sort = on";
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -115,16 +113,27 @@ pub async fn connect(database_url: &str, max_connections: u32, limits: SessionLi
         .connect_lazy_with(options))
 }
 
-/// A pool to the same database as `pool`, with the same session settings,
-/// whose commits do not wait for the WAL to reach disk
-/// (`synchronous_commit = off`). Only for writes a crash may lose without
-/// harm: the relay's leases and outcomes. A lost "published" mark or lease
+/// The relay's pool: to the same database as `pool`, with the same session
+/// settings and two of its own.
+///
+/// Its commits do not wait for the WAL to reach disk
+/// (`synchronous_commit = off`): the relay writes only what a crash may lose
+/// without harm, its leases and outcomes. A lost "published" mark or lease
 /// means an event is sent once more, which consumers already deduplicate by
 /// `event_id`; per-transfer order still holds, since a transfer's next event
 /// is claimed only after the previous one was marked published. Never for
 /// money: every transfer, refund and cancel commits synchronously.
-pub fn without_commit_wait(pool: &PgPool, max_connections: u32) -> PgPool {
-    let options = (*pool.connect_options()).clone().options([("synchronous_commit", "off")]);
+///
+/// And its sessions run with the settings of a claim's transaction (`BEGIN_CLAIM`:
+/// no sorts, no JIT),
+/// which none of the relay's statements needs otherwise: its claim is one
+/// statement, one round trip, instead of three.
+pub fn for_relay(pool: &PgPool, max_connections: u32) -> PgPool {
+    let options = (*pool.connect_options()).clone().options([
+        ("synchronous_commit", "off"),
+        ("enable_sort", "off"),
+        ("jit", "off"),
+    ]);
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10))

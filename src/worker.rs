@@ -158,19 +158,21 @@ pub async fn run(
     // The relay stops only after the apply tasks, so it can drain their last events.
     let relay_stop = CancellationToken::new();
     // The relay's own pool: its writes need not wait for the disk (see
-    // `db::without_commit_wait`), and its connections are never the ones
+    // `db::for_relay`), and its connections are never the ones
     // the apply tasks wait for.
     let per_destination = config.relays.max(1);
     // Each relay task claims on one connection and records each send in
     // flight on another.
     let per_relay = config.relay.passes_in_flight.max(1) + 1;
-    let relay_pool =
-        crate::db::without_commit_wait(&pool, (per_destination * outlets.publishers.len() * per_relay) as u32 + 2);
+    let relay_pool = crate::db::for_relay(&pool, (per_destination * per_relay) as u32 + 1);
     // Each destination has relays of its own, so an outage of one never
     // delays another's deliveries. With several, the one wake-up for
     // written events is passed on to each destination's relays.
     let mut relays_of = Vec::new();
     for publisher in outlets.publishers {
+        // The destination's relay tasks share their calls in flight.
+        let calls = publisher.concurrency() * per_destination;
+        let publisher = publisher.with_calls_in_flight(calls);
         let wake = if outlets.routing.routes().len() == 1 { wakers.outbox.clone() } else { Default::default() };
         let relay = Arc::new(
             Relay::new(relay_pool.clone(), publisher, config.relay.clone(), wake)
@@ -264,6 +266,11 @@ pub async fn run(
     };
     let _ = tokio::time::timeout(Duration::from_millis(500), cleanup).await;
     let _ = tokio::time::timeout(Duration::from_millis(500), relay_pool.close()).await;
+    let _ = tokio::time::timeout(
+        Duration::from_millis(500),
+        futures::future::join_all(relays_of.iter().map(|r| r.close())),
+    )
+    .await;
     tracing::info!(?stopped, "worker stopped");
     Ok(stopped)
 }

@@ -147,8 +147,15 @@ fn print_text(r: &BenchReport) {
         let took = r.floor_sent_per_s.map(|t| format!(", SQS took {}", rate(t))).unwrap_or_default();
         println!("floor     {}  (SQS alone: send -> consumer{took})", dist(d));
     }
+    if let Some(d) = &r.batched_floor_latency_ms {
+        let took = r.batched_floor_sent_per_s.map(|t| format!(", SQS took {}", rate(t))).unwrap_or_default();
+        println!("batched   {}  (SQS alone, SendMessageBatch of 10 at the same rate{took})", dist(d));
+    }
     if let Some(d) = &r.floor_alongside_latency_ms {
         println!("alongside {}  (SQS alone, measured while the pipeline ran)", dist(d));
+    }
+    if let Some(c) = r.worker_cpu_ms_per_1000 {
+        println!("cpu       {c:.0} ms of the worker's CPU per 1,000 transfers (its own threads)");
     }
     if let Some(b) = r.backlog_max {
         println!("backlog   at most {b} events waiting");

@@ -75,7 +75,8 @@ pub struct RunArgs {
     /// Outbox events claimed per relay pass.
     #[arg(long, env = "TRANSFER_WORKER_RELAY_BATCH_SIZE", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub relay_batch_size: u32,
-    /// SendMessageBatch calls in flight per relay pass.
+    /// SendMessageBatch calls in flight per relay task (a destination's
+    /// relay tasks share `--relays` times as many).
     #[arg(long, env = "TRANSFER_WORKER_RELAY_CONCURRENCY", default_value_t = DEFAULT_CONCURRENCY as u32, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub relay_concurrency: u32,
     /// Rejections by SQS (sender faults) before an event is dead. Outages never count.
@@ -312,8 +313,14 @@ pub async fn run(database_url: &Option<String>, args: RunArgs) -> Result<()> {
         check_destination(&mut publisher, r, !args.routes.is_empty(), &health).await?;
         publishers.push(publisher);
     }
-    // A claim must outlast the longest send of a pass, with room to spare.
-    let worst = publishers.iter().map(|p| p.worst_case_duration(config.relay.batch_size as usize)).max();
+    // A claim must outlast the longest send of a pass, with room to spare;
+    // a destination's sends in flight share its calls (see `worker::run`),
+    // so a pass's calls may wait for those of all the others.
+    let in_flight = config.relay.batch_size as usize * config.relay.passes_in_flight * config.relays;
+    let worst = publishers
+        .iter()
+        .map(|p| p.clone().with_calls_in_flight(sqs.concurrency * config.relays).worst_case_duration(in_flight))
+        .max();
     config.relay.lease = worst.unwrap_or_default() + Duration::from_secs(5);
     let outlets = Outlets { publishers, routing: Routing::new(routes) };
     let admin_pools = Pools::new(transfer_worker::db::parse_url(url)?);

@@ -16,6 +16,7 @@
 //! nothing else. Outages (SQS unreachable, throttled, 5xx, queue missing) never
 //! change `attempts` and never make an event dead.
 
+mod courier;
 pub mod delivery;
 pub mod glob;
 mod inflight;

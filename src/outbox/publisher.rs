@@ -7,7 +7,10 @@
 //! and a failed call is an outage, never counted against its events.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::sync::Semaphore;
 
 use futures::StreamExt;
 
@@ -38,6 +41,10 @@ pub struct Publisher {
     target: Target,
     fifo: bool,
     concurrency: usize,
+    /// Calls in flight, shared by the clones of this publisher (all the
+    /// sends in flight of a destination's relays).
+    calls: Arc<Semaphore>,
+    call_limit: usize,
     call_timeout: Duration,
     format: EventFormat,
     source: String,
@@ -72,10 +79,24 @@ impl Publisher {
             fifo: target.names_fifo(),
             target,
             concurrency: config.concurrency.max(1),
+            calls: Arc::new(Semaphore::new(config.concurrency.max(1))),
+            call_limit: config.concurrency.max(1),
             call_timeout: config.call_timeout,
             format: EventFormat::Native,
             source: DEFAULT_EVENT_SOURCE.into(),
         }
+    }
+
+    /// At most `limit` calls in flight at once, for this publisher and the
+    /// clones made of it from now on (default: the configured concurrency,
+    /// for this publisher and all its clones). The relay's sends in flight
+    /// share it, so that under a backlog they wait for a call rather than
+    /// crowd the destination with more calls than it serves at its best;
+    /// the events that arrive meanwhile go into fuller batches.
+    pub fn with_calls_in_flight(mut self, limit: usize) -> Self {
+        self.calls = Arc::new(Semaphore::new(limit.max(1)));
+        self.call_limit = limit.max(1);
+        self
     }
 
     /// Overrides what the name said about the destination being FIFO.
@@ -121,6 +142,11 @@ impl Publisher {
         self.target.key()
     }
 
+    /// Calls one publish keeps in flight.
+    pub fn concurrency(&self) -> usize {
+        self.concurrency
+    }
+
     pub fn is_fifo(&self) -> bool {
         self.fifo
     }
@@ -129,11 +155,13 @@ impl Publisher {
         self.format
     }
 
-    /// The longest [`Publisher::publish`] of `events` events can take: its
-    /// calls go `concurrency` at a time, each bounded by the call timeout.
+    /// The longest [`Publisher::publish`] of `events` events can take, or
+    /// the last of several that together send `events`: their calls go at
+    /// most as many at a time as the calls in flight allow, each bounded by
+    /// the call timeout.
     pub fn worst_case_duration(&self, events: usize) -> Duration {
         let calls = events.div_ceil(MAX_BATCH_ENTRIES).max(1);
-        self.call_timeout * calls.div_ceil(self.concurrency) as u32
+        self.call_timeout * calls.div_ceil(self.concurrency.min(self.call_limit)) as u32
     }
 
     /// The largest message the destination takes, and the most one batch
@@ -196,6 +224,7 @@ impl Publisher {
     }
 
     async fn send_batch(&self, batch: Vec<&Outgoing>) -> BatchSent {
+        let _call = self.calls.acquire().await.expect("the call slots are never closed");
         match &self.client {
             Client::Sqs(c) => super::sqs::send_batch(c, self.target.key(), self.fifo, batch).await,
             Client::Sns(c) => super::sns::send_batch(c, self.target.key(), self.fifo, batch).await,

@@ -37,7 +37,8 @@ pub struct SqsConfig {
     /// Bound on one `SendMessageBatch` call, so a hung SQS cannot hang the relay
     /// (the SDK has no operation timeout by default).
     pub call_timeout: Duration,
-    /// How many `SendMessageBatch` calls one relay pass keeps in flight.
+    /// How many `SendMessageBatch` calls one relay task keeps in flight (see
+    /// [`super::publisher::Publisher::with_calls_in_flight`]).
     pub concurrency: usize,
 }
 

@@ -65,8 +65,8 @@ pub(crate) async fn claim_heads(
     lease_ms: f64,
     scope: &ClaimScope<'_>,
 ) -> sqlx::Result<Vec<ClaimRow>> {
-    // In id order from the index, never a sort of the backlog (see BEGIN_CLAIM).
-    let mut tx = pool.begin_with(crate::db::BEGIN_CLAIM).await?;
+    // In id order from the index, never a sort of the backlog: the relay's
+    // sessions run with BEGIN_CLAIM's settings (see `db::for_relay`).
     let rows = sqlx::query_as!(
         ClaimRow,
         r#"WITH own AS (
@@ -123,9 +123,8 @@ pub(crate) async fn claim_heads(
         scope.copy_types,
         scope.copy_destinations
     )
-    .fetch_all(&mut *tx)
+    .fetch_all(pool)
     .await?;
-    tx.commit().await?;
     Ok(rows)
 }
 
@@ -161,18 +160,31 @@ pub(crate) async fn mark_unrouted(pool: &PgPool, types: &[String], limit: i64) -
 pub(crate) type Outcomes<'a> = (&'a [i64], &'a [String], &'a [i64]);
 
 /// pending -> published, where the lease holds; the ids it moved.
-pub(crate) async fn mark_published(conn: &mut PgConnection, ids: &[i64], lease: &str) -> sqlx::Result<Vec<i64>> {
-    sqlx::query_scalar!(
-        "UPDATE outbox SET state = 'published', published_at = now(), last_error = NULL, claimed_until = NULL,
-                           first_published_at = COALESCE(first_published_at, now()),
-                           publications = publications || now()
-          WHERE id = ANY($1) AND state = 'pending' AND claimed_until = $2::text::timestamptz
-      RETURNING id",
+///
+/// Each published event comes back with whether another event of its
+/// transfer is still pending (a later one, at this or another destination,
+/// which this publication may have made claimable).
+pub(crate) async fn mark_published(conn: &mut PgConnection, ids: &[i64], lease: &str) -> sqlx::Result<Vec<Published>> {
+    sqlx::query_as!(
+        Published,
+        r#"UPDATE outbox o SET state = 'published', published_at = now(), last_error = NULL, claimed_until = NULL,
+                               first_published_at = COALESCE(first_published_at, now()),
+                               publications = publications || now()
+            WHERE id = ANY($1) AND state = 'pending' AND claimed_until = $2::text::timestamptz
+        RETURNING id, EXISTS (SELECT 1 FROM outbox n
+                               WHERE n.transfer_id = o.transfer_id AND n.id <> o.id AND n.state = 'pending') AS "more!""#,
         ids,
         lease
     )
     .fetch_all(conn)
     .await
+}
+
+/// An event just marked published.
+pub(crate) struct Published {
+    pub id: i64,
+    /// Another event of its transfer is pending.
+    pub more: bool,
 }
 
 /// A rejection SQS blamed on the message: the attempt counted, dead at

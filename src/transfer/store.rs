@@ -16,7 +16,6 @@ use std::time::Duration;
 use sqlx::PgConnection;
 
 use crate::account::AccountId;
-use crate::db;
 use crate::outbox::EventType;
 use crate::transfer::step::{Claimed, Outcome, Step};
 use crate::transfer::{FailureReason, RefundStatus, TransferId, TransferStatus};
@@ -26,9 +25,12 @@ use crate::transfer::{FailureReason, RefundStatus, TransferId, TransferStatus};
 // `refund_amount`), the waiting-state guard, and the columns a finish sets.
 
 /// The claim of a batch of `step`, in id order, skipping rows other workers
-/// hold. `conn` is in a transaction begun with [`db::BEGIN_CLAIM`], so that
+/// hold. `conn` is in a transaction begun with [`crate::db::BEGIN_CLAIM`], so that
 /// the claim walks the waiting index in order; sorts are allowed again
-/// after it.
+/// after it, by the claim itself: its `set_config(.., true)` runs once the
+/// statement is planned, and holds for the rest of the transaction (what a
+/// `SET LOCAL enable_sort = on` of its own would do, without that round
+/// trip).
 ///
 /// Transfers touching a `busy` account (held by another session, see
 /// [`super::busy`]) are left alone: they would only take the slots of
@@ -40,9 +42,7 @@ pub(crate) async fn claim(
     floor: TransferId,
     busy: &[AccountId],
 ) -> sqlx::Result<Vec<Claimed>> {
-    let claimed = claim_in_order(&mut *conn, step, limit, floor, busy).await?;
-    sqlx::raw_sql(db::SORTS_ALLOWED).execute(&mut *conn).await?;
-    Ok(claimed)
+    claim_in_order(&mut *conn, step, limit, floor, busy).await
 }
 
 async fn claim_in_order(
@@ -63,6 +63,7 @@ async fn claim_in_order(
                      FROM transfers
                     WHERE status = 'PENDING' AND next_attempt_at <= now() AND id >= $2
                       AND NOT (from_account = ANY($3) OR to_account = ANY($3))
+                      AND set_config('enable_sort', 'on', true) = 'on'
                     ORDER BY id
                     LIMIT $1
                       FOR NO KEY UPDATE SKIP LOCKED"#,
@@ -82,6 +83,7 @@ async fn claim_in_order(
                      FROM transfers
                     WHERE refund_status = 'REQUESTED' AND next_attempt_at <= now() AND id >= $2
                       AND NOT (from_account = ANY($3) OR to_account = ANY($3))
+                      AND set_config('enable_sort', 'on', true) = 'on'
                     ORDER BY id
                     LIMIT $1
                       FOR NO KEY UPDATE SKIP LOCKED"#,

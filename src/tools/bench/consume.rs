@@ -188,10 +188,10 @@ pub async fn measure(pool: &PgPool, messages: usize, loops: usize, fifo: bool) -
             bars.push(receive_delete_rate(&queue, messages, n).await?);
         }
         fill(&queue, messages).await?;
-        let c0 = cpu_ticks();
+        let c0 = super::cpu::process_ms();
         let started = Instant::now();
         let consumed = consumer_rate(pool, &queue, messages, 2 * loops).await?;
-        let cpu_s = (cpu_ticks() - c0) as f64 / 100.0;
+        let cpu_ms = super::cpu::process_ms() - c0;
         let _ = started;
         for n in [loops, 2 * loops] {
             fill(&queue, messages).await?;
@@ -204,18 +204,10 @@ pub async fn measure(pool: &PgPool, messages: usize, loops: usize, fifo: bool) -
             consume_ratio: consumed / bar,
             bar_runs_per_s: bars,
             consumer_loops: 2 * loops,
-            consumer_cpu_ms_per_1000: cpu_s * 1e3 / messages as f64 * 1_000.0,
+            consumer_cpu_ms_per_1000: cpu_ms / messages as f64 * 1_000.0,
         })
     }
     .await;
     queue.delete().await;
     result
-}
-
-/// The process's CPU time so far, in clock ticks (1/100 s).
-fn cpu_ticks() -> u64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let f: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
-    f.get(11).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
-        + f.get(12).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
 }

@@ -45,6 +45,7 @@ use transfer_worker::worker::{self, WorkerConfig};
 
 pub mod ceiling;
 pub mod consume;
+pub mod cpu;
 pub mod invariants;
 pub mod locks;
 mod setup;
@@ -186,6 +187,16 @@ pub struct BenchReport {
     /// measured while the pipeline ran (SQS under the run's load).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub floor_alongside_latency_ms: Option<Dist>,
+    /// steady: SQS alone taking the same rate in `SendMessageBatch` calls of
+    /// 10 (the floor of a relay that batches), and the rate it took them at.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batched_floor_latency_ms: Option<Dist>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batched_floor_sent_per_s: Option<f64>,
+    /// steady: the worker's own CPU time per 1,000 transfers (its threads'
+    /// counters, apart from the producer's and the consumer's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker_cpu_ms_per_1000: Option<f64>,
     /// steady: enqueue -> applied (commit), with its max.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub applied_latency_ms: Option<Dist>,
@@ -276,6 +287,9 @@ async fn measure(pool: &PgPool, config: &BenchConfig) -> Result<BenchReport> {
         floor_latency_ms: None,
         floor_sent_per_s: None,
         floor_alongside_latency_ms: None,
+        batched_floor_latency_ms: None,
+        batched_floor_sent_per_s: None,
+        worker_cpu_ms_per_1000: None,
         applied_latency_ms: None,
         backlog_max: None,
         enqueue_ms: None,
@@ -318,6 +332,9 @@ async fn measure(pool: &PgPool, config: &BenchConfig) -> Result<BenchReport> {
         report.floor_latency_ms = Some(steady.floor_latency_ms);
         report.floor_sent_per_s = Some(steady.floor_sent_per_s);
         report.floor_alongside_latency_ms = steady.floor_alongside_latency_ms;
+        report.batched_floor_latency_ms = Some(steady.batched_floor_latency_ms);
+        report.batched_floor_sent_per_s = Some(steady.batched_floor_sent_per_s);
+        report.worker_cpu_ms_per_1000 = Some(steady.worker_cpu_ms_per_1000);
         report.applied_latency_ms = Some(steady.applied_latency_ms);
         report.backlog_max = Some(steady.backlog_max);
         report.outbox_footprint = Some(steady.outbox_footprint);
@@ -386,7 +403,9 @@ async fn measure(pool: &PgPool, config: &BenchConfig) -> Result<BenchReport> {
             drain_in_parallel(
                 queues
                     .iter()
-                    .flat_map(|q| (0..config.workers).map(|_| q.publisher.clone()))
+                    .flat_map(|q| {
+                        (0..config.workers).map(|_| q.publisher.clone().with_calls_in_flight(DEFAULT_CONCURRENCY))
+                    })
                     .map(|p| {
                         Relay::new(pool.clone(), p, RelayConfig::default(), Default::default())
                             .routed(&routing, Default::default())

@@ -154,15 +154,18 @@ pub fn first_receipt_per_transfer(receipts: &[Receipt]) -> HashMap<i64, SystemTi
     out
 }
 
-/// SQS alone: `SendMessage` at `rate` for `seconds` (from several tasks, each
-/// message sent at its due time), received by the same kind of consumer;
-/// returns each message's send -> receive latency in ms, and the rate SQS
-/// took them at (below `rate` when SQS itself cannot keep up: then the floor
-/// is a queue, not a latency). This is the floor no relay can beat.
-pub async fn floor_latency(fifo: bool, rate: f64, seconds: f64) -> Result<(Vec<f64>, f64)> {
+/// SQS alone: `rate` messages a second for `seconds`, received by the same
+/// kind of consumer; with `batch` 1, a `SendMessage` each at its due time,
+/// otherwise a `SendMessageBatch` of `batch` when its last message is due
+/// (from several tasks). Returns each message's send -> receive latency in
+/// ms, and the rate SQS took them at (below `rate` when SQS itself cannot
+/// keep up: then the floor is a queue, not a latency). This is the floor no
+/// relay can beat (with batches: the floor of a relay that batches).
+pub async fn floor_latency(fifo: bool, rate: f64, seconds: f64, batch: usize) -> Result<(Vec<f64>, f64)> {
     let queue = ScratchQueue::create(fifo, DEFAULT_CONCURRENCY).await?;
     let consumer = Consumer::start(&queue);
     let total = (rate * seconds).round() as u64;
+    let batch = batch.clamp(1, 10) as u64;
     let sent: Arc<Mutex<HashMap<u64, SystemTime>>> = Arc::new(Mutex::new(HashMap::new()));
     let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -171,27 +174,42 @@ pub async fn floor_latency(fifo: bool, rate: f64, seconds: f64) -> Result<(Vec<f
         let (client, url, sent, next) = (queue.client().clone(), queue.url.clone(), sent.clone(), next.clone());
         senders.spawn(async move {
             loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= total {
+                let first = next.fetch_add(1, Ordering::Relaxed) * batch;
+                if first >= total {
                     return;
                 }
-                tokio::time::sleep_until((started + Duration::from_secs_f64(i as f64 / rate)).into()).await;
+                let ids = first..(first + batch).min(total);
+                let last = ids.end - 1;
+                tokio::time::sleep_until((started + Duration::from_secs_f64(last as f64 / rate)).into()).await;
                 let at = SystemTime::now();
-                // A body and attribute of an event's size and shape, so SQS
-                // does the same work per message as for the relay's.
-                let body = format!(
-                    "{{\"i\":{i},\"event_id\":\"0195e0a4-7c1f-7000-8000-{i:012}\",\"event_type\":\"transfer.succeeded\",\"transfer_id\":{i},\"occurred_at\":\"2026-12-01T00:00:00.000000Z\",\"data\":{{\"from_account\":1,\"to_account\":2,\"amount\":500,\"idempotency_key\":\"steady-{i}\"}}}}"
-                );
-                let mut req = client
-                    .send_message()
-                    .queue_url(&url)
-                    .message_body(body)
-                    .message_attributes(EVENT_TYPE_ATTRIBUTE, event_type_attribute());
-                if fifo {
-                    req = req.message_group_id(i.to_string()).message_deduplication_id(i.to_string());
-                }
-                if req.send().await.is_ok() {
-                    sent.lock().expect("sent").insert(i, at);
+                let ok = if batch == 1 {
+                    let mut req = client
+                        .send_message()
+                        .queue_url(&url)
+                        .message_body(floor_body(first))
+                        .message_attributes(EVENT_TYPE_ATTRIBUTE, event_type_attribute());
+                    if fifo {
+                        req = req.message_group_id(first.to_string()).message_deduplication_id(first.to_string());
+                    }
+                    req.send().await.is_ok()
+                } else {
+                    let entries = ids
+                        .clone()
+                        .map(|i| {
+                            let mut entry = SendMessageBatchRequestEntry::builder()
+                                .id(i.to_string())
+                                .message_body(floor_body(i))
+                                .message_attributes(EVENT_TYPE_ATTRIBUTE, event_type_attribute());
+                            if fifo {
+                                entry = entry.message_group_id(i.to_string()).message_deduplication_id(i.to_string());
+                            }
+                            entry.build().expect("id and body are set")
+                        })
+                        .collect();
+                    client.send_message_batch().queue_url(&url).set_entries(Some(entries)).send().await.is_ok()
+                };
+                if ok {
+                    sent.lock().expect("sent").extend(ids.map(|i| (i, at)));
                 }
             }
         });
@@ -263,6 +281,14 @@ pub async fn batch_send_rate(fifo: bool, messages: usize, clients: usize, body_l
     let _ = queue.client().purge_queue().queue_url(&queue.url).send().await;
     queue.delete().await;
     Ok(rate)
+}
+
+/// A body and attribute of an event's size and shape, so SQS does the same
+/// work per message as for the relay's; `i` says which message it is.
+fn floor_body(i: u64) -> String {
+    format!(
+        "{{\"i\":{i},\"event_id\":\"0195e0a4-7c1f-7000-8000-{i:012}\",\"event_type\":\"transfer.succeeded\",\"transfer_id\":{i},\"occurred_at\":\"2026-12-01T00:00:00.000000Z\",\"data\":{{\"from_account\":1,\"to_account\":2,\"amount\":500,\"idempotency_key\":\"steady-{i}\"}}}}"
+    )
 }
 
 /// The `event_type` attribute of a `transfer.succeeded` event.

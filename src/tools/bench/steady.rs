@@ -9,7 +9,12 @@
 //!    transaction's commit) and enqueue -> received.
 //!
 //! Both halves share the consumer and the rate, so the difference between
-//! them is what the worker adds.
+//! them is what the worker adds. Beside them: SQS taking the same rate in
+//! batches of 10 (the floor of a relay that batches: whether SQS alone keeps
+//! up at that rate), and, on request, SQS's own latency measured while the
+//! pipeline runs. The worker runs on a runtime of its own (two threads, as
+//! `run` has on two cores) with its own pool and SQS client, so that its CPU
+//! time is counted apart from the producer's, the consumer's and SQS's.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,11 +26,14 @@ use sqlx::PgPool;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::tools::bench::cpu::ThreadCpu;
 use crate::tools::bench::sqs::{first_receipt_per_transfer, floor_latency, ms_between, Consumer, ScratchQueue};
 use crate::tools::bench::{unfinished, Dist};
+use sqlx::postgres::PgPoolOptions;
 use transfer_worker::error::{Error, Result};
 use transfer_worker::health::Health;
-use transfer_worker::outbox::sqs::DEFAULT_CONCURRENCY;
+use transfer_worker::outbox::publisher::Publisher;
+use transfer_worker::outbox::sqs::{client_from_env, SqsConfig, DEFAULT_CONCURRENCY};
 use transfer_worker::transfer::apply::Committed;
 use transfer_worker::worker::{self, WorkerConfig};
 
@@ -73,6 +81,12 @@ pub struct SteadyReport {
     pub floor_sent_per_s: f64,
     /// SQS's own send -> receive measured while the pipeline ran, if asked.
     pub floor_alongside_latency_ms: Option<Dist>,
+    /// SQS alone taking the rate in `SendMessageBatch` calls of 10.
+    pub batched_floor_latency_ms: Dist,
+    pub batched_floor_sent_per_s: f64,
+    /// The worker's own CPU time (its runtime's threads) per 1,000 transfers,
+    /// from the first enqueue until the last event was received.
+    pub worker_cpu_ms_per_1000: f64,
     /// The most events waiting in the outbox at any sample (every 100 ms).
     pub backlog_max: i64,
     /// The outbox's size on disk (table and indexes, MiB) and its dead tuples,
@@ -82,8 +96,9 @@ pub struct SteadyReport {
 }
 
 pub async fn measure(pool: &PgPool, config: &SteadyConfig) -> Result<SteadyReport> {
-    let (floor, floor_sent_per_s) = floor_latency(config.fifo, config.rate, config.seconds).await?;
+    let (floor, floor_sent_per_s) = floor_latency(config.fifo, config.rate, config.seconds, 1).await?;
     let floor = Dist::of(floor);
+    let (batched, batched_floor_sent_per_s) = floor_latency(config.fifo, config.rate, config.seconds, 10).await?;
 
     let queue = ScratchQueue::create(config.fifo, DEFAULT_CONCURRENCY).await?;
     let consumer = Consumer::start(&queue);
@@ -101,12 +116,8 @@ pub async fn measure(pool: &PgPool, config: &SteadyConfig) -> Result<SteadyRepor
         maintenance,
         ..defaults
     };
-    let running = tokio::spawn(worker::run(
-        pool.clone(),
-        queue.publisher.clone(),
-        worker_config,
-        Arc::new(Health::new(shutdown.clone())),
-    ));
+    let cpu = ThreadCpu::default();
+    let running = spawn_worker(pool, &queue.url, config.fifo, worker_config, Health::new(shutdown.clone()), &cpu);
     let applied_at: Arc<Mutex<HashMap<i64, SystemTime>>> = Arc::new(Mutex::new(HashMap::new()));
     let collector = {
         let applied_at = applied_at.clone();
@@ -157,7 +168,9 @@ pub async fn measure(pool: &PgPool, config: &SteadyConfig) -> Result<SteadyRepor
 
     // SQS alone again, on its own queue and consumer, while the pipeline
     // runs: the floor above was measured on an otherwise idle machine.
-    let alongside = config.floor_alongside.map(|rate| tokio::spawn(floor_latency(config.fifo, rate, config.seconds)));
+    let alongside =
+        config.floor_alongside.map(|rate| tokio::spawn(floor_latency(config.fifo, rate, config.seconds, 1)));
+    let cpu_before = cpu.ms();
     let (enqueued, produce_s) = produce(pool, config).await?;
     let floor_alongside_latency_ms = match alongside {
         Some(task) => {
@@ -168,8 +181,12 @@ pub async fn measure(pool: &PgPool, config: &SteadyConfig) -> Result<SteadyRepor
     };
     let first_enqueue = enqueued.values().min().copied().unwrap_or_else(SystemTime::now);
     let all_received = consumer.wait_for(enqueued.len() as u64, Duration::from_secs(60)).await;
+    let worker_cpu_ms = cpu.ms() - cpu_before;
     shutdown.cancel();
-    running.await.map_err(|e| Error::Failed(format!("worker failed: {e}")))??;
+    tokio::task::spawn_blocking(move || running.join())
+        .await
+        .map_err(|e| Error::Failed(format!("worker failed: {e}")))?
+        .map_err(|_| Error::Failed("the worker's thread panicked".into()))??;
     let _ = sampler.await;
     let _ = collector.await;
     let receipts = consumer.stop().await;
@@ -208,9 +225,48 @@ pub async fn measure(pool: &PgPool, config: &SteadyConfig) -> Result<SteadyRepor
         floor_latency_ms: floor,
         floor_sent_per_s,
         floor_alongside_latency_ms,
+        batched_floor_latency_ms: Dist::of(batched),
+        batched_floor_sent_per_s,
+        worker_cpu_ms_per_1000: worker_cpu_ms / n * 1_000.0,
         backlog_max: backlog_max.load(Ordering::Relaxed) as i64,
         outbox_footprint,
         transfers: enqueued.len(),
+    })
+}
+
+/// Runs the worker as `run` does, on a runtime of its own whose threads
+/// `cpu` counts: two workers (what `run` gets on two cores), its own pool to
+/// `pool`'s database and its own SQS client (a connection's I/O is done by
+/// the runtime that opened it).
+fn spawn_worker(
+    pool: &PgPool,
+    queue_url: &str,
+    fifo: bool,
+    config: WorkerConfig,
+    health: Health,
+    cpu: &ThreadCpu,
+) -> std::thread::JoinHandle<Result<worker::Stopped>> {
+    let options = (*pool.connect_options()).clone();
+    let connections = (config.workers + config.relays + 4) as u32;
+    let queue_url = queue_url.to_owned();
+    let (start, stop, main) = (cpu.clone(), cpu.clone(), cpu.clone());
+    std::thread::spawn(move || {
+        main.join();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("bench-worker")
+            .enable_all()
+            .on_thread_start(move || start.join())
+            .on_thread_stop(move || stop.leave())
+            .build()
+            .map_err(|e| Error::Failed(format!("the worker's runtime: {e}")))?;
+        runtime.block_on(async move {
+            let pool = PgPoolOptions::new().max_connections(connections).connect_with(options).await?;
+            let client = client_from_env(Duration::from_secs(10)).await;
+            let sqs = SqsConfig { queue_url, call_timeout: Duration::from_secs(10), concurrency: DEFAULT_CONCURRENCY };
+            let publisher = Publisher::new(client, &sqs).with_fifo(fifo);
+            worker::run(pool, publisher, config, Arc::new(health)).await
+        })
     })
 }
 
