@@ -177,5 +177,28 @@ fn print_text(r: &BenchReport) {
     if let Some(p) = r.preload_s {
         println!("preload   {} rows in {p:.1} s", r.preload);
     }
+    if let Some(c) = &r.consume {
+        println!(
+            "consume   {} vs SQS alone receiving + deleting {}: {:.2} x (median of {} rounds; {:.0} ms CPU per 1,000 events)",
+            rate(c.consumed_per_s),
+            rate(c.sqs_receive_delete_per_s),
+            c.consume_ratio,
+            c.rounds.len(),
+            c.consumer_cpu_ms_per_1000
+        );
+        for (i, round) in c.rounds.iter().enumerate() {
+            println!(
+                "  round {}: SQS alone {} / {}, consumer {} / {} ({} / {} loops): {:.2} x",
+                i + 1,
+                rate(round.bar_per_s[0]),
+                rate(round.bar_per_s[1]),
+                rate(round.consumed_per_s[0]),
+                rate(round.consumed_per_s[1]),
+                c.loops[0],
+                c.loops[1],
+                round.ratio
+            );
+        }
+    }
     println!("elapsed   {:.0} ms; invariants {}", r.elapsed_ms, if r.invariants_ok { "ok" } else { "VIOLATED" });
 }

@@ -57,7 +57,7 @@ async fn bench_reports_rates_latency_and_invariants_for_each_mode() {
         c["consumed_per_s"].as_f64().unwrap() > 0.0 && c["sqs_receive_delete_per_s"].as_f64().unwrap() > 0.0,
         "{c}"
     );
-    assert!(c["consume_ratio"].as_f64().unwrap() > 0.0 && c["bar_runs_per_s"].as_array().unwrap().len() == 4, "{c}");
+    assert!(c["consume_ratio"].as_f64().unwrap() > 0.0 && c["rounds"].as_array().unwrap().len() == 5, "{c}");
     let bad = db.cli(&["bench", "--mode", "sideways"]).await;
     assert_eq!(bad.code, 2);
     let bad = db.cli(&["bench", "--rate", "0"]).await;
