@@ -10,6 +10,9 @@ use sqlx::{ConnectOptions, Connection, PgPool};
 
 use crate::error::{Error, Result};
 
+mod kept;
+pub use kept::{Kept, KeptConn};
+
 /// The migrations under `migrations/`, embedded in the binary.
 /// How the worker's claiming transactions begin: `BEGIN`, and no explicit
 /// sorts in this transaction, in the same round trip.
@@ -103,14 +106,22 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub async fn connect(database_url: &str, max_connections: u32, limits: SessionLimits) -> Result<PgPool> {
     let options = limits.apply(parse_url(database_url)?.application_name("transfer-worker"));
     check_reachable(&options).await?;
-    Ok(PgPoolOptions::new()
+    Ok(pool_of(options, max_connections))
+}
+
+/// A pool of at most `max_connections` with `options`, connecting lazily:
+/// how every pool of the worker is made.
+pub fn pool_of(options: PgConnectOptions, max_connections: u32) -> PgPool {
+    PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10))
         // No ping before each use: it is a round trip per transaction, and a
         // connection that died is found by the first statement anyway, whose
-        // error every caller already retries as transient.
+        // error every caller already retries as transient. (The check sqlx
+        // makes when a connection comes back is avoided by keeping it: see
+        // `Kept`.)
         .test_before_acquire(false)
-        .connect_lazy_with(options))
+        .connect_lazy_with(options)
 }
 
 /// The relay's pool: to the same database as `pool`, with the same session
@@ -134,11 +145,7 @@ pub fn for_relay(pool: &PgPool, max_connections: u32) -> PgPool {
         ("enable_sort", "off"),
         ("jit", "off"),
     ]);
-    PgPoolOptions::new()
-        .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(10))
-        .test_before_acquire(false)
-        .connect_lazy_with(options)
+    pool_of(options, max_connections)
 }
 
 /// Opens (and closes) one connection, with a clear error if that fails.

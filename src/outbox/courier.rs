@@ -6,8 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sqlx::PgPool;
-
+use crate::db::Kept;
 use crate::error::Result;
 use crate::health::Health;
 use crate::outbox::publisher::{Published, Publisher};
@@ -128,7 +127,8 @@ impl Claim {
 /// What carries a claim to its destination and records the outcome: the
 /// part of a relay its sends in flight share.
 pub(super) struct Courier {
-    pub(super) pool: PgPool,
+    /// The relay's connections, kept between passes (see [`crate::db::Kept`]).
+    pub(super) conns: Kept,
     pub(super) publisher: Publisher,
     pub(super) config: RelayConfig,
     /// Leases claimed and not yet recorded, to give back at shutdown.
@@ -229,7 +229,7 @@ impl Courier {
         // is guarded by the lease on its own, so a crash between two leaves
         // the rest to go out again when the lease expires (as after a crash
         // before any), and no BEGIN and COMMIT round trips are spent.
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.conns.take().await?;
         let mut recorded = 0;
         let mut published_now = Vec::new();
         if !published.is_empty() {
@@ -279,7 +279,7 @@ impl Courier {
             tracing::warn!(events = unavailable_ids.len(), error = %unavailable_errors[0], "SQS unavailable; will retry");
         }
 
-        drop(conn);
+        conn.give_back();
         self.open_leases.lock().expect("lease set").remove(&claim.lease);
         let now =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);

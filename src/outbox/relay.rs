@@ -51,6 +51,7 @@ use sqlx::PgPool;
 use tokio::sync::Notify;
 
 use crate::controls::{Part, Paused};
+use crate::db::Kept;
 use crate::error::{Error, Result};
 use crate::health::Health;
 use crate::outbox::courier::Courier;
@@ -98,7 +99,7 @@ impl Relay {
             in_flight: InFlight::new(config.passes_in_flight),
             courier: Arc::new(Courier {
                 // Its own pool, with the relay's session settings (see `db::for_relay`).
-                pool: crate::db::for_relay(&pool, pool.options().get_max_connections()),
+                conns: Kept::new(crate::db::for_relay(&pool, pool.options().get_max_connections())),
                 publisher,
                 config,
                 open_leases: Mutex::new(HashSet::new()),
@@ -138,7 +139,8 @@ impl Relay {
 
     /// Closes the relay's connections (see [`crate::db::for_relay`]).
     pub async fn close(&self) {
-        self.courier.pool.close().await;
+        self.courier.conns.clear();
+        self.courier.conns.pool().close().await;
     }
 
     /// Claim, send, record (see the module docs), all before returning.
@@ -211,7 +213,13 @@ impl Relay {
             }
             *last = Some(std::time::Instant::now());
         }
-        match store::mark_unrouted(&self.courier.pool, &self.unrouted, 1_000).await {
+        let marked = async {
+            let mut conn = self.courier.conns.take().await?;
+            let n = store::mark_unrouted(&mut conn, &self.unrouted, 1_000).await?;
+            conn.give_back();
+            Ok::<_, sqlx::Error>(n)
+        };
+        match marked.await {
             Ok(0) => {}
             Ok(n) => tracing::info!(events = n, "recorded events no route takes (not delivered anywhere)"),
             Err(e) => tracing::warn!(error = %e, "recording events no route takes failed; will retry"),
@@ -229,9 +237,11 @@ impl Relay {
             copy_types: &self.scope.copy_types,
             copy_destinations: &self.scope.copy_destinations,
         };
-        let rows = store::claim_heads(&courier.pool, courier.config.batch_size, lease_ms, &scope)
+        let mut conn = courier.conns.take().await.map_err(|e| Error::from(e).at("claiming events to publish"))?;
+        let rows = store::claim_heads(&mut conn, courier.config.batch_size, lease_ms, &scope)
             .await
             .map_err(|e| Error::from(e).at("claiming events to publish"))?;
+        conn.give_back();
         if !rows.is_empty() && !self.scope.copy_types.is_empty() {
             if let Some(others) = &self.others {
                 others.notify_one();
@@ -291,7 +301,9 @@ impl Relay {
         if leases.is_empty() {
             return Ok(0);
         }
-        let n = store::release_leases(&self.courier.pool, &leases).await?;
+        let mut conn = self.courier.conns.take().await?;
+        let n = store::release_leases(&mut conn, &leases).await?;
+        conn.give_back();
         Ok(n)
     }
 }

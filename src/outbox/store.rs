@@ -6,7 +6,7 @@
 //! claim set; callers check what it returns. (Pruning deletes published
 //! events: see [`crate::retention`].)
 
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgConnection;
 
 use sqlx::types::Json;
 
@@ -60,7 +60,7 @@ pub(crate) struct ClaimScope<'a> {
 /// made the planner walk the whole backlog once per head: 2.3 s a claim
 /// with 50,000 pending, instead of 4.6 ms.)
 pub(crate) async fn claim_heads(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     limit: i64,
     lease_ms: f64,
     scope: &ClaimScope<'_>,
@@ -123,14 +123,14 @@ pub(crate) async fn claim_heads(
         scope.copy_types,
         scope.copy_destinations
     )
-    .fetch_all(pool)
+    .fetch_all(conn)
     .await?;
     Ok(rows)
 }
 
 /// Records the unrouted events of `types` (those no route takes) as such:
 /// destination '' and published, in batches of `limit`; how many.
-pub(crate) async fn mark_unrouted(pool: &PgPool, types: &[String], limit: i64) -> sqlx::Result<u64> {
+pub(crate) async fn mark_unrouted(conn: &mut PgConnection, types: &[String], limit: i64) -> sqlx::Result<u64> {
     if types.is_empty() {
         return Ok(0);
     }
@@ -143,7 +143,7 @@ pub(crate) async fn mark_unrouted(pool: &PgPool, types: &[String], limit: i64) -
         types,
         limit
     )
-    .execute(pool)
+    .execute(conn)
     .await?
     .rows_affected())
 }
@@ -269,13 +269,13 @@ pub(crate) async fn give_back(
 }
 
 /// Gives back every lease in `leases` (an abandoned pass's).
-pub(crate) async fn release_leases(pool: &PgPool, leases: &[String]) -> sqlx::Result<u64> {
+pub(crate) async fn release_leases(conn: &mut PgConnection, leases: &[String]) -> sqlx::Result<u64> {
     Ok(sqlx::query!(
         "UPDATE outbox SET claimed_until = NULL
           WHERE state = 'pending' AND claimed_until = ANY($1::text[]::timestamptz[])",
         leases
     )
-    .execute(pool)
+    .execute(conn)
     .await?
     .rows_affected())
 }

@@ -18,10 +18,10 @@
 //!    deadlocking (and a deadlock, were one possible, is retried as transient);
 //! 3. **decide** in memory, in id order, which rows succeed and which fail
 //!    (insufficient funds, daily limit), tracking running balances;
-//! 4. **write** set-based: one `UPDATE accounts ... FROM unnest(...)` for all
-//!    balance changes, and one statement that moves the rows out of the
-//!    waiting state (guarded by it) and inserts exactly one outbox event per
-//!    row it actually updated. Both row counts are checked;
+//! 4. **write** set-based, in one statement (one round trip): an `UPDATE
+//!    accounts ... FROM unnest(...)` for all balance changes, the rows moved
+//!    out of the waiting state (guarded by it), and exactly one outbox event
+//!    inserted per row it actually updated. Both counts are checked;
 //! 5. commit. A crash anywhere before this rolls everything back, and the
 //!    rows are claimed again: nothing is applied twice or lost.
 //!
@@ -39,7 +39,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures::future::BoxFuture;
-use sqlx::{PgConnection, PgPool};
+use sqlx::{Connection, PgConnection, PgPool};
 use tokio::sync::Notify;
 
 use crate::account::AccountId;
@@ -123,7 +123,8 @@ impl std::ops::AddAssign for ApplyCounts {
 /// The applier: one pass claims and applies a batch of transfers (and,
 /// paced, of refunds).
 pub struct Applier {
-    pool: PgPool,
+    /// The connection of its passes, kept between them (see [`db::Kept`]).
+    conns: db::Kept,
     config: ApplyConfig,
     /// When to claim what (floors, skips, busy accounts, refund cadence).
     pacing: Pacing,
@@ -169,7 +170,7 @@ impl Applier {
     pub fn new(pool: PgPool, config: ApplyConfig) -> Self {
         let pacing = Pacing::new(config.max_skips);
         Applier {
-            pool,
+            conns: db::Kept::new(pool),
             config,
             pacing,
             timing: Timing::default(),
@@ -243,13 +244,15 @@ impl Applier {
     /// Claims and applies one batch of `step`.
     pub async fn run_step(&self, step: Step) -> Result<ApplyCounts> {
         let started = Instant::now();
-        let mut tx = self.pool.begin_with(db::BEGIN_CLAIM).await?;
+        let mut conn = self.conns.take().await?;
+        let mut tx = Connection::begin_with(&mut *conn, db::BEGIN_CLAIM).await?;
         // SKIP LOCKED: a row another worker holds is simply not ours this time.
         let busy = self.pacing.busy().current();
         let claimed = store::claim(&mut tx, step, self.config.batch_size, self.pacing.floor(step), &busy).await?;
         self.pacing.set_floor(step, &claimed, self.config.batch_size);
         if claimed.is_empty() {
             tx.commit().await?;
+            conn.give_back();
             return Ok(ApplyCounts::default());
         }
         let must_wait = self.pacing.must_wait(step, &claimed);
@@ -259,6 +262,7 @@ impl Applier {
         match apply_claimed(&mut tx, step, &claimed, locking).await {
             Ok(mut applied) => {
                 tx.commit().await?;
+                conn.give_back();
                 traced.close(step, &applied.finished);
                 self.committed(step, &applied.finished, started, &mut applied.counts);
                 self.pacing.note_skips(step, &claimed, &applied.skipped);
@@ -274,6 +278,7 @@ impl Applier {
                 // concerned are held back and the others go through.
                 Fault::Row | Fault::Contention => {
                     tx.rollback().await?;
+                    conn.give_back();
                     let mut counts = ApplyCounts::default();
                     if let Some(db_err) = e.sql().filter(|e| db::fault(e) == Fault::Contention) {
                         counts.report.db_retries.push(db::sqlstate(db_err));
@@ -296,14 +301,18 @@ impl Applier {
     /// never counted: it is not the transfer's fault.
     async fn apply_alone(&self, step: Step, id: TransferId) -> Result<ApplyCounts> {
         let started = Instant::now();
-        let mut tx = self.pool.begin().await?;
+        let mut conn = self.conns.take().await?;
+        let mut tx = Connection::begin(&mut *conn).await?;
         let Some(t) = store::claim_one(&mut tx, step, id).await? else {
+            tx.rollback().await?;
+            conn.give_back();
             return Ok(ApplyCounts::default()); // another worker has it, or it is done
         };
         // An account known to be held elsewhere: no need to wait to know.
         let busy: Vec<AccountId> = t.accounts().into_iter().filter(|a| self.pacing.busy().is_busy(*a)).collect();
         if !busy.is_empty() {
             tx.rollback().await?;
+            conn.give_back();
             return self.put_off_held(step, &t, &busy).await;
         }
         let traced = TracedRows::open(step, std::slice::from_ref(&t));
@@ -312,11 +321,13 @@ impl Applier {
         match apply_claimed(&mut tx, step, std::slice::from_ref(&t), Locking::SkipLocked { must_wait: &turn }).await {
             Ok(applied) if applied.finished.is_empty() => {
                 tx.rollback().await?;
+                conn.give_back();
                 self.pacing.note_locks(&applied.locks);
                 self.put_off_held(step, &t, &applied.locks.held_elsewhere).await
             }
             Ok(mut applied) => {
                 tx.commit().await?;
+                conn.give_back();
                 traced.close(step, &applied.finished);
                 self.committed(step, &applied.finished, started, &mut applied.counts);
                 self.pacing.note_locks(&applied.locks);
@@ -326,10 +337,12 @@ impl Applier {
                 Fault::Unavailable => Err(e),
                 Fault::Contention => {
                     tx.rollback().await?;
+                    conn.give_back();
                     self.put_off(step, &t, &e).await
                 }
                 Fault::Row => {
                     tx.rollback().await?;
+                    conn.give_back();
                     self.record_error(step, &t, &e).await
                 }
             },
@@ -377,17 +390,20 @@ impl Applier {
     async fn put_off_with(&self, step: Step, t: &Claimed, note: &str) -> Result<ApplyCounts> {
         let delay = self.config.retry.delay_for_attempt(CONTENTION_RETRY_ATTEMPT);
         tracing::warn!(transfer_id = t.id.0, ?step, retry_in = ?delay, why = note, "contention; put off, not counted");
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.conns.take().await?;
         store::put_off(&mut conn, step, t.id, delay, note).await?;
+        conn.give_back();
         Ok(ApplyCounts { claimed: 1, put_off: 1, ..Default::default() })
     }
 
     async fn record_error(&self, step: Step, t: &Claimed, err: &Error) -> Result<ApplyCounts> {
-        let mut tx = self.pool.begin().await?;
+        let mut conn = self.conns.take().await?;
+        let mut tx = Connection::begin(&mut *conn).await?;
         // The row lock taken by the UPDATE makes the count exact even if
         // another worker hit the same error at the same time.
         let Some(attempt) = store::record_error(&mut tx, step, t.id, &err.to_string()).await? else {
             tx.commit().await?;
+            conn.give_back();
             return Ok(ApplyCounts::default());
         };
         let mut counts = ApplyCounts { claimed: 1, ..Default::default() };
@@ -395,8 +411,10 @@ impl Applier {
             tracing::error!(transfer_id = t.id.0, ?step, attempt, error = %err, "failed for good after repeated errors");
             let started = Instant::now();
             let outcome = Outcome::Failed(FailureReason::ProcessingError);
-            counts.failed = store::finish(&mut tx, step, &[(t.id, outcome)]).await? as usize;
+            counts.failed =
+                store::finish(&mut tx, step, &[(t.id, outcome)], &store::Money::default()).await?.rows as usize;
             tx.commit().await?;
+            conn.give_back();
             let failed = Finished { id: t.id, outcome, created_epoch: t.created_epoch };
             self.committed(step, &[failed], started, &mut counts);
             return Ok(counts);
@@ -406,6 +424,7 @@ impl Applier {
         store::put_off(&mut tx, step, t.id, delay, &err.to_string()).await?;
         counts.errored = 1;
         tx.commit().await?;
+        conn.give_back();
         Ok(counts)
     }
 }
@@ -455,21 +474,28 @@ async fn apply_claimed(
     // refund moves money back and is neither limited nor counted.
     let plan = decide(&ready, &accounts, step == Step::Transfer)?;
 
-    // Step 4.
-    if !plan.changes.is_empty() {
-        let ids: Vec<AccountId> = plan.changes.iter().map(|c| c.account).collect();
-        let deltas: Vec<i64> = plan.changes.iter().map(|c| c.delta).collect();
-        let spent: Vec<i64> = plan.changes.iter().map(|c| c.spent).collect();
-        let updated = store::move_money(conn, &ids, &deltas, &spent).await?;
-        if updated as usize != ids.len() {
-            return Err(Error::Inconsistent(format!("expected to update {} accounts, updated {updated}", ids.len())));
-        }
+    // Step 4, one statement: the balances, the rows' new state, their events.
+    let money = store::Money {
+        accounts: plan.changes.iter().map(|c| c.account.0).collect(),
+        deltas: plan.changes.iter().map(|c| c.delta).collect(),
+        spent: plan.changes.iter().map(|c| c.spent).collect(),
+    };
+    let written = store::finish(conn, step, &plan.outcomes, &money).await?;
+    if written.accounts as usize != money.accounts.len() {
+        return Err(Error::Inconsistent(format!(
+            "expected to update {} accounts, updated {}",
+            money.accounts.len(),
+            written.accounts
+        )));
     }
-    let applied = store::finish(conn, step, &plan.outcomes).await?;
-    if applied as usize != ready.len() {
+    if written.rows as usize != ready.len() {
         // Cannot happen while we hold the row locks; if it does, roll back
         // rather than move money without its state change.
-        return Err(Error::Inconsistent(format!("guarded update applied {applied} of {} claimed rows", ready.len())));
+        return Err(Error::Inconsistent(format!(
+            "guarded update applied {} of {} claimed rows",
+            written.rows,
+            ready.len()
+        )));
     }
     counts.succeeded = plan.outcomes.iter().filter(|(_, o)| *o == Outcome::Succeeded).count();
     counts.failed = ready.len() - counts.succeeded;

@@ -131,9 +131,30 @@ pub(crate) async fn claim_one(conn: &mut PgConnection, step: Step, id: TransferI
     }
 }
 
-/// Moves rows out of `step`'s waiting state, guarded by it, and inserts one
-/// event per row that changed (its type bound from Rust, its `event_id` a
-/// time-ordered UUIDv7), in one statement; returns how many.
+/// The balance changes of a batch: per account, what its balance moves by
+/// and what it adds to the sender's day's total.
+#[derive(Debug, Default)]
+pub(crate) struct Money {
+    pub accounts: Vec<i64>,
+    pub deltas: Vec<i64>,
+    pub spent: Vec<i64>,
+}
+
+/// What [`finish`] changed: accounts updated, rows moved out of waiting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Finished {
+    pub accounts: i64,
+    pub rows: i64,
+}
+
+/// The write of a batch, in one statement (one round trip): moves `money`
+/// under the row locks the batch holds, moves the rows out of `step`'s
+/// waiting state (guarded by it), and inserts one event per row that changed
+/// (its type bound from Rust, its `event_id` a time-ordered UUIDv7).
+///
+/// The money: `now()` is the transaction's start, the same instant the day's
+/// totals were read at; a total saturates (an unlimited account may send
+/// more than i64::MAX in a day; that is just "over any limit").
 ///
 /// The guard is written `status || '' = ...` so that no partial index on
 /// the waiting state can serve it: the planner sizes those indexes from
@@ -147,64 +168,101 @@ pub(crate) async fn finish(
     conn: &mut PgConnection,
     step: Step,
     outcomes: &[(TransferId, Outcome)],
-) -> sqlx::Result<u64> {
+    money: &Money,
+) -> sqlx::Result<Finished> {
     let ids: Vec<i64> = outcomes.iter().map(|(id, _)| id.0).collect();
     let reasons: Vec<Option<FailureReason>> = outcomes.iter().map(|(_, o)| o.reason()).collect();
     let types: Vec<EventType> = outcomes.iter().map(|(_, o)| step.event_type(*o)).collect();
     // Time-ordered ids (UUIDv7): each new one lands at the right edge of the
     // event_id index instead of on a random page of it.
     let event_ids: Vec<String> = outcomes.iter().map(|_| uuid::Uuid::now_v7().to_string()).collect();
-    let done = match step {
+    let (accounts, rows) = match step {
         Step::Transfer => {
             let states: Vec<TransferStatus> = outcomes.iter().map(|(_, o)| Step::transfer_status(*o)).collect();
-            sqlx::query!(
-                "WITH applied AS (
+            let r = sqlx::query!(
+                r#"WITH moved AS (
+                     UPDATE accounts a
+                        SET balance = a.balance + d.delta,
+                            spent_today = CASE WHEN d.spent = 0 THEN a.spent_today
+                                               WHEN a.spent_day = (now() AT TIME ZONE 'UTC')::date
+                                               THEN LEAST(a.spent_today::numeric + d.spent, 9223372036854775807)::bigint
+                                               ELSE d.spent END,
+                            spent_day = CASE WHEN d.spent = 0 THEN a.spent_day ELSE (now() AT TIME ZONE 'UTC')::date END
+                       FROM unnest($6::bigint[], $7::bigint[], $8::bigint[]) AS d(id, delta, spent)
+                      WHERE a.id = d.id
+                  RETURNING 1
+                 ), applied AS (
                      UPDATE transfers t
                         SET status = o.state, failure_reason = o.reason, applied_at = now()
                        FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[])
                             AS o(id, state, reason, event_id, event_type)
                       WHERE t.id = o.id AND t.status || '' = 'PENDING'
                   RETURNING t AS row, o.event_id, o.event_type
+                 ), written AS (
+                     INSERT INTO outbox (event_id, transfer_id, event_type, data)
+                     SELECT a.event_id::uuid, (a.row).id, a.event_type, transfer_event_data(a.row, a.event_type)
+                       FROM applied a
+                      ORDER BY (a.row).id
+                  RETURNING 1
                  )
-                 INSERT INTO outbox (event_id, transfer_id, event_type, data)
-                 SELECT a.event_id::uuid, (a.row).id, a.event_type, transfer_event_data(a.row, a.event_type)
-                   FROM applied a
-                  ORDER BY (a.row).id",
+                 SELECT (SELECT count(*) FROM moved) AS "accounts!", (SELECT count(*) FROM written) AS "rows!""#,
                 &ids,
                 &states as &[TransferStatus],
                 &reasons as &[Option<FailureReason>],
                 &event_ids,
-                &types as &[EventType]
+                &types as &[EventType],
+                &money.accounts,
+                &money.deltas,
+                &money.spent
             )
-            .execute(conn)
-            .await?
+            .fetch_one(conn)
+            .await?;
+            (r.accounts, r.rows)
         }
         Step::Refund => {
             let states: Vec<RefundStatus> = outcomes.iter().map(|(_, o)| Step::refund_status(*o)).collect();
-            sqlx::query!(
-                "WITH applied AS (
+            let r = sqlx::query!(
+                r#"WITH moved AS (
+                     UPDATE accounts a
+                        SET balance = a.balance + d.delta,
+                            spent_today = CASE WHEN d.spent = 0 THEN a.spent_today
+                                               WHEN a.spent_day = (now() AT TIME ZONE 'UTC')::date
+                                               THEN LEAST(a.spent_today::numeric + d.spent, 9223372036854775807)::bigint
+                                               ELSE d.spent END,
+                            spent_day = CASE WHEN d.spent = 0 THEN a.spent_day ELSE (now() AT TIME ZONE 'UTC')::date END
+                       FROM unnest($6::bigint[], $7::bigint[], $8::bigint[]) AS d(id, delta, spent)
+                      WHERE a.id = d.id
+                  RETURNING 1
+                 ), applied AS (
                      UPDATE transfers t
                         SET refund_status = o.state, refund_failure_reason = o.reason, refund_applied_at = now()
                        FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[])
                             AS o(id, state, reason, event_id, event_type)
                       WHERE t.id = o.id AND t.refund_status || '' = 'REQUESTED'
                   RETURNING t AS row, o.event_id, o.event_type
+                 ), written AS (
+                     INSERT INTO outbox (event_id, transfer_id, event_type, data)
+                     SELECT a.event_id::uuid, (a.row).id, a.event_type, transfer_event_data(a.row, a.event_type)
+                       FROM applied a
+                      ORDER BY (a.row).id
+                  RETURNING 1
                  )
-                 INSERT INTO outbox (event_id, transfer_id, event_type, data)
-                 SELECT a.event_id::uuid, (a.row).id, a.event_type, transfer_event_data(a.row, a.event_type)
-                   FROM applied a
-                  ORDER BY (a.row).id",
+                 SELECT (SELECT count(*) FROM moved) AS "accounts!", (SELECT count(*) FROM written) AS "rows!""#,
                 &ids,
                 &states as &[RefundStatus],
                 &reasons as &[Option<FailureReason>],
                 &event_ids,
-                &types as &[EventType]
+                &types as &[EventType],
+                &money.accounts,
+                &money.deltas,
+                &money.spent
             )
-            .execute(conn)
-            .await?
+            .fetch_one(conn)
+            .await?;
+            (r.accounts, r.rows)
         }
     };
-    Ok(done.rows_affected())
+    Ok(Finished { accounts, rows })
 }
 
 /// Counts an unexpected error against a waiting row (guarded by its state);
@@ -275,37 +333,6 @@ pub(crate) async fn put_off(
         }
     };
     Ok(())
-}
-
-/// The balance changes of a batch, and each sender's day's total, in one
-/// statement under the row locks the batch holds: `now()` is the
-/// transaction's start, the same instant the totals were read at. The total
-/// saturates (an unlimited account may send more than i64::MAX in a day;
-/// that is just "over any limit"). Returns how many accounts it updated.
-pub(crate) async fn move_money(
-    conn: &mut PgConnection,
-    accounts: &[AccountId],
-    deltas: &[i64],
-    spent: &[i64],
-) -> sqlx::Result<u64> {
-    let ids: Vec<i64> = accounts.iter().map(|a| a.0).collect();
-    Ok(sqlx::query!(
-        "UPDATE accounts a
-            SET balance = a.balance + d.delta,
-                spent_today = CASE WHEN d.spent = 0 THEN a.spent_today
-                                   WHEN a.spent_day = (now() AT TIME ZONE 'UTC')::date
-                                   THEN LEAST(a.spent_today::numeric + d.spent, 9223372036854775807)::bigint
-                                   ELSE d.spent END,
-                spent_day = CASE WHEN d.spent = 0 THEN a.spent_day ELSE (now() AT TIME ZONE 'UTC')::date END
-           FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS d(id, delta, spent)
-          WHERE a.id = d.id",
-        &ids,
-        deltas,
-        spent
-    )
-    .execute(conn)
-    .await?
-    .rows_affected())
 }
 
 /// PENDING -> CANCELLED, with its `transfer.cancelled` event inserted by the

@@ -6,6 +6,7 @@ mod apply;
 mod browser;
 mod cli;
 mod concurrency;
+mod connections;
 mod consume;
 mod container;
 mod controls;

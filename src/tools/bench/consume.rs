@@ -136,7 +136,8 @@ impl Finish {
     }
 
     fn rate(&self, started: Instant) -> Result<f64> {
-        let at = self.at.lock().expect("finish time").ok_or_else(|| Error::Failed("bench: a run did not finish".into()))?;
+        let at =
+            self.at.lock().expect("finish time").ok_or_else(|| Error::Failed("bench: a run did not finish".into()))?;
         Ok(self.n as f64 / at.duration_since(started).as_secs_f64())
     }
 }
@@ -227,7 +228,10 @@ async fn consumer_rate(pool: &PgPool, queue: &ScratchQueue, n: usize, loops: usi
     // Done when the last landed event's message is deleted too.
     if tokio::time::timeout(Duration::from_secs(300), all_landed.notified()).await.is_err() {
         finish.stop.cancel();
-        return Err(Error::Failed(format!("bench: the consumer landed {} of {n} events in 300 s", finish.done.load(Ordering::Relaxed))));
+        return Err(Error::Failed(format!(
+            "bench: the consumer landed {} of {n} events in 300 s",
+            finish.done.load(Ordering::Relaxed)
+        )));
     }
     consumer.deletes_done().await;
     finish.finished_now();

@@ -29,7 +29,6 @@ use tokio_util::sync::CancellationToken;
 use crate::tools::bench::cpu::ThreadCpu;
 use crate::tools::bench::sqs::{first_receipt_per_transfer, floor_latency, ms_between, Consumer, ScratchQueue};
 use crate::tools::bench::{unfinished, Dist};
-use sqlx::postgres::PgPoolOptions;
 use transfer_worker::error::{Error, Result};
 use transfer_worker::health::Health;
 use transfer_worker::outbox::publisher::Publisher;
@@ -261,7 +260,8 @@ fn spawn_worker(
             .build()
             .map_err(|e| Error::Failed(format!("the worker's runtime: {e}")))?;
         runtime.block_on(async move {
-            let pool = PgPoolOptions::new().max_connections(connections).connect_with(options).await?;
+            // The pool `run` makes (db::connect), to the bench's database.
+            let pool = transfer_worker::db::pool_of(options, connections);
             let client = client_from_env(Duration::from_secs(10)).await;
             let sqs = SqsConfig { queue_url, call_timeout: Duration::from_secs(10), concurrency: DEFAULT_CONCURRENCY };
             let publisher = Publisher::new(client, &sqs).with_fifo(fifo);
