@@ -11,6 +11,7 @@ use sqlx::{ConnectOptions, Connection, PgPool};
 use crate::error::{Error, Result};
 
 mod kept;
+pub mod literal;
 pub use kept::{Kept, KeptConn};
 
 /// The migrations under `migrations/`, embedded in the binary.

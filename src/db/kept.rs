@@ -16,6 +16,13 @@
 //! back: it goes back to the pool the usual way, checked, and closed if
 //! broken. So a kept connection is always one whose last exchange completed.
 //!
+//! A pass may open a transaction by SQL text (`BEGIN` in one message with
+//! its first statement, see [`super::literal`]), which sqlx does not track:
+//! it says so ([`KeptConn::transaction_opened`]) and, once the transaction
+//! is over, [`KeptConn::transaction_ended`]. A connection dropped in
+//! between (the pass failed or was cut short) is closed, never returned to
+//! the pool, where its next user would find the transaction still open.
+//!
 //! Kept connections count against the pool's size, as they did while their
 //! passes held them; [`Kept::clear`] hands the idle ones back (before the
 //! pool is closed, which waits for every connection).
@@ -52,7 +59,7 @@ impl Kept {
             Some(conn) => conn,
             None => self.pool.acquire().await?,
         };
-        Ok(KeptConn { conn: Some(conn), home: self.idle.clone() })
+        Ok(KeptConn { conn: Some(conn), home: self.idle.clone(), in_own_transaction: false })
     }
 
     /// Hands the idle connections back to the pool.
@@ -72,14 +79,41 @@ impl Kept {
 pub struct KeptConn {
     conn: Option<PoolConnection<Postgres>>,
     home: Idle,
+    /// A transaction opened by SQL text is open on it (see the module docs).
+    in_own_transaction: bool,
 }
 
 impl KeptConn {
     /// Keeps the connection for the next pass: call it only when the last
     /// exchange on it completed (see the module docs).
     pub fn give_back(mut self) {
+        if self.in_own_transaction {
+            return; // closed on drop: see the module docs
+        }
         if let Some(conn) = self.conn.take() {
             self.home.lock().expect("kept connections").push(conn);
+        }
+    }
+
+    /// The pass is about to open a transaction by SQL text: until
+    /// [`KeptConn::transaction_ended`], dropping the connection closes it.
+    pub fn transaction_opened(&mut self) {
+        self.in_own_transaction = true;
+    }
+
+    /// The transaction opened by SQL text is over (its COMMIT or ROLLBACK
+    /// was answered).
+    pub fn transaction_ended(&mut self) {
+        self.in_own_transaction = false;
+    }
+}
+
+impl Drop for KeptConn {
+    fn drop(&mut self) {
+        if let (true, Some(conn)) = (self.in_own_transaction, self.conn.as_mut()) {
+            // The server rolls the transaction back when the connection
+            // closes; the pool opens another in its place.
+            conn.close_on_drop();
         }
     }
 }

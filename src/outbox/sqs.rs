@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use aws_config::retry::RetryConfig;
+use aws_config::stalled_stream_protection::StalledStreamProtectionConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::BehaviorVersion;
 use aws_sdk_sqs::error::ProvideErrorMetadata;
@@ -54,6 +55,10 @@ pub async fn aws_config_from_env(call_timeout: Duration) -> aws_config::SdkConfi
     aws_config::defaults(BehaviorVersion::latest())
         .timeout_config(timeouts)
         .retry_config(RetryConfig::standard().with_max_attempts(1))
+        // The call timeouts above already bound a call that stalls; the
+        // SDK's own watch over each body's throughput would add a timer and
+        // its wake-ups to every call.
+        .stalled_stream_protection(StalledStreamProtectionConfig::disabled())
         .load()
         .await
 }

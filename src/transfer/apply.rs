@@ -53,6 +53,7 @@ use crate::transfer::decide::decide;
 use crate::transfer::locks::{lock_accounts, Locking, Locks};
 use crate::transfer::pacing::Pacing;
 use crate::transfer::step::{Claimed, Outcome};
+use crate::transfer::store::End;
 use crate::transfer::telemetry::{self, ApplyReport, Finished, TracedRows};
 use crate::transfer::{store, FailureReason, TransferId};
 
@@ -241,27 +242,40 @@ impl Applier {
         Ok(counts)
     }
 
-    /// Claims and applies one batch of `step`.
+    /// Claims and applies one batch of `step`: in two round trips
+    /// (`store::begin_and_claim`, then the write and its COMMIT), unless a
+    /// row must wait its turn for its accounts (then the locks are taken
+    /// between them, in order).
     pub async fn run_step(&self, step: Step) -> Result<ApplyCounts> {
         let started = Instant::now();
+        let limit = self.config.batch_size;
         let mut conn = self.conns.take().await?;
-        let mut tx = Connection::begin_with(&mut *conn, db::BEGIN_CLAIM).await?;
         // SKIP LOCKED: a row another worker holds is simply not ours this time.
         let busy = self.pacing.busy().current();
-        let claimed = store::claim(&mut tx, step, self.config.batch_size, self.pacing.floor(step), &busy).await?;
-        self.pacing.set_floor(step, &claimed, self.config.batch_size);
+        let lock_with_claim = self.config.max_skips > 0 && !self.pacing.turns_due(step);
+        // Dropped from here until the transaction ends (an error, a shutdown
+        // deadline), the connection is closed, and the transaction with it.
+        conn.transaction_opened();
+        let claim =
+            store::begin_and_claim(&mut conn, step, limit, self.pacing.floor(step), &busy, lock_with_claim).await?;
+        let claimed = claim.rows;
+        self.pacing.set_floor(step, &claimed, limit);
         if claimed.is_empty() {
-            tx.commit().await?;
+            store::end(&mut conn, End::Commit).await?;
+            conn.transaction_ended();
             conn.give_back();
             return Ok(ApplyCounts::default());
         }
         let must_wait = self.pacing.must_wait(step, &claimed);
-        let locking =
-            if self.config.max_skips == 0 { Locking::Wait } else { Locking::SkipLocked { must_wait: &must_wait } };
+        let locking = match (claim.accounts, self.config.max_skips) {
+            (Some(taken), _) => Locking::Taken(taken),
+            (None, 0) => Locking::Wait,
+            (None, _) => Locking::SkipLocked { must_wait: &must_wait },
+        };
         let traced = TracedRows::open(step, &claimed);
-        match apply_claimed(&mut tx, step, &claimed, locking).await {
+        match apply_claimed(&mut conn, step, &claimed, locking, Then::Commit).await {
             Ok(mut applied) => {
-                tx.commit().await?;
+                conn.transaction_ended();
                 conn.give_back();
                 traced.close(step, &applied.finished);
                 self.committed(step, &applied.finished, started, &mut applied.counts);
@@ -277,7 +291,8 @@ impl Applier {
                 // some of the accounts: one by one, so that only the rows
                 // concerned are held back and the others go through.
                 Fault::Row | Fault::Contention => {
-                    tx.rollback().await?;
+                    store::end(&mut conn, End::Rollback).await?;
+                    conn.transaction_ended();
                     conn.give_back();
                     let mut counts = ApplyCounts::default();
                     if let Some(db_err) = e.sql().filter(|e| db::fault(e) == Fault::Contention) {
@@ -318,7 +333,8 @@ impl Applier {
         let traced = TracedRows::open(step, std::slice::from_ref(&t));
         // Its turn: it waits for its accounts, but at most TURN_WAIT.
         let turn = HashSet::from([t.id]);
-        match apply_claimed(&mut tx, step, std::slice::from_ref(&t), Locking::SkipLocked { must_wait: &turn }).await {
+        let locking = Locking::SkipLocked { must_wait: &turn };
+        match apply_claimed(&mut tx, step, std::slice::from_ref(&t), locking, Then::Stay).await {
             Ok(applied) if applied.finished.is_empty() => {
                 tx.rollback().await?;
                 conn.give_back();
@@ -412,7 +428,7 @@ impl Applier {
             let started = Instant::now();
             let outcome = Outcome::Failed(FailureReason::ProcessingError);
             counts.failed =
-                store::finish(&mut tx, step, &[(t.id, outcome)], &store::Money::default()).await?.rows as usize;
+                store::finish(&mut tx, step, &[(t.id, outcome)], &store::Money::default(), false).await?.rows as usize;
             tx.commit().await?;
             conn.give_back();
             let failed = Finished { id: t.id, outcome, created_epoch: t.created_epoch };
@@ -448,17 +464,33 @@ struct Applied {
     locks: Locks,
 }
 
-/// Steps 2 to 4 for rows claimed (locked) by the caller's transaction.
+/// Whether [`apply_claimed`] ends the transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Then {
+    /// With its write, in the same message (the caller's transaction is
+    /// `store::begin_and_claim`'s).
+    Commit,
+    /// The caller commits (a sqlx transaction).
+    Stay,
+}
+
+/// Steps 2 to 4 for rows claimed (locked) by the caller's transaction; with
+/// [`Then::Commit`], an `Ok` means committed. The write checks its own
+/// counts (see `store::finish`): a mismatch, which cannot happen while the
+/// batch holds its row locks, fails it rather than move money without its
+/// state change.
 async fn apply_claimed(
     conn: &mut PgConnection,
     step: Step,
     claimed: &[Claimed],
     locking: Locking<'_>,
+    then: Then,
 ) -> Result<Applied> {
+    let skip_locked = !matches!(locking, Locking::Wait);
     let mut locks = lock_accounts(conn, claimed, locking).await?;
-    let (ready, skipped): (Vec<Claimed>, Vec<Claimed>) = match locking {
-        Locking::Wait => (claimed.to_vec(), Vec::new()),
-        Locking::SkipLocked { .. } => claimed.iter().cloned().partition(|t| locks.covers(t)),
+    let (ready, skipped): (Vec<Claimed>, Vec<Claimed>) = match skip_locked {
+        false => (claimed.to_vec(), Vec::new()),
+        true => claimed.iter().cloned().partition(|t| locks.covers(t)),
     };
     let skipped: Vec<TransferId> = skipped.into_iter().map(|t| t.id).collect();
     let accounts = std::mem::take(&mut locks.accounts);
@@ -467,6 +499,9 @@ async fn apply_claimed(
         counts.report.db_retries.push(Some(sqlstate));
     }
     if ready.is_empty() {
+        if then == Then::Commit {
+            store::end(conn, End::Commit).await?;
+        }
         return Ok(Applied { counts, skipped, finished: Vec::new(), locks });
     }
 
@@ -480,23 +515,7 @@ async fn apply_claimed(
         deltas: plan.changes.iter().map(|c| c.delta).collect(),
         spent: plan.changes.iter().map(|c| c.spent).collect(),
     };
-    let written = store::finish(conn, step, &plan.outcomes, &money).await?;
-    if written.accounts as usize != money.accounts.len() {
-        return Err(Error::Inconsistent(format!(
-            "expected to update {} accounts, updated {}",
-            money.accounts.len(),
-            written.accounts
-        )));
-    }
-    if written.rows as usize != ready.len() {
-        // Cannot happen while we hold the row locks; if it does, roll back
-        // rather than move money without its state change.
-        return Err(Error::Inconsistent(format!(
-            "guarded update applied {} of {} claimed rows",
-            written.rows,
-            ready.len()
-        )));
-    }
+    store::finish(conn, step, &plan.outcomes, &money, then == Then::Commit).await?;
     counts.succeeded = plan.outcomes.iter().filter(|(_, o)| *o == Outcome::Succeeded).count();
     counts.failed = ready.len() - counts.succeeded;
     let finished = plan

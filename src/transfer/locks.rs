@@ -22,8 +22,11 @@ use crate::transfer::step::{Claimed, LockedAccount};
 use crate::transfer::TransferId;
 
 /// How a batch takes its accounts' row locks.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub enum Locking<'a> {
+    /// Already taken by the claim's own statement, with SKIP LOCKED
+    /// (`store::begin_and_claim`): these are the ones it got.
+    Taken(Vec<LockedAccount>),
     /// Wait for every account, in ascending id order, with the session's
     /// `lock_timeout` (`--max-skips 0`).
     Wait,
@@ -69,6 +72,7 @@ fn accounts_of<'a>(rows: impl Iterator<Item = &'a Claimed>) -> Vec<AccountId> {
 pub async fn lock_accounts(conn: &mut PgConnection, claimed: &[Claimed], locking: Locking<'_>) -> Result<Locks> {
     let mut locks = Locks::default();
     let rest = match locking {
+        Locking::Taken(taken) => return Ok(taken_with_claim(claimed, taken)),
         Locking::Wait => {
             locks.accounts = lock_waiting(conn, &accounts_of(claimed.iter())).await?;
             Vec::new()
@@ -86,12 +90,28 @@ pub async fn lock_accounts(conn: &mut PgConnection, claimed: &[Claimed], locking
     };
     if !rest.is_empty() {
         let taken = lock_skipping(conn, &rest).await?;
-        let got: HashSet<AccountId> = taken.iter().map(|a| a.id).collect();
-        locks.not_taken = rest.into_iter().filter(|a| !got.contains(a)).collect();
-        locks.accounts.extend(taken);
+        locks.skipped_for(rest, taken);
     }
     locks.taken = locks.accounts.iter().map(|a| a.id).collect();
     Ok(locks)
+}
+
+/// The locks of a batch whose claim took its accounts itself, with SKIP
+/// LOCKED (`store::begin_and_claim`): `taken` is what it got.
+fn taken_with_claim(claimed: &[Claimed], taken: Vec<LockedAccount>) -> Locks {
+    let mut locks = Locks::default();
+    locks.skipped_for(accounts_of(claimed.iter()), taken);
+    locks.taken = locks.accounts.iter().map(|a| a.id).collect();
+    locks
+}
+
+impl Locks {
+    /// Notes what asking for `asked` with SKIP LOCKED gave: `got`.
+    fn skipped_for(&mut self, asked: Vec<AccountId>, got: Vec<LockedAccount>) {
+        let ids: HashSet<AccountId> = got.iter().map(|a| a.id).collect();
+        self.not_taken.extend(asked.into_iter().filter(|a| !ids.contains(a)));
+        self.accounts.extend(got);
+    }
 }
 
 fn raw(ids: &[AccountId]) -> Vec<i64> {

@@ -117,6 +117,14 @@ impl Pacing {
         claimed.iter().filter(|t| map.get(&t.id).is_some_and(|n| *n >= self.max_skips)).map(|t| t.id).collect()
     }
 
+    /// Whether some row of `step` has been skipped often enough to wait its
+    /// turn when claimed again: then a batch takes its accounts' locks after
+    /// the claim, in order (see `locks`), not with it.
+    pub fn turns_due(&self, step: Step) -> bool {
+        let skips = self.skips.lock().expect("skips lock");
+        skips.get(&step).is_some_and(|map| map.values().any(|n| *n >= self.max_skips))
+    }
+
     /// After a batch: the rows it left for later count one more skip, the
     /// others are forgotten.
     pub fn note_skips(&self, step: Step, claimed: &[Claimed], skipped: &[TransferId]) {

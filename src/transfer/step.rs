@@ -56,6 +56,14 @@ impl Step {
         }
     }
 
+    /// The state a row leaves this step's waiting state for, as stored.
+    pub fn state_after(self, outcome: Outcome) -> &'static str {
+        match self {
+            Step::Transfer => Step::transfer_status(outcome).as_str(),
+            Step::Refund => Step::refund_status(outcome).as_str(),
+        }
+    }
+
     /// The transfer status a transfer leaves PENDING for.
     pub fn transfer_status(outcome: Outcome) -> TransferStatus {
         match outcome {

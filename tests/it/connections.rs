@@ -59,3 +59,81 @@ async fn a_kept_connection_is_reused_only_after_a_clean_exchange() {
         .await
         .expect("the pool closes once kept connections are handed back");
 }
+
+/// A pass that opens its transaction by SQL text (the apply's batch: `BEGIN`
+/// and its claim in one message) and is cut short before its COMMIT must not
+/// hand the pool a connection still inside that transaction.
+#[tokio::test]
+async fn a_connection_dropped_inside_a_transaction_opened_by_text_is_closed_and_its_writes_rolled_back() {
+    let db = TestDb::new().await;
+    let pool = transfer_worker::db::pool_of((*db.pool.connect_options()).clone(), 2);
+    let kept = Kept::new(pool.clone());
+    sqlx::query("CREATE TABLE scratch (x int)").execute(&db.pool).await.unwrap();
+
+    for give_back in [false, true] {
+        let mut conn = kept.take().await.unwrap();
+        let pid = backend_pid(&mut conn).await;
+        conn.transaction_opened();
+        sqlx::raw_sql("BEGIN; INSERT INTO scratch VALUES (1)").execute(&mut *conn).await.unwrap();
+        // Cut short: dropped, or (a bug) given back, before the COMMIT.
+        if give_back {
+            conn.give_back();
+        } else {
+            drop(conn);
+        }
+        assert_eq!(kept.idle(), 0, "not kept");
+        let mut next = kept.take().await.unwrap();
+        assert_ne!(backend_pid(&mut next).await, pid, "the session inside the transaction is not reused");
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM scratch").fetch_one(&mut *next).await.unwrap();
+        assert_eq!(rows, 0, "the insert was rolled back");
+        next.give_back();
+        // The server ended the session (so its locks are gone, too).
+        let gone = async {
+            loop {
+                let alive: bool = sqlx::query_scalar("SELECT EXISTS (SELECT FROM pg_stat_activity WHERE pid = $1)")
+                    .bind(pid)
+                    .fetch_one(&db.pool)
+                    .await
+                    .unwrap();
+                if !alive {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), gone).await.expect("the session was closed");
+    }
+
+    // Ended cleanly, it is kept like any other.
+    let mut conn = kept.take().await.unwrap();
+    let pid = backend_pid(&mut conn).await;
+    conn.transaction_opened();
+    sqlx::raw_sql("BEGIN; INSERT INTO scratch VALUES (2); COMMIT").execute(&mut *conn).await.unwrap();
+    conn.transaction_ended();
+    conn.give_back();
+    let mut conn = kept.take().await.unwrap();
+    assert_eq!(backend_pid(&mut conn).await, pid);
+    conn.give_back();
+    kept.clear();
+    pool.close().await;
+}
+
+/// The check the apply's write makes on itself before its COMMIT (which
+/// travels in the same message) stops that COMMIT.
+#[tokio::test]
+async fn a_statement_that_fails_its_own_check_stops_the_commit_sent_with_it() {
+    let db = TestDb::new().await;
+    sqlx::query("CREATE TABLE scratch (x int)").execute(&db.pool).await.unwrap();
+    let mut conn = db.pool.acquire().await.unwrap();
+    let err = sqlx::raw_sql(
+        "BEGIN; INSERT INTO scratch VALUES (1);
+         SELECT transfer_worker_expect(1 = 2, 'one row where two were claimed'); COMMIT",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("inconsistent: one row where two were claimed"), "{err}");
+    sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await.unwrap();
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM scratch").fetch_one(&mut *conn).await.unwrap();
+    assert_eq!(rows, 0, "nothing committed");
+}
