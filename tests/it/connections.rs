@@ -119,7 +119,8 @@ async fn a_connection_dropped_inside_a_transaction_opened_by_text_is_closed_and_
 }
 
 /// The check the apply's write makes on itself before its COMMIT (which
-/// travels in the same message) stops that COMMIT.
+/// travels in the same message) stops that COMMIT: here it was to move money
+/// on an account that does not exist.
 #[tokio::test]
 async fn a_statement_that_fails_its_own_check_stops_the_commit_sent_with_it() {
     let db = TestDb::new().await;
@@ -127,12 +128,13 @@ async fn a_statement_that_fails_its_own_check_stops_the_commit_sent_with_it() {
     let mut conn = db.pool.acquire().await.unwrap();
     let err = sqlx::raw_sql(
         "BEGIN; INSERT INTO scratch VALUES (1);
-         SELECT transfer_worker_expect(1 = 2, 'one row where two were claimed'); COMMIT",
+         SELECT * FROM transfer_worker_finish_transfers('{}', '{}', '{}', '{}', '{}', '{42}', '{1}', '{0}');
+         COMMIT",
     )
     .execute(&mut *conn)
     .await
     .unwrap_err();
-    assert!(err.to_string().contains("inconsistent: one row where two were claimed"), "{err}");
+    assert!(err.to_string().contains("inconsistent: updated 0 of 1 accounts"), "{err}");
     sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await.unwrap();
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM scratch").fetch_one(&mut *conn).await.unwrap();
     assert_eq!(rows, 0, "nothing committed");
