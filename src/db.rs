@@ -27,7 +27,7 @@ pub use kept::{Kept, KeptConn};
 /// bench run until autovacuum analyzed the table). Without sorts to choose,
 /// the claim walks the index in order and stops after `n` rows, whatever the
 /// statistics say. Sorts are allowed again right after the claim (by the
-/// claim itself: see `transfer::store::claim`): the account locks that
+/// claim itself: see `transfer::store::begin_and_claim`): the account locks that
 /// follow need one (PostgreSQL 15 cannot return `id = ANY(..)` in index
 /// order).
 ///
