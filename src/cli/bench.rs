@@ -156,6 +156,12 @@ fn print_text(r: &BenchReport) {
     }
     if let Some(c) = r.worker_cpu_ms_per_1000 {
         println!("cpu       {c:.0} ms of the worker's CPU per 1,000 transfers (its own threads)");
+        if let (Some(f), Some(b)) = (r.floor_cpu_ms_per_1000, r.batched_floor_cpu_ms_per_1000) {
+            println!(
+                "          SQS alone at the same rate, its senders' threads: {f:.0} ms per 1,000 single sends, \
+                 {b:.0} in batches of 10"
+            );
+        }
     }
     if let Some(b) = r.backlog_max {
         println!("backlog   at most {b} events waiting");

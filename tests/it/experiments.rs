@@ -162,6 +162,11 @@ async fn bench_reports_each_figure_next_to_its_bar_from_the_same_run() {
     assert!(v["backlog_max"].as_i64().unwrap() >= 0, "{v}");
     // SQS's own latency measured while the pipeline ran: 10/s for 2 s.
     assert!(dist_ok(&v["floor_alongside_latency_ms"]), "{v}");
+    // CPU, the worker's and SQS alone's senders', each counted on its own
+    // threads (a sender that sent anything spent some).
+    assert!(v["worker_cpu_ms_per_1000"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["floor_cpu_ms_per_1000"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["batched_floor_cpu_ms_per_1000"].as_f64().unwrap() > 0.0, "{v}");
     assert_eq!(v["transfers"], 200);
     assert_eq!(v["preload"], 5000);
 

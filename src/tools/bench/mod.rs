@@ -197,6 +197,13 @@ pub struct BenchReport {
     /// counters, apart from the producer's and the consumer's).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub worker_cpu_ms_per_1000: Option<f64>,
+    /// SQS alone, single sends at the same rate: its senders' CPU per
+    /// 1,000 messages (steady mode).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub floor_cpu_ms_per_1000: Option<f64>,
+    /// The same for SQS alone in batches of 10 at the same rate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batched_floor_cpu_ms_per_1000: Option<f64>,
     /// steady: enqueue -> applied (commit), with its max.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub applied_latency_ms: Option<Dist>,
@@ -290,6 +297,8 @@ async fn measure(pool: &PgPool, config: &BenchConfig) -> Result<BenchReport> {
         batched_floor_latency_ms: None,
         batched_floor_sent_per_s: None,
         worker_cpu_ms_per_1000: None,
+        floor_cpu_ms_per_1000: None,
+        batched_floor_cpu_ms_per_1000: None,
         applied_latency_ms: None,
         backlog_max: None,
         enqueue_ms: None,
@@ -335,6 +344,8 @@ async fn measure(pool: &PgPool, config: &BenchConfig) -> Result<BenchReport> {
         report.batched_floor_latency_ms = Some(steady.batched_floor_latency_ms);
         report.batched_floor_sent_per_s = Some(steady.batched_floor_sent_per_s);
         report.worker_cpu_ms_per_1000 = Some(steady.worker_cpu_ms_per_1000);
+        report.floor_cpu_ms_per_1000 = Some(steady.floor_cpu_ms_per_1000);
+        report.batched_floor_cpu_ms_per_1000 = Some(steady.batched_floor_cpu_ms_per_1000);
         report.applied_latency_ms = Some(steady.applied_latency_ms);
         report.backlog_max = Some(steady.backlog_max);
         report.outbox_footprint = Some(steady.outbox_footprint);

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant, SystemTime};
 use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, SendMessageBatchRequestEntry};
 use tokio::task::JoinSet;
 
+use crate::tools::bench::cpu::ThreadCpu;
+
 use transfer_worker::error::{Error, Result};
 use transfer_worker::outbox::publisher::Publisher;
 use transfer_worker::outbox::sqs::{
@@ -161,60 +163,84 @@ pub fn first_receipt_per_transfer(receipts: &[Receipt]) -> HashMap<i64, SystemTi
 /// ms, and the rate SQS took them at (below `rate` when SQS itself cannot
 /// keep up: then the floor is a queue, not a latency). This is the floor no
 /// relay can beat (with batches: the floor of a relay that batches).
-pub async fn floor_latency(fifo: bool, rate: f64, seconds: f64, batch: usize) -> Result<(Vec<f64>, f64)> {
+///
+/// The senders run on a runtime of their own (two threads, as the worker's
+/// in steady mode) with a client of their own made as `run` makes its own,
+/// so that their CPU is counted apart: what the SDK alone costs per message
+/// sent this way (`Floor::sender_cpu_ms_per_1000`).
+pub async fn floor_latency(fifo: bool, rate: f64, seconds: f64, batch: usize) -> Result<Floor> {
     let queue = ScratchQueue::create(fifo, DEFAULT_CONCURRENCY).await?;
     let consumer = Consumer::start(&queue);
+    let cpu = ThreadCpu::default();
+    let (start, stop) = (cpu.clone(), cpu.clone());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("bench-floor")
+        .enable_all()
+        .on_thread_start(move || start.join())
+        .on_thread_stop(move || stop.leave())
+        .build()
+        .map_err(|e| Error::Failed(format!("the floor's runtime: {e}")))?;
+    let client = client_from_env(Duration::from_secs(10)).await;
     let total = (rate * seconds).round() as u64;
     let batch = batch.clamp(1, 10) as u64;
     let sent: Arc<Mutex<HashMap<u64, SystemTime>>> = Arc::new(Mutex::new(HashMap::new()));
     let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
+    let cpu_before = cpu.ms();
     let mut senders = JoinSet::new();
     for _ in 0..16 {
-        let (client, url, sent, next) = (queue.client().clone(), queue.url.clone(), sent.clone(), next.clone());
-        senders.spawn(async move {
-            loop {
-                let first = next.fetch_add(1, Ordering::Relaxed) * batch;
-                if first >= total {
-                    return;
-                }
-                let ids = first..(first + batch).min(total);
-                let last = ids.end - 1;
-                tokio::time::sleep_until((started + Duration::from_secs_f64(last as f64 / rate)).into()).await;
-                let at = SystemTime::now();
-                let ok = if batch == 1 {
-                    let mut req = client
-                        .send_message()
-                        .queue_url(&url)
-                        .message_body(floor_body(first))
-                        .message_attributes(EVENT_TYPE_ATTRIBUTE, event_type_attribute());
-                    if fifo {
-                        req = req.message_group_id(first.to_string()).message_deduplication_id(first.to_string());
+        let (client, url, sent, next) = (client.clone(), queue.url.clone(), sent.clone(), next.clone());
+        senders.spawn_on(
+            async move {
+                loop {
+                    let first = next.fetch_add(1, Ordering::Relaxed) * batch;
+                    if first >= total {
+                        return;
                     }
-                    req.send().await.is_ok()
-                } else {
-                    let entries = ids
-                        .clone()
-                        .map(|i| {
-                            let mut entry = SendMessageBatchRequestEntry::builder()
-                                .id(i.to_string())
-                                .message_body(floor_body(i))
-                                .message_attributes(EVENT_TYPE_ATTRIBUTE, event_type_attribute());
-                            if fifo {
-                                entry = entry.message_group_id(i.to_string()).message_deduplication_id(i.to_string());
-                            }
-                            entry.build().expect("id and body are set")
-                        })
-                        .collect();
-                    client.send_message_batch().queue_url(&url).set_entries(Some(entries)).send().await.is_ok()
-                };
-                if ok {
-                    sent.lock().expect("sent").extend(ids.map(|i| (i, at)));
+                    let ids = first..(first + batch).min(total);
+                    let last = ids.end - 1;
+                    tokio::time::sleep_until((started + Duration::from_secs_f64(last as f64 / rate)).into()).await;
+                    let at = SystemTime::now();
+                    let ok = if batch == 1 {
+                        let mut req = client
+                            .send_message()
+                            .queue_url(&url)
+                            .message_body(floor_body(first))
+                            .message_attributes(EVENT_TYPE_ATTRIBUTE, event_type_attribute());
+                        if fifo {
+                            req = req.message_group_id(first.to_string()).message_deduplication_id(first.to_string());
+                        }
+                        req.send().await.is_ok()
+                    } else {
+                        let entries = ids
+                            .clone()
+                            .map(|i| {
+                                let mut entry = SendMessageBatchRequestEntry::builder()
+                                    .id(i.to_string())
+                                    .message_body(floor_body(i))
+                                    .message_attributes(EVENT_TYPE_ATTRIBUTE, event_type_attribute());
+                                if fifo {
+                                    entry =
+                                        entry.message_group_id(i.to_string()).message_deduplication_id(i.to_string());
+                                }
+                                entry.build().expect("id and body are set")
+                            })
+                            .collect();
+                        client.send_message_batch().queue_url(&url).set_entries(Some(entries)).send().await.is_ok()
+                    };
+                    if ok {
+                        sent.lock().expect("sent").extend(ids.map(|i| (i, at)));
+                    }
                 }
-            }
-        });
+            },
+            runtime.handle(),
+        );
     }
     while senders.join_next().await.is_some() {}
+    let sender_cpu_ms = cpu.ms() - cpu_before;
+    drop(client);
+    runtime.shutdown_background();
     let sent_count = sent.lock().expect("sent").len() as u64;
     let sent_per_s = sent_count as f64 / started.elapsed().as_secs_f64();
     consumer.wait_for(sent_count, Duration::from_secs(30)).await;
@@ -228,7 +254,21 @@ pub async fn floor_latency(fifo: bool, rate: f64, seconds: f64, batch: usize) ->
         };
         first.entry(i).and_modify(|t| *t = (*t).min(r.at)).or_insert(r.at);
     }
-    Ok((first.iter().filter_map(|(i, at)| sent.get(i).map(|s| ms_between(*s, *at))).collect(), sent_per_s))
+    Ok(Floor {
+        latencies: first.iter().filter_map(|(i, at)| sent.get(i).map(|s| ms_between(*s, *at))).collect(),
+        sent_per_s,
+        sender_cpu_ms_per_1000: sender_cpu_ms / (sent_count.max(1) as f64) * 1_000.0,
+    })
+}
+
+/// What [`floor_latency`] measured.
+pub struct Floor {
+    /// Each message's send -> receive latency, ms.
+    pub latencies: Vec<f64>,
+    /// The rate SQS took the sends at.
+    pub sent_per_s: f64,
+    /// The senders' CPU per 1,000 messages sent (their own threads).
+    pub sender_cpu_ms_per_1000: f64,
 }
 
 /// SQS alone: how many messages per second `SendMessageBatch` of 10 takes,

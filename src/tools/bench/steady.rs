@@ -86,6 +86,12 @@ pub struct SteadyReport {
     /// The worker's own CPU time (its runtime's threads) per 1,000 transfers,
     /// from the first enqueue until the last event was received.
     pub worker_cpu_ms_per_1000: f64,
+    /// SQS alone's senders (the single-send floor, before the pipeline
+    /// ran): CPU per 1,000 messages, their own threads. What the SDK costs
+    /// per event sent with one call each, with `run`'s client.
+    pub floor_cpu_ms_per_1000: f64,
+    /// The same for the batched floor (`SendMessageBatch` of 10).
+    pub batched_floor_cpu_ms_per_1000: f64,
     /// The most events waiting in the outbox at any sample (every 100 ms).
     pub backlog_max: i64,
     /// The outbox's size on disk (table and indexes, MiB) and its dead tuples,
@@ -95,9 +101,10 @@ pub struct SteadyReport {
 }
 
 pub async fn measure(pool: &PgPool, config: &SteadyConfig) -> Result<SteadyReport> {
-    let (floor, floor_sent_per_s) = floor_latency(config.fifo, config.rate, config.seconds, 1).await?;
-    let floor = Dist::of(floor);
-    let (batched, batched_floor_sent_per_s) = floor_latency(config.fifo, config.rate, config.seconds, 10).await?;
+    let single = floor_latency(config.fifo, config.rate, config.seconds, 1).await?;
+    let (floor, floor_sent_per_s) = (Dist::of(single.latencies), single.sent_per_s);
+    let batched = floor_latency(config.fifo, config.rate, config.seconds, 10).await?;
+    let batched_floor_sent_per_s = batched.sent_per_s;
 
     let queue = ScratchQueue::create(config.fifo, DEFAULT_CONCURRENCY).await?;
     let consumer = Consumer::start(&queue);
@@ -173,8 +180,8 @@ pub async fn measure(pool: &PgPool, config: &SteadyConfig) -> Result<SteadyRepor
     let (enqueued, produce_s) = produce(pool, config).await?;
     let floor_alongside_latency_ms = match alongside {
         Some(task) => {
-            let (latencies, _) = task.await.map_err(|e| Error::Failed(format!("floor alongside failed: {e}")))??;
-            Some(Dist::of(latencies))
+            let alongside = task.await.map_err(|e| Error::Failed(format!("floor alongside failed: {e}")))??;
+            Some(Dist::of(alongside.latencies))
         }
         None => None,
     };
@@ -224,9 +231,11 @@ pub async fn measure(pool: &PgPool, config: &SteadyConfig) -> Result<SteadyRepor
         floor_latency_ms: floor,
         floor_sent_per_s,
         floor_alongside_latency_ms,
-        batched_floor_latency_ms: Dist::of(batched),
+        batched_floor_latency_ms: Dist::of(batched.latencies),
         batched_floor_sent_per_s,
         worker_cpu_ms_per_1000: worker_cpu_ms / n * 1_000.0,
+        floor_cpu_ms_per_1000: single.sender_cpu_ms_per_1000,
+        batched_floor_cpu_ms_per_1000: batched.sender_cpu_ms_per_1000,
         backlog_max: backlog_max.load(Ordering::Relaxed) as i64,
         outbox_footprint,
         transfers: enqueued.len(),
