@@ -38,6 +38,19 @@ impl ThreadCpu {
         }
     }
 
+    /// A tokio runtime of two threads (what `run` gets on two cores), named
+    /// `name`, whose threads this counts.
+    pub fn runtime(&self, name: &str) -> std::io::Result<tokio::runtime::Runtime> {
+        let (start, stop) = (self.clone(), self.clone());
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name(name)
+            .enable_all()
+            .on_thread_start(move || start.join())
+            .on_thread_stop(move || stop.leave())
+            .build()
+    }
+
     /// CPU time of the group so far, in ms (the scheduler's ns counters).
     pub fn ms(&self) -> f64 {
         let live: u64 = self.live.lock().expect("thread set").iter().map(|t| thread_ns(*t)).sum();

@@ -172,15 +172,7 @@ pub async fn floor_latency(fifo: bool, rate: f64, seconds: f64, batch: usize) ->
     let queue = ScratchQueue::create(fifo, DEFAULT_CONCURRENCY).await?;
     let consumer = Consumer::start(&queue);
     let cpu = ThreadCpu::default();
-    let (start, stop) = (cpu.clone(), cpu.clone());
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("bench-floor")
-        .enable_all()
-        .on_thread_start(move || start.join())
-        .on_thread_stop(move || stop.leave())
-        .build()
-        .map_err(|e| Error::Failed(format!("the floor's runtime: {e}")))?;
+    let runtime = cpu.runtime("bench-floor").map_err(|e| Error::Failed(format!("the floor's runtime: {e}")))?;
     let client = client_from_env(Duration::from_secs(10)).await;
     let total = (rate * seconds).round() as u64;
     let batch = batch.clamp(1, 10) as u64;

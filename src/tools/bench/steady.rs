@@ -257,17 +257,10 @@ fn spawn_worker(
     let options = (*pool.connect_options()).clone();
     let connections = (config.workers + config.relays + 4) as u32;
     let queue_url = queue_url.to_owned();
-    let (start, stop, main) = (cpu.clone(), cpu.clone(), cpu.clone());
+    let cpu = cpu.clone();
     std::thread::spawn(move || {
-        main.join();
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("bench-worker")
-            .enable_all()
-            .on_thread_start(move || start.join())
-            .on_thread_stop(move || stop.leave())
-            .build()
-            .map_err(|e| Error::Failed(format!("the worker's runtime: {e}")))?;
+        cpu.join();
+        let runtime = cpu.runtime("bench-worker").map_err(|e| Error::Failed(format!("the worker's runtime: {e}")))?;
         runtime.block_on(async move {
             // The pool `run` makes (db::connect), to the bench's database.
             let pool = transfer_worker::db::pool_of(options, connections);
