@@ -428,7 +428,7 @@ impl Applier {
             let started = Instant::now();
             let outcome = Outcome::Failed(FailureReason::ProcessingError);
             counts.failed =
-                store::finish(&mut tx, step, &[(t.id, outcome)], &store::Money::default(), false).await?.rows as usize;
+                store::finish(&mut tx, step, &[(t.id, outcome)], &store::Money::default(), false).await? as usize;
             tx.commit().await?;
             conn.give_back();
             let failed = Finished { id: t.id, outcome, created_epoch: t.created_epoch };

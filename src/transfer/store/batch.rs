@@ -122,13 +122,6 @@ pub(crate) struct Money {
     pub spent: Vec<i64>,
 }
 
-/// What [`finish`] changed: accounts updated, rows moved out of waiting.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Finished {
-    pub accounts: i64,
-    pub rows: i64,
-}
-
 /// The write of a batch, in one statement: moves `money` under the row
 /// locks the batch holds, moves the rows out of `step`'s waiting state
 /// (guarded by it), and inserts one event per row that changed (its
@@ -136,15 +129,15 @@ pub(crate) struct Finished {
 /// every account of `money` and every row of `outcomes` was updated, it
 /// fails (`inconsistent: ...`), and nothing of it stays. With `commit`, the
 /// transaction's COMMIT follows in the same message; a failed write skips
-/// it. (The statement, and why its guard is written as it is, are in the
-/// migration.)
+/// it. Returns the rows moved out of waiting. (The statement, and why its
+/// guard is written as it is, are in the migration.)
 pub(crate) async fn finish(
     conn: &mut PgConnection,
     step: Step,
     outcomes: &[(TransferId, Outcome)],
     money: &Money,
     commit: bool,
-) -> sqlx::Result<Finished> {
+) -> sqlx::Result<i64> {
     let (_, finish_fn) = functions(step);
     let ids = bigints(&outcomes.iter().map(|(id, _)| id.0).collect::<Vec<_>>());
     let states = texts(&outcomes.iter().map(|(_, o)| Some(step.state_after(*o))).collect::<Vec<_>>());
@@ -156,10 +149,10 @@ pub(crate) async fn finish(
     let (accounts, deltas, spent) = (bigints(&money.accounts), bigints(&money.deltas), bigints(&money.spent));
     let commit = if commit { "; COMMIT" } else { "" };
     let sql = format!(
-        "SELECT n_accounts, n_rows FROM {finish_fn}({ids}, {states}, {reasons}, {event_ids}, {types}, \
+        "SELECT n_rows FROM {finish_fn}({ids}, {states}, {reasons}, {event_ids}, {types}, \
          {accounts}, {deltas}, {spent}){commit}"
     );
     let rows = sqlx::raw_sql(AssertSqlSafe(sql)).fetch_all(&mut *conn).await?;
     let row = rows.first().ok_or_else(|| sqlx::Error::RowNotFound)?;
-    Ok(Finished { accounts: row.try_get("n_accounts")?, rows: row.try_get("n_rows")? })
+    row.try_get("n_rows")
 }
