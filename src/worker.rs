@@ -137,24 +137,6 @@ pub async fn run(
     background.spawn(wakers.clone().listen(pool.clone(), shutdown.clone()));
     background.spawn(crate::maintenance::run(pool.clone(), config.maintenance, shutdown.clone(), config.db_retry));
 
-    let mut appliers = JoinSet::new();
-    // What one apply task learns about accounts held elsewhere, all know.
-    let busy = Arc::new(BusyAccounts::default());
-    let timing = Timing { poll_interval: config.poll_interval, outage_retry: config.db_retry };
-    for _ in 0..config.workers.max(1) {
-        let applier = Arc::new(
-            Applier::new(pool.clone(), config.apply.clone())
-                .with_timing(timing)
-                .woken_by(wakers.work.clone())
-                .sharing_busy_accounts(busy.clone())
-                .waking_on_events(wakers.outbox.clone())
-                .with_refund_hint(wakers.refunds.clone())
-                .pausable(paused.clone())
-                .observing(config.observer.clone()),
-        );
-        appliers.spawn(service::run(applier, shutdown.clone()));
-    }
-
     // The relay stops only after the apply tasks, so it can drain their last events.
     let relay_stop = CancellationToken::new();
     // The relay's own pool: its writes need not wait for the disk (see
@@ -182,6 +164,28 @@ pub async fn run(
         );
         relays_of.push(relay);
     }
+    // A transfer batch's events go straight to the relay whose destination
+    // alone takes them, if one does (see `outbox::handoff`).
+    let handoff_relay = relays_of.iter().find(|r| r.takes_handoffs()).cloned();
+    let mut appliers = JoinSet::new();
+    // What one apply task learns about accounts held elsewhere, all know.
+    let busy = Arc::new(BusyAccounts::default());
+    let timing = Timing { poll_interval: config.poll_interval, outage_retry: config.db_retry };
+    for _ in 0..config.workers.max(1) {
+        let mut applier = Applier::new(pool.clone(), config.apply.clone())
+            .with_timing(timing)
+            .woken_by(wakers.work.clone())
+            .sharing_busy_accounts(busy.clone())
+            .waking_on_events(wakers.outbox.clone())
+            .with_refund_hint(wakers.refunds.clone())
+            .pausable(paused.clone())
+            .observing(config.observer.clone());
+        if let Some(relay) = &handoff_relay {
+            applier = applier.handing_events_to(relay.clone());
+        }
+        appliers.spawn(service::run(Arc::new(applier), shutdown.clone()));
+    }
+
     if relays_of.len() > 1 {
         let wakes: Vec<_> = relays_of.iter().map(|r| r.wake()).collect();
         background.spawn(fan_out(wakers.outbox.clone(), wakes, shutdown.clone()));

@@ -15,6 +15,8 @@
 //! worker's own vocabulary (state and event names, the UUIDs it generates),
 //! quoted as literals. A value from outside (an idempotency key, a
 //! traceparent, an error message) never does: those statements stay bound.
+//! The one exception, the operator's destination an apply batch hands its
+//! events to, goes in as hex digits only ([`any_text`]).
 
 /// A `bigint[]` literal: `'{1,2,3}'::bigint[]`.
 pub fn bigints(values: &[i64]) -> String {
@@ -63,6 +65,20 @@ pub fn text(value: &str) -> String {
     format!("'{value}'")
 }
 
+/// Any text, as an expression that rebuilds it from its UTF-8 bytes in
+/// hexadecimal: `convert_from(decode('6869', 'hex'), 'UTF8')`. The text
+/// itself never reaches the SQL, only hex digits do, so an operator's value
+/// (a destination's URL, say) goes in safely whatever it holds.
+pub fn any_text(value: &str) -> String {
+    let mut out = String::with_capacity(40 + value.len() * 2);
+    out.push_str("convert_from(decode('");
+    for b in value.bytes() {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out.push_str("', 'hex'), 'UTF8')");
+    out
+}
+
 /// Letters, digits, `_`, `.`, `-` and `:` only (state and event names,
 /// UUIDs): nothing that could end a literal or mean anything else in one,
 /// whatever the server's `standard_conforming_strings`.
@@ -89,5 +105,17 @@ mod tests {
             assert!(!is_plain(bad), "{bad:?}");
             assert!(std::panic::catch_unwind(|| text(bad)).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn any_text_goes_in_as_hex_digits_only() {
+        assert_eq!(any_text("hi"), "convert_from(decode('6869', 'hex'), 'UTF8')");
+        let hostile = "http://q/x'); DROP TABLE outbox; --\\é";
+        let sql = any_text(hostile);
+        let digits = &sql["convert_from(decode('".len()..sql.len() - "', 'hex'), 'UTF8')".len()];
+        assert!(digits.bytes().all(|b| b.is_ascii_hexdigit()), "{sql}");
+        let back: Vec<u8> =
+            (0..digits.len()).step_by(2).map(|i| u8::from_str_radix(&digits[i..i + 2], 16).unwrap()).collect();
+        assert_eq!(String::from_utf8(back).unwrap(), hostile);
     }
 }

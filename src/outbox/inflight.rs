@@ -27,6 +27,11 @@ impl<T: Send + 'static> InFlight<T> {
         self.slots.clone().acquire_owned().await.expect("the slots are never closed")
     }
 
+    /// A free slot, if there is one now.
+    pub fn try_slot(&self) -> Option<OwnedSemaphorePermit> {
+        self.slots.clone().try_acquire_owned().ok()
+    }
+
     /// Runs `work` in the background; its slot is free once it has ended.
     pub fn spawn(&self, slot: OwnedSemaphorePermit, work: impl Future<Output = T> + Send + 'static) {
         self.tasks.lock().expect("in-flight set").spawn(async move {

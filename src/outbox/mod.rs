@@ -19,6 +19,7 @@
 mod courier;
 pub mod delivery;
 pub mod glob;
+pub mod handoff;
 mod inflight;
 pub mod message;
 pub mod publisher;

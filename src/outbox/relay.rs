@@ -48,7 +48,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sqlx::PgPool;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit};
 
 use crate::controls::{Part, Paused};
 use crate::db::Kept;
@@ -56,6 +56,7 @@ use crate::error::{Error, Result};
 use crate::health::Health;
 use crate::outbox::courier::Courier;
 pub use crate::outbox::courier::{Claim, ClaimedEvent, RelayConfig, RelayCounts};
+use crate::outbox::handoff::{Handed, Offer, TRANSFER_BATCH_TYPES};
 use crate::outbox::inflight::InFlight;
 use crate::outbox::publisher::{Published, Publisher};
 use crate::outbox::route::{Route, Routing, Scope};
@@ -81,6 +82,9 @@ pub struct Relay {
     others: Option<Arc<Notify>>,
     /// When the events no route takes were last looked for.
     last_unrouted_sweep: Mutex<Option<std::time::Instant>>,
+    /// Whether its destination alone takes a transfer batch's events, so
+    /// that apply tasks may hand them over (see [`crate::outbox::handoff`]).
+    takes_handoffs: bool,
 }
 
 impl Relay {
@@ -93,8 +97,10 @@ impl Relay {
             );
         }
         let routing = Routing::new(vec![Route::everything_to(publisher.target().clone())]);
+        let scope = routing.scope_of(publisher.destination());
         Relay {
-            scope: routing.scope_of(publisher.destination()),
+            takes_handoffs: Self::scope_takes_transfer_events(&scope),
+            scope,
             unrouted: Vec::new(),
             in_flight: InFlight::new(config.passes_in_flight),
             courier: Arc::new(Courier {
@@ -116,6 +122,7 @@ impl Relay {
     /// wakes `others` when a claim copied events for them.
     pub fn routed(mut self, routing: &Routing, others: Arc<Notify>) -> Self {
         self.scope = routing.scope_of(self.courier.publisher.destination());
+        self.takes_handoffs = Self::scope_takes_transfer_events(&self.scope);
         self.unrouted = routing.unrouted();
         self.others = Some(others);
         self
@@ -131,6 +138,20 @@ impl Relay {
     pub fn with_health(mut self, health: Arc<Health>) -> Self {
         Arc::get_mut(&mut self.courier).expect("set before any pass").health = Some(health);
         self
+    }
+
+    /// Whether apply tasks may hand it a transfer batch's events: its
+    /// destination alone takes them (see [`crate::outbox::handoff`]).
+    pub fn takes_handoffs(&self) -> bool {
+        self.takes_handoffs
+    }
+
+    /// Whether the destination of `scope` alone takes both of a transfer
+    /// batch's event types (no other destination gets copies of them).
+    pub fn scope_takes_transfer_events(scope: &Scope) -> bool {
+        TRANSFER_BATCH_TYPES
+            .iter()
+            .all(|t| scope.types.iter().any(|s| s == t.as_str()) && !scope.copy_types.iter().any(|s| s == t.as_str()))
     }
 
     pub fn publisher(&self) -> &Publisher {
@@ -184,6 +205,12 @@ impl Relay {
             return Ok(done);
         }
         done.claimed = claim.len();
+        self.dispatch(slot, claim);
+        Ok(done)
+    }
+
+    /// Sends and records `claim` in the background, in `slot`.
+    fn dispatch(&self, slot: OwnedSemaphorePermit, claim: Claim) {
         let (courier, wake) = (self.courier.clone(), self.wake.clone());
         self.in_flight.spawn(slot, async move {
             let outcome = courier.deliver(claim).await;
@@ -193,7 +220,32 @@ impl Relay {
             }
             outcome
         });
-        Ok(done)
+    }
+
+    /// A send slot for the events a transfer batch is about to write, if
+    /// this relay takes them now: not paused, a slot free, its destination
+    /// the only one for them (see [`crate::outbox::handoff`]).
+    pub fn offer(&self) -> Option<Offer> {
+        if !self.takes_handoffs || self.paused.as_ref().is_some_and(|p| p.is_paused(Part::Relay)) {
+            return None;
+        }
+        Some(Offer {
+            slot: self.in_flight.try_slot()?,
+            destination: self.courier.publisher.destination().to_owned(),
+            lease_ms: self.courier.config.lease.as_millis() as f64,
+        })
+    }
+
+    /// Sends and records the events a committed batch wrote under `offer`,
+    /// as a claim of its own: in the background, in the offer's slot.
+    pub fn take(&self, offer: Offer, handed: Handed) {
+        let mut claim = handed.into_claim();
+        if claim.is_empty() {
+            return;
+        }
+        self.courier.open_leases.lock().expect("lease set").insert(claim.lease.clone());
+        claim.spans = claim.events.iter_mut().filter_map(publish_span).collect();
+        self.dispatch(offer.slot, claim);
     }
 
     fn record_counts(&self, counts: &RelayCounts) {

@@ -46,6 +46,8 @@ use crate::account::AccountId;
 use crate::controls::{Part, Paused};
 use crate::db::{self, Fault};
 use crate::error::{Error, Result};
+use crate::outbox::handoff::{Handed, Offer};
+use crate::outbox::relay::Relay;
 use crate::retry::RetryPolicy;
 use crate::service::{Progress, Service, Timing};
 use crate::transfer::busy::{BusyAccounts, TURN_WAIT};
@@ -135,6 +137,9 @@ pub struct Applier {
     /// Woken after a batch that wrote events commits: the relay of this
     /// process, which then need not wait for a NOTIFY or its poll.
     events_written: Option<Arc<Notify>>,
+    /// The relay of this process, offered a transfer batch's events before
+    /// its write (see [`crate::outbox::handoff`]).
+    relay: Option<Arc<Relay>>,
     observer: Option<CommitObserver>,
     /// The operator's pause (no new pass while apply is paused).
     paused: Option<Arc<Paused>>,
@@ -177,6 +182,7 @@ impl Applier {
             timing: Timing::default(),
             wake: Arc::new(Notify::new()),
             events_written: None,
+            relay: None,
             observer: None,
             paused: None,
         }
@@ -210,6 +216,13 @@ impl Applier {
     /// Wakes `notify` whenever a batch that wrote events commits.
     pub fn waking_on_events(mut self, notify: Arc<Notify>) -> Self {
         self.events_written = Some(notify);
+        self
+    }
+
+    /// Hands a transfer batch's events to `relay` when it takes them (see
+    /// [`crate::outbox::handoff`]); it is not woken for those.
+    pub fn handing_events_to(mut self, relay: Arc<Relay>) -> Self {
+        self.relay = Some(relay);
         self
     }
 
@@ -273,12 +286,14 @@ impl Applier {
             (None, _) => Locking::SkipLocked { must_wait: &must_wait },
         };
         let traced = TracedRows::open(step, &claimed);
-        match apply_claimed(&mut conn, step, &claimed, locking, Then::Commit).await {
+        let offer = self.relay.as_ref().filter(|_| step == Step::Transfer).and_then(|r| r.offer());
+        match apply_claimed(&mut conn, step, &claimed, locking, Then::Commit(offer.as_ref())).await {
             Ok(mut applied) => {
                 conn.transaction_ended();
                 conn.give_back();
                 traced.close(step, &applied.finished);
-                self.committed(step, &applied.finished, started, &mut applied.counts);
+                let handed = self.hand_over(offer, applied.handed.take(), &claimed);
+                self.committed(step, &applied.finished, started, &mut applied.counts, !handed);
                 self.pacing.note_skips(step, &claimed, &applied.skipped);
                 self.pacing.note_locks(&applied.locks);
                 Ok(applied.counts)
@@ -345,7 +360,7 @@ impl Applier {
                 tx.commit().await?;
                 conn.give_back();
                 traced.close(step, &applied.finished);
-                self.committed(step, &applied.finished, started, &mut applied.counts);
+                self.committed(step, &applied.finished, started, &mut applied.counts, true);
                 self.pacing.note_locks(&applied.locks);
                 Ok(applied.counts)
             }
@@ -365,14 +380,26 @@ impl Applier {
         }
     }
 
+    /// Gives the relay the events a committed batch wrote under its offer;
+    /// whether it did.
+    fn hand_over(&self, offer: Option<Offer>, handed: Option<Handed>, claimed: &[Claimed]) -> bool {
+        let (Some(relay), Some(offer), Some(mut handed)) = (&self.relay, offer, handed) else { return false };
+        for e in &mut handed.events {
+            let row = claimed.binary_search_by_key(&e.transfer_id, |t| t.id).ok();
+            e.traceparent = row.and_then(|i| claimed[i].traceparent.clone());
+        }
+        relay.take(offer, handed);
+        true
+    }
+
     /// After a commit that moved `finished` out of `step`'s waiting state:
-    /// wakes the relay, reports to the observer, and notes it in the pass's
-    /// report.
-    fn committed(&self, step: Step, finished: &[Finished], started: Instant, counts: &mut ApplyCounts) {
+    /// wakes the relay (unless it was handed the events), reports to the
+    /// observer, and notes it in the pass's report.
+    fn committed(&self, step: Step, finished: &[Finished], started: Instant, counts: &mut ApplyCounts, wake: bool) {
         if finished.is_empty() {
             return;
         }
-        if let Some(n) = &self.events_written {
+        if let Some(n) = self.events_written.as_ref().filter(|_| wake) {
             n.notify_one();
         }
         if let Some(o) = &self.observer {
@@ -427,12 +454,12 @@ impl Applier {
             tracing::error!(transfer_id = t.id.0, ?step, attempt, error = %err, "failed for good after repeated errors");
             let started = Instant::now();
             let outcome = Outcome::Failed(FailureReason::ProcessingError);
-            counts.failed =
-                store::finish(&mut tx, step, &[(t.id, outcome)], &store::Money::default(), false).await? as usize;
+            let money = store::Money::default();
+            counts.failed = store::finish(&mut tx, step, &[(t.id, outcome)], &money, false, None).await?.rows as usize;
             tx.commit().await?;
             conn.give_back();
             let failed = Finished { id: t.id, outcome, created_epoch: t.created_epoch };
-            self.committed(step, &[failed], started, &mut counts);
+            self.committed(step, &[failed], started, &mut counts, true);
             return Ok(counts);
         }
         let delay = self.config.retry.delay_for_attempt(attempt as u32);
@@ -462,14 +489,17 @@ struct Applied {
     /// What the batch learnt about its accounts (the locked rows themselves
     /// are not kept).
     locks: Locks,
+    /// The events written leased to the relay offered them.
+    handed: Option<Handed>,
 }
 
 /// Whether [`apply_claimed`] ends the transaction.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Then {
+#[derive(Clone, Copy)]
+enum Then<'a> {
     /// With its write, in the same message (the caller's transaction is
-    /// `store::begin_and_claim`'s).
-    Commit,
+    /// `store::begin_and_claim`'s), the events handed to the relay that
+    /// offered to take them, if one did.
+    Commit(Option<&'a Offer>),
     /// The caller commits (a sqlx transaction).
     Stay,
 }
@@ -484,7 +514,7 @@ async fn apply_claimed(
     step: Step,
     claimed: &[Claimed],
     locking: Locking<'_>,
-    then: Then,
+    then: Then<'_>,
 ) -> Result<Applied> {
     let skip_locked = !matches!(locking, Locking::Wait);
     let mut locks = lock_accounts(conn, claimed, locking).await?;
@@ -499,10 +529,10 @@ async fn apply_claimed(
         counts.report.db_retries.push(Some(sqlstate));
     }
     if ready.is_empty() {
-        if then == Then::Commit {
+        if let Then::Commit(_) = then {
             store::end(conn, End::Commit).await?;
         }
-        return Ok(Applied { counts, skipped, finished: Vec::new(), locks });
+        return Ok(Applied { counts, skipped, finished: Vec::new(), locks, handed: None });
     }
 
     // Step 3. Daily limits bound what leaves an account by transfer; a
@@ -515,7 +545,11 @@ async fn apply_claimed(
         deltas: plan.changes.iter().map(|c| c.delta).collect(),
         spent: plan.changes.iter().map(|c| c.spent).collect(),
     };
-    store::finish(conn, step, &plan.outcomes, &money, then == Then::Commit).await?;
+    let (commit, hand_to) = match then {
+        Then::Commit(offer) => (true, offer),
+        Then::Stay => (false, None),
+    };
+    let handed = store::finish(conn, step, &plan.outcomes, &money, commit, hand_to).await?.handed;
     counts.succeeded = plan.outcomes.iter().filter(|(_, o)| *o == Outcome::Succeeded).count();
     counts.failed = ready.len() - counts.succeeded;
     let finished = plan
@@ -524,5 +558,5 @@ async fn apply_claimed(
         .zip(&ready)
         .map(|((id, outcome), t)| Finished { id: *id, outcome: *outcome, created_epoch: t.created_epoch })
         .collect();
-    Ok(Applied { counts, skipped, finished, locks })
+    Ok(Applied { counts, skipped, finished, locks, handed })
 }

@@ -25,11 +25,13 @@
 //! skips its COMMIT and leaves the transaction aborted: [`end`] it with
 //! [`End::Rollback`].
 
+use sqlx::postgres::PgRow;
 use sqlx::{AssertSqlSafe, PgConnection, Row};
 
 use crate::account::AccountId;
-use crate::db::literal::{bigints, texts};
+use crate::db::literal::{any_text, bigints, texts};
 use crate::db::BEGIN_CLAIM;
+use crate::outbox::handoff::{Handed, HandedEvent, Offer};
 use crate::transfer::step::{Claimed, LockedAccount, Outcome, Step};
 use crate::transfer::TransferId;
 
@@ -129,15 +131,19 @@ pub(crate) struct Money {
 /// every account of `money` and every row of `outcomes` was updated, it
 /// fails (`inconsistent: ...`), and nothing of it stays. With `commit`, the
 /// transaction's COMMIT follows in the same message; a failed write skips
-/// it. Returns the rows moved out of waiting. (The statement, and why its
-/// guard is written as it is, are in the migration.)
+/// it. With `hand_to` (a transfer batch only), the events are written
+/// leased to that relay and come back for it (see
+/// [`crate::outbox::handoff`]). Returns the rows moved out of waiting.
+/// (The statement, and why its guard is written as it is, are in the
+/// migrations.)
 pub(crate) async fn finish(
     conn: &mut PgConnection,
     step: Step,
     outcomes: &[(TransferId, Outcome)],
     money: &Money,
     commit: bool,
-) -> sqlx::Result<i64> {
+    hand_to: Option<&Offer>,
+) -> sqlx::Result<Finish> {
     let (_, finish_fn) = functions(step);
     let ids = bigints(&outcomes.iter().map(|(id, _)| id.0).collect::<Vec<_>>());
     let states = texts(&outcomes.iter().map(|(_, o)| Some(step.state_after(*o))).collect::<Vec<_>>());
@@ -147,12 +153,60 @@ pub(crate) async fn finish(
     // event_id index instead of on a random page of it.
     let event_ids = texts(&outcomes.iter().map(|_| Some(uuid::Uuid::now_v7().to_string())).collect::<Vec<_>>());
     let (accounts, deltas, spent) = (bigints(&money.accounts), bigints(&money.deltas), bigints(&money.spent));
+    // Only the transfer step's write takes the hand-off's two arguments.
+    let hand_to = match (step, hand_to) {
+        (Step::Refund, _) => String::new(),
+        (Step::Transfer, None) => ", NULL, NULL".to_owned(),
+        (Step::Transfer, Some(o)) => format!(", {}, {}", any_text(&o.destination), o.lease_ms),
+    };
     let commit = if commit { "; COMMIT" } else { "" };
     let sql = format!(
-        "SELECT n_rows FROM {finish_fn}({ids}, {states}, {reasons}, {event_ids}, {types}, \
-         {accounts}, {deltas}, {spent}){commit}"
+        "SELECT * FROM {finish_fn}({ids}, {states}, {reasons}, {event_ids}, {types}, \
+         {accounts}, {deltas}, {spent}{hand_to}){commit}"
     );
     let rows = sqlx::raw_sql(AssertSqlSafe(sql)).fetch_all(&mut *conn).await?;
     let row = rows.first().ok_or_else(|| sqlx::Error::RowNotFound)?;
-    row.try_get("n_rows")
+    let handed = match step {
+        Step::Transfer => handed(row)?,
+        Step::Refund => None,
+    };
+    Ok(Finish { rows: row.try_get("n_rows")?, handed })
+}
+
+/// What [`finish`] did.
+#[derive(Debug)]
+pub(crate) struct Finish {
+    /// Rows moved out of waiting.
+    pub rows: i64,
+    /// The events written leased to the relay offered, if one was.
+    pub handed: Option<Handed>,
+}
+
+/// The events a transfer batch's write handed over, if it did.
+fn handed(row: &PgRow) -> sqlx::Result<Option<Handed>> {
+    let Some(lease) = row.try_get::<Option<String>, _>("handed_lease")? else { return Ok(None) };
+    let ids: Vec<i64> = row.try_get("handed_ids")?;
+    let transfer_ids: Vec<i64> = row.try_get("handed_transfer_ids")?;
+    let event_ids: Vec<String> = row.try_get("handed_event_ids")?;
+    let types: Vec<String> = row.try_get("handed_types")?;
+    let data: Vec<String> = row.try_get("handed_data")?;
+    let events = ids
+        .into_iter()
+        .zip(transfer_ids)
+        .zip(event_ids.into_iter().zip(types).zip(data))
+        .map(|((id, transfer_id), ((event_id, event_type), data))| HandedEvent {
+            id,
+            transfer_id: TransferId(transfer_id),
+            event_id,
+            event_type,
+            data,
+            traceparent: None,
+        })
+        .collect();
+    Ok(Some(Handed {
+        lease,
+        occurred_at: row.try_get("handed_occurred_at")?,
+        occurred_epoch: row.try_get("handed_occurred_epoch")?,
+        events,
+    }))
 }
