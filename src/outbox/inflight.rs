@@ -27,8 +27,12 @@ impl<T: Send + 'static> InFlight<T> {
         self.slots.clone().acquire_owned().await.expect("the slots are never closed")
     }
 
-    /// A free slot, if there is one now.
-    pub fn try_slot(&self) -> Option<OwnedSemaphorePermit> {
+    /// A slot, if fewer than `running` tasks are running now.
+    pub fn try_slot_below(&self, running: usize) -> Option<OwnedSemaphorePermit> {
+        let now = (self.limit as usize).saturating_sub(self.slots.available_permits());
+        if now >= running {
+            return None;
+        }
         self.slots.clone().try_acquire_owned().ok()
     }
 

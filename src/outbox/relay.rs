@@ -66,6 +66,10 @@ use crate::outbox::{store, EventBody, EventData, SCHEMA_VERSION};
 use crate::service::{Pass, Progress, Service, Timing};
 use futures::future::BoxFuture;
 
+/// A relay with this many sends in flight is offered no events (see
+/// [`Relay::offer`]).
+const HANDOFF_BELOW: usize = 2;
+
 pub struct Relay {
     /// What a claim's send and record need (shared with the sends in flight).
     courier: Arc<Courier>,
@@ -223,14 +227,16 @@ impl Relay {
     }
 
     /// A send slot for the events a transfer batch is about to write, if
-    /// this relay takes them now: not paused, a slot free, its destination
-    /// the only one for them (see [`crate::outbox::handoff`]).
+    /// this relay takes them now: its destination the only one for them,
+    /// not paused, and at most one send in flight (see
+    /// [`crate::outbox::handoff`]: with more, its next claim gathers the
+    /// events of several batches into fuller calls).
     pub fn offer(&self) -> Option<Offer> {
         if !self.takes_handoffs || self.paused.as_ref().is_some_and(|p| p.is_paused(Part::Relay)) {
             return None;
         }
         Some(Offer {
-            slot: self.in_flight.try_slot()?,
+            slot: self.in_flight.try_slot_below(HANDOFF_BELOW)?,
             destination: self.courier.publisher.destination().to_owned(),
             lease_ms: self.courier.config.lease.as_millis() as f64,
         })

@@ -107,19 +107,21 @@ async fn events_handed_to_a_relay_that_never_sends_them_go_out_once_its_lease_ru
 }
 
 #[tokio::test]
-async fn with_no_send_slot_free_nothing_is_handed_and_the_claim_takes_the_events() {
+async fn a_relay_with_two_sends_in_flight_is_handed_nothing_and_its_claim_gathers_the_events() {
     let db = TestDb::new().await;
     let queue = TestQueue::new(true).await;
     three_transfers(&db).await;
-    let relay = Arc::new(relay(&db, queue.publisher().await, Duration::from_secs(30), 1));
-    let held = relay.offer().expect("a free slot");
-    assert!(relay.offer().is_none(), "its only slot is taken");
+    let relay = Arc::new(relay(&db, queue.publisher().await, Duration::from_secs(30), 4));
+    let first = relay.offer().expect("an idle relay offers a slot");
+    let second = relay.offer().expect("one send in flight: still keeping up");
+    assert!(relay.offer().is_none(), "with two sends in flight, two slots free, it offers none");
     let applier = Applier::new(db.pool.clone(), ApplyConfig::default()).handing_events_to(relay.clone());
     assert_eq!(applier.run_once().await.unwrap().claimed, 3);
     assert_eq!(db.scalar("SELECT count(*) FROM outbox WHERE destination IS NULL AND claimed_until IS NULL").await, 3);
-    drop(held);
-    let published = relay.drain().await.unwrap().published;
-    assert_eq!(published, 3, "claimed and sent as before");
+    let sent = relay.run_once().await.unwrap();
+    assert_eq!((sent.claimed, sent.published), (3, 3), "one claim takes them all, while the other send is in flight");
+    drop((first, second));
+    assert!(relay.offer().is_some(), "idle again");
     assert_eq!(queue.receive(3, Duration::from_secs(2)).await.len(), 3);
 }
 
