@@ -14,6 +14,7 @@ use transfer_worker::service::Service;
 use transfer_worker::transfer::apply::{Applier, ApplyConfig};
 
 use crate::helpers::{sqs_config, wait_for, TestDb, TestQueue};
+use crate::relay::pending;
 
 fn relay(db: &TestDb, publisher: Publisher, lease: Duration, passes_in_flight: usize) -> Relay {
     let config =
@@ -29,10 +30,6 @@ async fn three_transfers(db: &TestDb) {
     for (key, amount) in [("h-1", 30), ("h-2", 500), ("h-3", 20)] {
         db.enqueue_sql(key, 1, 2, amount).await;
     }
-}
-
-async fn pending(db: &TestDb) -> i64 {
-    db.scalar("SELECT count(*) FROM outbox WHERE state <> 'published'").await
 }
 
 #[tokio::test]

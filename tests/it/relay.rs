@@ -85,7 +85,8 @@ async fn unreachable(queue: &TestQueue) -> Publisher {
     Publisher::new(aws_sdk_sqs::Client::from_conf(conf), &sqs_config(&queue.url))
 }
 
-async fn pending(db: &TestDb) -> i64 {
+/// Events not yet published.
+pub(crate) async fn pending(db: &TestDb) -> i64 {
     db.scalar("SELECT count(*) FROM outbox WHERE state <> 'published'").await
 }
 
