@@ -61,7 +61,7 @@ pub struct Offer {
 
 /// The events a batch's write inserted under an [`Offer`], as the write
 /// returned them (in outbox id order).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Handed {
     /// `claimed_until` as PostgreSQL prints it (see [`Claim::lease`]).
     pub lease: String,

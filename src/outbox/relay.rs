@@ -86,9 +86,6 @@ pub struct Relay {
     others: Option<Arc<Notify>>,
     /// When the events no route takes were last looked for.
     last_unrouted_sweep: Mutex<Option<std::time::Instant>>,
-    /// Whether its destination alone takes a transfer batch's events, so
-    /// that apply tasks may hand them over (see [`crate::outbox::handoff`]).
-    takes_handoffs: bool,
 }
 
 impl Relay {
@@ -101,10 +98,8 @@ impl Relay {
             );
         }
         let routing = Routing::new(vec![Route::everything_to(publisher.target().clone())]);
-        let scope = routing.scope_of(publisher.destination());
         Relay {
-            takes_handoffs: Self::scope_takes_transfer_events(&scope),
-            scope,
+            scope: routing.scope_of(publisher.destination()),
             unrouted: Vec::new(),
             in_flight: InFlight::new(config.passes_in_flight),
             courier: Arc::new(Courier {
@@ -126,7 +121,6 @@ impl Relay {
     /// wakes `others` when a claim copied events for them.
     pub fn routed(mut self, routing: &Routing, others: Arc<Notify>) -> Self {
         self.scope = routing.scope_of(self.courier.publisher.destination());
-        self.takes_handoffs = Self::scope_takes_transfer_events(&self.scope);
         self.unrouted = routing.unrouted();
         self.others = Some(others);
         self
@@ -147,7 +141,7 @@ impl Relay {
     /// Whether apply tasks may hand it a transfer batch's events: its
     /// destination alone takes them (see [`crate::outbox::handoff`]).
     pub fn takes_handoffs(&self) -> bool {
-        self.takes_handoffs
+        Self::scope_takes_transfer_events(&self.scope)
     }
 
     /// Whether the destination of `scope` alone takes both of a transfer
@@ -232,7 +226,7 @@ impl Relay {
     /// [`crate::outbox::handoff`]: with more, its next claim gathers the
     /// events of several batches into fuller calls).
     pub fn offer(&self) -> Option<Offer> {
-        if !self.takes_handoffs || self.paused.as_ref().is_some_and(|p| p.is_paused(Part::Relay)) {
+        if !self.takes_handoffs() || self.paused.as_ref().is_some_and(|p| p.is_paused(Part::Relay)) {
             return None;
         }
         Some(Offer {
