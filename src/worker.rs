@@ -171,11 +171,14 @@ pub async fn run(
     // What one apply task learns about accounts held elsewhere, all know.
     let busy = Arc::new(BusyAccounts::default());
     let timing = Timing { poll_interval: config.poll_interval, outage_retry: config.db_retry };
+    // One task at a time waits for more transfers at high rates (see `transfer::gather`).
+    let gather = config.apply.gather();
     for _ in 0..config.workers.max(1) {
         let mut applier = Applier::new(pool.clone(), config.apply.clone())
             .with_timing(timing)
             .woken_by(wakers.work.clone())
             .sharing_busy_accounts(busy.clone())
+            .gathering_with(gather.clone())
             .waking_on_events(wakers.outbox.clone())
             .with_refund_hint(wakers.refunds.clone())
             .pausable(paused.clone())

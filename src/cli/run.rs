@@ -69,6 +69,14 @@ pub struct RunArgs {
     /// order (0: always wait).
     #[arg(long, env = "TRANSFER_WORKER_MAX_SKIPS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=100))]
     pub max_skips: u32,
+    /// Transfers a second above which an apply task woken for new transfers
+    /// waits --gather-ms before it claims, so that one batch (one
+    /// transaction, one SQS call) carries several (0: never wait).
+    #[arg(long, env = "TRANSFER_WORKER_GATHER_ABOVE", default_value_t = 200)]
+    pub gather_above: u32,
+    /// How long that wait is, in ms (at most 1000).
+    #[arg(long, env = "TRANSFER_WORKER_GATHER_MS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=1000))]
+    pub gather_ms: u64,
     /// Relay tasks in this process.
     #[arg(long, env = "TRANSFER_WORKER_RELAYS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub relays: u32,
@@ -162,6 +170,8 @@ impl RunArgs {
                 max_attempts: self.max_attempts as i32,
                 retry,
                 max_skips: self.max_skips,
+                gather_above: self.gather_above,
+                gather_wait: Duration::from_millis(self.gather_ms),
             },
             relay: RelayConfig {
                 batch_size: self.relay_batch_size.into(),

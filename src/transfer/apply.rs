@@ -34,9 +34,9 @@
 //! serialization) count nothing: the pass is simply retried.
 
 use std::collections::HashSet;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use sqlx::{Connection, PgConnection, PgPool};
@@ -49,18 +49,19 @@ use crate::error::{Error, Result};
 use crate::outbox::handoff::{Handed, Offer};
 use crate::outbox::relay::Relay;
 use crate::retry::RetryPolicy;
-use crate::service::{Progress, Service, Timing};
+use crate::service::{Service, Timing};
 use crate::transfer::busy::{BusyAccounts, TURN_WAIT};
 use crate::transfer::decide::decide;
+use crate::transfer::gather::{Gather, Turn};
 use crate::transfer::locks::{lock_accounts, Locking, Locks};
 use crate::transfer::pacing::Pacing;
 use crate::transfer::step::{Claimed, Outcome};
 use crate::transfer::store::End;
-use crate::transfer::telemetry::{self, ApplyReport, Finished, TracedRows};
+use crate::transfer::telemetry::{self, Finished, TracedRows};
 use crate::transfer::{store, FailureReason, TransferId};
 
 pub use crate::transfer::step::Step;
-pub use crate::transfer::telemetry::{CommitObserver, Committed};
+pub use crate::transfer::telemetry::{ApplyCounts, CommitObserver, Committed};
 
 /// Tuning of the transfer applier.
 #[derive(Debug, Clone)]
@@ -75,51 +76,33 @@ pub struct ApplyConfig {
     /// batch holds one of its accounts, before the row waits for them in lock
     /// order (default 3). 0: every batch waits for all its accounts.
     pub max_skips: u32,
+    /// Transfers a second (claimed by the process's apply tasks) above which
+    /// a pass woken for new transfers first waits `gather_wait`, so that
+    /// one batch carries several (default 200; 0: never). See [`gather`].
+    ///
+    /// [`gather`]: crate::transfer::gather
+    pub gather_above: u32,
+    /// How long such a pass waits (default 20 ms).
+    pub gather_wait: Duration,
 }
 
 impl Default for ApplyConfig {
     fn default() -> Self {
-        ApplyConfig { batch_size: 100, max_attempts: 5, retry: RetryPolicy::default(), max_skips: 3 }
+        ApplyConfig {
+            batch_size: 100,
+            max_attempts: 5,
+            retry: RetryPolicy::default(),
+            max_skips: 3,
+            gather_above: 200,
+            gather_wait: Duration::from_millis(20),
+        }
     }
 }
 
-/// What one pass did.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct ApplyCounts {
-    pub claimed: usize,
-    pub succeeded: usize,
-    pub failed: usize,
-    /// Hit an unexpected error; attempt counted, retried later.
-    pub errored: usize,
-    /// Met contention (a lock held elsewhere, a timeout); retried later,
-    /// not counted.
-    pub put_off: usize,
-    /// Left PENDING by this pass because another batch held one of their
-    /// accounts (taken by a later pass; never counted).
-    pub skipped: usize,
-    /// For the metrics (recorded by the service loop).
-    pub report: ApplyReport,
-}
-
-impl Progress for ApplyCounts {
-    fn claimed(&self) -> usize {
-        self.claimed
-    }
-
-    fn contended(&self) -> bool {
-        self.skipped > 0
-    }
-}
-
-impl std::ops::AddAssign for ApplyCounts {
-    fn add_assign(&mut self, o: Self) {
-        self.claimed += o.claimed;
-        self.succeeded += o.succeeded;
-        self.failed += o.failed;
-        self.errored += o.errored;
-        self.put_off += o.put_off;
-        self.skipped += o.skipped;
-        self.report.merge(o.report);
+impl ApplyConfig {
+    /// The gathering state the apply tasks of one process share.
+    pub fn gather(&self) -> Arc<Gather> {
+        Arc::new(Gather::new(self.gather_above, self.gather_wait))
     }
 }
 
@@ -143,6 +126,10 @@ pub struct Applier {
     observer: Option<CommitObserver>,
     /// The operator's pause (no new pass while apply is paused).
     paused: Option<Arc<Paused>>,
+    /// Whether a woken pass waits first, shared by the process's apply tasks.
+    gather: Arc<Gather>,
+    /// Its last pass took a full batch: the next comes at once, not woken.
+    after_full: AtomicBool,
 }
 
 impl Service for Applier {
@@ -177,6 +164,8 @@ impl Applier {
         let pacing = Pacing::new(config.max_skips);
         Applier {
             conns: db::Kept::new(pool),
+            gather: config.gather(),
+            after_full: AtomicBool::new(false),
             config,
             pacing,
             timing: Timing::default(),
@@ -186,6 +175,13 @@ impl Applier {
             observer: None,
             paused: None,
         }
+    }
+
+    /// Shares `gather` (see [`crate::transfer::gather`]) with the process's
+    /// other apply tasks, instead of a state of its own.
+    pub fn gathering_with(mut self, gather: Arc<Gather>) -> Self {
+        self.gather = gather;
+        self
     }
 
     /// Starts no pass while `paused` says apply is paused.
@@ -239,14 +235,21 @@ impl Applier {
     }
 
     /// One pass of each step: a batch of transfers, then, as the pacing
-    /// says, a batch of refunds. An `Err` is a transient database failure;
-    /// what committed before it stays.
+    /// says, a batch of refunds. Unless the last pass took a full batch, it
+    /// may first wait for more transfers, or leave them to the task already
+    /// waiting (see [`crate::transfer::gather`]). An `Err` is a transient
+    /// database failure; what committed before it stays.
     async fn apply_pass(&self) -> Result<ApplyCounts> {
         if self.paused.as_ref().is_some_and(|p| p.is_paused(Part::Apply)) {
             return Ok(ApplyCounts::default());
         }
+        if !self.after_full.load(Ordering::Relaxed) && self.gather.turn().await == Turn::Skip {
+            return Ok(ApplyCounts::default());
+        }
         let mut counts = self.run_step(Step::Transfer).await.map_err(|e| e.at("applying a batch of transfers"))?;
+        self.gather.claimed(counts.claimed);
         let backlog = counts.claimed as i64 >= self.config.batch_size;
+        self.after_full.store(backlog, Ordering::Relaxed);
         if self.pacing.look_for_refunds(backlog) {
             let refunds = self.run_step(Step::Refund).await.map_err(|e| e.at("applying a batch of refunds"))?;
             self.pacing.refunds_found(refunds.claimed);

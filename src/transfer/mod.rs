@@ -17,8 +17,9 @@
 //! [`enqueue`] creates rows; [`apply`] moves PENDING transfers and REQUESTED
 //! refunds on (its rooms: [`step`] the two kinds of work and their rows,
 //! `locks` the account locks, `decide` the pure decision, `pacing` when to
-//! claim what, `telemetry` spans and reports, [`busy`] accounts held
-//! elsewhere, `limits` daily limits); [`cancel`] and [`refund`] take
+//! claim what, [`gather`] how long a woken pass waits at high rates,
+//! `telemetry` spans and reports, [`busy`] accounts held elsewhere, `limits`
+//! daily limits); [`cancel`] and [`refund`] take
 //! requests; [`show`] reads one transfer's story.
 
 pub mod apply;
@@ -26,6 +27,7 @@ pub mod busy;
 pub mod cancel;
 mod decide;
 pub mod enqueue;
+pub mod gather;
 pub(crate) mod limits;
 mod locks;
 mod pacing;

@@ -1,12 +1,14 @@
 //! What the applier tells the outside: the spans of traced rows, the
 //! commits reported to an observer (the benchmark's latency), a debug line
-//! per batch, and a [`ApplyReport`] in every pass's counts, which the
+//! per batch, and what a pass did ([`ApplyCounts`], for the service loop),
+//! with an [`ApplyReport`] in it, which the
 //! service loop records in the metrics ([`record`]): the money path itself
 //! never reaches a process-global registry.
 
 use std::time::{Duration, SystemTime};
 
 use crate::metrics::metrics;
+use crate::service::Progress;
 use crate::transfer::step::{Claimed, Outcome, Step};
 use crate::transfer::{FailureReason, TraceParent, TransferId};
 
@@ -134,5 +136,45 @@ impl TracedRows {
                 }
             }
         }
+    }
+}
+
+/// What one pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ApplyCounts {
+    pub claimed: usize,
+    pub succeeded: usize,
+    pub failed: usize,
+    /// Hit an unexpected error; attempt counted, retried later.
+    pub errored: usize,
+    /// Met contention (a lock held elsewhere, a timeout); retried later,
+    /// not counted.
+    pub put_off: usize,
+    /// Left PENDING by this pass because another batch held one of their
+    /// accounts (taken by a later pass; never counted).
+    pub skipped: usize,
+    /// For the metrics (recorded by the service loop).
+    pub report: ApplyReport,
+}
+
+impl Progress for ApplyCounts {
+    fn claimed(&self) -> usize {
+        self.claimed
+    }
+
+    fn contended(&self) -> bool {
+        self.skipped > 0
+    }
+}
+
+impl std::ops::AddAssign for ApplyCounts {
+    fn add_assign(&mut self, o: Self) {
+        self.claimed += o.claimed;
+        self.succeeded += o.succeeded;
+        self.failed += o.failed;
+        self.errored += o.errored;
+        self.put_off += o.put_off;
+        self.skipped += o.skipped;
+        self.report.merge(o.report);
     }
 }

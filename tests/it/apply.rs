@@ -99,6 +99,7 @@ async fn a_transfer_that_errors_is_retried_with_backoff_then_failed_without_bloc
         max_attempts: 3,
         max_skips: 3,
         retry: RetryPolicy { initial: Duration::from_secs(1), max: Duration::from_secs(1), multiplier: 2.0 },
+        ..ApplyConfig::default()
     };
     let applier = Applier::new(db.pool.clone(), config);
 
@@ -250,7 +251,7 @@ async fn held_account_lock_is_contention_not_the_transfers_fault(limits: Session
     let fast = RetryPolicy { initial: Duration::from_millis(20), max: Duration::from_millis(100), multiplier: 2.0 };
     // max_skips 0: batches wait for held accounts (and time out) rather than
     // leaving their rows for later; skipping has a test of its own.
-    let config = ApplyConfig { batch_size: 10, max_attempts: 2, retry: fast, max_skips: 0 };
+    let config = ApplyConfig { batch_size: 10, max_attempts: 2, retry: fast, max_skips: 0, ..ApplyConfig::default() };
     let applier = Applier::new(worker_pool(&db, limits).await, config);
     let c = applier.run_once().await.unwrap();
     assert_eq!((c.succeeded, c.put_off, c.errored, c.failed), (3, 3, 0, 0), "{c:?}");
@@ -545,7 +546,7 @@ async fn a_batch_takes_the_accounts_it_can_and_a_row_skipped_too_often_waits_its
     let fast = RetryPolicy { initial: Duration::from_millis(10), max: Duration::from_millis(20), multiplier: 2.0 };
     let applier = Applier::new(
         worker_pool(&db, limits).await,
-        ApplyConfig { batch_size: 10, max_attempts: 2, retry: fast, max_skips: 2 },
+        ApplyConfig { batch_size: 10, max_attempts: 2, retry: fast, max_skips: 2, ..ApplyConfig::default() },
     );
     let started = std::time::Instant::now();
     let c = applier.run_once().await.unwrap();

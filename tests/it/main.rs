@@ -14,6 +14,7 @@ mod enqueue;
 mod experiments;
 #[path = "../../src/tools/fixtures.rs"]
 mod fixtures;
+mod gather;
 mod handoff;
 mod helpers;
 mod house;
