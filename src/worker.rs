@@ -171,8 +171,16 @@ pub async fn run(
     // What one apply task learns about accounts held elsewhere, all know.
     let busy = Arc::new(BusyAccounts::default());
     let timing = Timing { poll_interval: config.poll_interval, outage_retry: config.db_retry };
-    // One task at a time waits for more transfers at high rates (see `transfer::gather`).
+    // One task at a time waits for more transfers at high rates (see
+    // `transfer::gather`), and above that rate the process polls instead of
+    // asking producers for a NOTIFY per insert (see `transfer::polling`).
     let gather = config.apply.gather();
+    background.spawn(crate::transfer::polling::run(
+        pool.clone(),
+        gather.clone(),
+        wakers.work.clone(),
+        shutdown.clone(),
+    ));
     for _ in 0..config.workers.max(1) {
         let mut applier = Applier::new(pool.clone(), config.apply.clone())
             .with_timing(timing)

@@ -20,6 +20,10 @@
 //!   before that claim's snapshot, so the claim sees the row.
 //! - **Only after a wake-up.** A pass that follows a full batch (a backlog)
 //!   never waits.
+//! - **Not while polling.** Above the rate, the process stops asking for a
+//!   NOTIFY per insert and wakes a task every `wait` itself (see
+//!   [`crate::transfer::polling`]): that tick is the wait, and its pass
+//!   claims at once.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -38,6 +42,8 @@ pub struct Gather {
     wait: Duration,
     counted: Mutex<Counted>,
     gathering: AtomicBool,
+    /// Whether the process's poller is ticking (see [`Gather::set_polling`]).
+    polling: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -66,7 +72,29 @@ impl Gather {
             wait,
             counted: Mutex::new(Counted { since: Instant::now(), now: 0, before: 0.0 }),
             gathering: AtomicBool::new(false),
+            polling: AtomicBool::new(false),
         }
+    }
+
+    /// Transfers a second from which woken passes wait (0: never).
+    pub fn above(&self) -> u32 {
+        self.above
+    }
+
+    /// How long a woken pass waits; also the poller's tick.
+    pub fn wait(&self) -> Duration {
+        self.wait
+    }
+
+    /// Whether gathering can happen at all.
+    pub fn enabled(&self) -> bool {
+        self.above > 0 && !self.wait.is_zero()
+    }
+
+    /// The poller says whether it wakes a task every [`Gather::wait`]: while
+    /// it does, woken passes claim at once.
+    pub fn set_polling(&self, polling: bool) {
+        self.polling.store(polling, Ordering::Relaxed);
     }
 
     /// Counts `n` transfers claimed by a pass.
@@ -93,7 +121,7 @@ impl Gather {
     /// Before a pass that follows a wake-up: waits, if the rate calls for
     /// it and no other task is already gathering; skips if one is.
     pub async fn turn(&self) -> Turn {
-        if self.above == 0 || self.wait.is_zero() || self.rate() < self.above as f64 {
+        if !self.enabled() || self.polling.load(Ordering::Relaxed) || self.rate() < self.above as f64 {
             return Turn::Claim;
         }
         let Some(gathering) = Gathering::start(&self.gathering) else {
@@ -183,6 +211,19 @@ mod tests {
         assert!(g.rate() >= 200.0);
         tokio::time::advance(2 * WINDOW).await;
         assert_eq!(g.rate(), 0.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn while_polling_a_woken_pass_claims_at_once() {
+        let g = Gather::new(200, Duration::from_millis(10));
+        g.claimed(200);
+        g.set_polling(true);
+        let t = tokio::time::Instant::now();
+        assert_eq!(g.turn().await, Turn::Claim);
+        assert_eq!(t.elapsed(), Duration::ZERO, "the poller's tick was the wait");
+        g.set_polling(false);
+        assert_eq!(g.turn().await, Turn::Claim);
+        assert_eq!(t.elapsed(), Duration::from_millis(10));
     }
 
     #[test]

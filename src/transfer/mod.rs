@@ -31,6 +31,7 @@ pub mod gather;
 pub(crate) mod limits;
 mod locks;
 mod pacing;
+pub mod polling;
 pub mod refund;
 pub mod show;
 pub mod step;

@@ -20,6 +20,7 @@ mod helpers;
 mod house;
 mod operating;
 mod plans;
+mod polling;
 mod processes;
 mod relay;
 mod requests;

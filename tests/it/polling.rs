@@ -1,0 +1,149 @@
+//! Polling (`transfer::polling`): above the gathering rate the worker claims
+//! on a tick of its own and producers' inserts stop sending a NOTIFY (whose
+//! lock serialized their commits); below it, and once a poller's lease has
+//! ended, they notify again. Nothing committed in between is left behind.
+
+use std::time::Duration;
+
+use sqlx::postgres::PgListener;
+
+use crate::helpers::{wait_for, KillOnDrop, TestDb, TestQueue};
+
+/// Notifications on the worker's channel, counted as they come.
+async fn listen(db: &TestDb) -> PgListener {
+    let mut listener = PgListener::connect_with(&db.pool).await.unwrap();
+    listener.listen(transfer_worker::wake::CHANNEL).await.unwrap();
+    listener
+}
+
+/// How many notifications arrive within `within`.
+async fn notifications(listener: &mut PgListener, within: Duration) -> usize {
+    let mut n = 0;
+    let deadline = tokio::time::Instant::now() + within;
+    while let Ok(Ok(_)) = tokio::time::timeout_at(deadline, listener.recv()).await {
+        n += 1;
+    }
+    n
+}
+
+#[tokio::test]
+async fn an_insert_notifies_unless_a_polling_lease_holds() {
+    let db = TestDb::new().await;
+    db.open_account(1, 100).await;
+    db.open_account(2, 100).await;
+    let mut listener = listen(&db).await;
+
+    db.enqueue_sql("no-lease", 1, 2, 1).await;
+    assert_eq!(notifications(&mut listener, Duration::from_millis(500)).await, 1, "no lease: one NOTIFY");
+
+    sqlx::query("INSERT INTO apply_polling (until) VALUES (clock_timestamp() + interval '1 hour')")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    db.enqueue_sql("leased", 1, 2, 1).await;
+    assert_eq!(notifications(&mut listener, Duration::from_millis(500)).await, 0, "a live lease: no NOTIFY");
+
+    // A poller that died: its lease ends, and inserts notify again.
+    sqlx::query("UPDATE apply_polling SET until = clock_timestamp() - interval '1 second'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    db.enqueue_sql("ended", 1, 2, 1).await;
+    assert_eq!(notifications(&mut listener, Duration::from_millis(500)).await, 1, "an ended lease: NOTIFY again");
+}
+
+#[tokio::test]
+async fn above_the_rate_the_worker_polls_producers_stop_notifying_and_below_it_they_notify_again() {
+    let db = TestDb::new().await;
+    for id in 1..=4 {
+        db.open_account(id, 1_000_000).await;
+    }
+    let queue = TestQueue::new(false).await;
+    let _worker = KillOnDrop(db.spawn_worker(&queue.url, &["--gather-above", "50", "--gather-ms", "20"]));
+    let mut listener = listen(&db).await;
+
+    // About 200 single inserts a second for 2 s, then 2 s more, counting the
+    // NOTIFYs of the second part (the worker polls by then).
+    let insert = |i: i64| {
+        let db = &db;
+        async move { db.enqueue_sql(&format!("p-{i}"), 1 + i % 4, 1 + (i + 1) % 4, 1).await }
+    };
+    for i in 0..400 {
+        insert(i).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let lease_ahead = db
+        .scalar(
+            "SELECT COALESCE(extract(epoch FROM max(until) - clock_timestamp()) * 1000, 0)::bigint FROM apply_polling",
+        )
+        .await;
+    assert!(lease_ahead > 0, "polling at about 200 a second, the worker holds a lease ({lease_ahead} ms ahead)");
+    while tokio::time::timeout(Duration::from_millis(1), listener.recv()).await.is_ok() {}
+    let mut notified = 0;
+    for i in 400..800 {
+        insert(i).await;
+        notified += notifications(&mut listener, Duration::from_millis(5)).await;
+    }
+    assert!(notified < 40, "{notified} NOTIFYs for 400 inserts while the worker polls");
+
+    wait_for("every transfer applied and published", Duration::from_secs(30), || async {
+        db.scalar("SELECT count(*) FROM outbox WHERE state = 'published'").await == 800
+    })
+    .await;
+    assert_eq!(db.scalar("SELECT count(*) FROM transfers WHERE status = 'SUCCEEDED'").await, 800);
+    assert_eq!(db.scalar("SELECT count(*) FROM outbox").await, 800, "one event per transfer");
+    assert_eq!(db.total_balance().await, 4_000_000);
+
+    // The rate has fallen: the lease ends (3 s, plus the second before its
+    // last renewal) and a single insert notifies again.
+    wait_for("the lease ended", Duration::from_secs(10), || async {
+        db.scalar("SELECT count(*) FROM apply_polling WHERE until > clock_timestamp()").await == 0
+    })
+    .await;
+    while tokio::time::timeout(Duration::from_millis(1), listener.recv()).await.is_ok() {}
+    insert(800).await;
+    assert_eq!(notifications(&mut listener, Duration::from_millis(500)).await, 1, "a trickle notifies again");
+    wait_for("the trickle applied", Duration::from_secs(10), || async {
+        db.scalar("SELECT count(*) FROM transfers WHERE status = 'SUCCEEDED'").await == 801
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_transaction_that_inserted_under_a_lease_and_committed_after_it_is_still_applied() {
+    let db = TestDb::new().await;
+    db.open_account(1, 100).await;
+    db.open_account(2, 100).await;
+    let queue = TestQueue::new(false).await;
+    let _worker = KillOnDrop(db.spawn_worker(&queue.url, &[]));
+    wait_for("the worker up", Duration::from_secs(10), || async {
+        db.scalar("SELECT count(*) FROM pg_stat_activity WHERE query ILIKE 'LISTEN%' AND datname = current_database()")
+            .await
+            > 0
+    })
+    .await;
+
+    // Another replica's lease, about to end; this worker itself is idle.
+    sqlx::query("INSERT INTO apply_polling (until) VALUES (clock_timestamp() + interval '300 milliseconds')")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let mut producer = db.pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO transfers (idempotency_key, from_account, to_account, amount) VALUES ('held', 1, 2, 7)")
+        .execute(&mut *producer)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    producer.commit().await.unwrap();
+
+    // No NOTIFY came for it: the apply tasks' poll finds it.
+    wait_for("the held transfer applied", Duration::from_secs(10), || async {
+        db.scalar("SELECT count(*) FROM transfers WHERE status = 'SUCCEEDED'").await == 1
+    })
+    .await;
+    wait_for("its event published", Duration::from_secs(10), || async {
+        db.scalar("SELECT count(*) FROM outbox WHERE state = 'published'").await == 1
+    })
+    .await;
+    assert_eq!(db.total_balance().await, 200);
+}
