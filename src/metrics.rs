@@ -53,6 +53,7 @@ pub struct Metrics {
     consumer_messages: Family<Labels, Counter>,
     consumer_lag: Histogram,
     paused: Family<Labels, Gauge>,
+    apply_polling: Gauge,
     deliveries: Family<Labels, Counter>,
     destination_events: Family<Labels, Gauge>,
     /// Running totals for the console's rates.
@@ -92,6 +93,7 @@ impl Metrics {
             consumer_messages: Family::default(),
             consumer_lag: Histogram::new(latency_buckets()),
             paused: Family::default(),
+            apply_polling: Gauge::default(),
             deliveries: Family::default(),
             destination_events: Family::default(),
             applied_total: AtomicU64::new(0),
@@ -209,6 +211,12 @@ impl Metrics {
             m.destination_events.clone(),
         );
         registry.register(
+            "apply_polling",
+            "1 while this process claims new transfers on a tick of its own and producers' inserts skip their NOTIFY \
+             (above --gather-above transfers a second)",
+            m.apply_polling.clone(),
+        );
+        registry.register(
             "paused",
             "1 while an operator has paused this part of the worker (apply, relay) for every replica",
             m.paused.clone(),
@@ -298,6 +306,11 @@ impl Metrics {
     /// Whether a part of the worker is paused (the control watcher's reading).
     pub fn set_paused(&self, part: &str, paused: bool) {
         self.paused.get_or_create(&labels(&[("part", part)])).set(i64::from(paused));
+    }
+
+    /// Whether this process polls for new transfers (see `transfer::polling`).
+    pub fn set_apply_polling(&self, polling: bool) {
+        self.apply_polling.set(i64::from(polling));
     }
 
     /// What a consumer's pass did with the messages it received.

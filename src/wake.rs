@@ -1,7 +1,8 @@
 //! Wake-ups: LISTEN/NOTIFY, with polling as the fallback.
 //!
 //! A statement-level trigger (see the migrations) NOTIFYs `transfer_worker_work`
-//! when transfers are inserted, and `refund`, `cancel` and `outbox requeue`
+//! when transfers are inserted (unless a worker polls for them: see
+//! [`crate::transfer::polling`]), and `refund`, `cancel` and `outbox requeue`
 //! notify explicitly; one listener connection per process turns that into a
 //! [`Notify`] for the apply tasks or the relay. Events the worker itself
 //! writes wake its relay in-process (no NOTIFY: it would take PostgreSQL's

@@ -143,6 +143,9 @@ fn print_text(r: &BenchReport) {
     if let Some(d) = &r.received_latency_ms {
         println!("received  {}  (enqueue -> consumer)", dist(d));
     }
+    if let (Some(a), Some(d)) = (r.accepted_per_s, &r.accepted_latency_ms) {
+        println!("accepted  {}  (enqueue -> SQS's answer, as the relay recorded it: {} by SQS)", dist(d), rate(a));
+    }
     if let Some(d) = &r.floor_latency_ms {
         let took = r.floor_sent_per_s.map(|t| format!(", SQS took {}", rate(t))).unwrap_or_default();
         println!("floor     {}  (SQS alone: send -> consumer{took})", dist(d));

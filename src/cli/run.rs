@@ -71,10 +71,12 @@ pub struct RunArgs {
     pub max_skips: u32,
     /// Transfers a second above which an apply task woken for new transfers
     /// waits --gather-ms before it claims, so that one batch (one
-    /// transaction, one SQS call) carries several (0: never wait).
+    /// transaction, one SQS call) carries several, and the worker polls
+    /// every --gather-ms instead of asking producers for a NOTIFY per insert
+    /// (0: neither).
     #[arg(long, env = "TRANSFER_WORKER_GATHER_ABOVE", default_value_t = 200)]
     pub gather_above: u32,
-    /// How long that wait is, in ms (at most 1000).
+    /// How long that wait is, and the polling tick, in ms (at most 1000).
     #[arg(long, env = "TRANSFER_WORKER_GATHER_MS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=1000))]
     pub gather_ms: u64,
     /// Relay tasks in this process.

@@ -78,11 +78,14 @@ pub struct ApplyConfig {
     pub max_skips: u32,
     /// Transfers a second (claimed by the process's apply tasks) above which
     /// a pass woken for new transfers first waits `gather_wait`, so that
-    /// one batch carries several (default 200; 0: never). See [`gather`].
+    /// one batch carries several (default 200; 0: never). Above it, `run`
+    /// also polls instead of asking for a NOTIFY per insert. See [`gather`]
+    /// and [`polling`].
     ///
     /// [`gather`]: crate::transfer::gather
+    /// [`polling`]: crate::transfer::polling
     pub gather_above: u32,
-    /// How long such a pass waits (default 20 ms).
+    /// How long such a pass waits, and the poller's tick (default 20 ms).
     pub gather_wait: Duration,
 }
 

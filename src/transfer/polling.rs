@@ -51,6 +51,7 @@ pub async fn run(pool: PgPool, gather: Arc<Gather>, wake: Arc<Notify>, shutdown:
         return;
     }
     let mut poller = Poller::new(gather.above() as f64, Instant::now());
+    let mut was_polling = false;
     loop {
         let plan = poller.plan(gather.rate(), Instant::now());
         if plan.renew {
@@ -67,7 +68,12 @@ pub async fn run(pool: PgPool, gather: Arc<Gather>, wake: Arc<Notify>, shutdown:
                 }
             }
         }
-        gather.set_polling(plan.polling);
+        if plan.polling != was_polling {
+            was_polling = plan.polling;
+            gather.set_polling(plan.polling);
+            crate::metrics::metrics().set_apply_polling(plan.polling);
+            tracing::info!(polling = plan.polling, rate = gather.rate().round(), "polling for new transfers");
+        }
         let pause = if plan.polling {
             wake.notify_one();
             gather.wait()
@@ -80,6 +86,7 @@ pub async fn run(pool: PgPool, gather: Arc<Gather>, wake: Arc<Notify>, shutdown:
         }
     }
     gather.set_polling(false);
+    crate::metrics::metrics().set_apply_polling(false);
 }
 
 /// Sets the lease [`LEASE`] ahead (never shortening another worker's);

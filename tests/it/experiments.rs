@@ -154,6 +154,9 @@ async fn bench_reports_each_figure_next_to_its_bar_from_the_same_run() {
     assert_eq!(v["invariants_ok"], true, "{v}");
     assert!(v["offered_per_s"].as_f64().unwrap() > 50.0, "{v}");
     assert!(dist_ok(&v["received_latency_ms"]) && dist_ok(&v["floor_latency_ms"]), "{v}");
+    // SQS's answers as the relay recorded them, every transfer's, after its enqueue.
+    assert!(dist_ok(&v["accepted_latency_ms"]) && v["accepted_latency_ms"]["p50"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["accepted_per_s"].as_f64().unwrap() > 50.0, "{v}");
     // The rate SQS took the floor's messages at: never above the offered rate
     // (senders wait for each message's due time), so a figure below it means
     // SQS alone could not keep up.

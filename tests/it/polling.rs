@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use sqlx::postgres::PgListener;
 
+use crate::admin::{free_port, http};
 use crate::helpers::{wait_for, KillOnDrop, TestDb, TestQueue};
 
 /// Notifications on the worker's channel, counted as they come.
@@ -59,7 +60,16 @@ async fn above_the_rate_the_worker_polls_producers_stop_notifying_and_below_it_t
         db.open_account(id, 1_000_000).await;
     }
     let queue = TestQueue::new(false).await;
-    let _worker = KillOnDrop(db.spawn_worker(&queue.url, &["--gather-above", "50", "--gather-ms", "20"]));
+    let addr = format!("127.0.0.1:{}", free_port());
+    let _worker =
+        KillOnDrop(db.spawn_worker(&queue.url, &["--gather-above", "50", "--gather-ms", "20", "--admin-addr", &addr]));
+    wait_for("the admin server", Duration::from_secs(20), || async { http(&addr, "GET", "/readyz").await.is_some() })
+        .await;
+    let polling = || async {
+        let (_, metrics) = http(&addr, "GET", "/metrics").await.unwrap();
+        metrics.lines().any(|l| l == "transfer_worker_apply_polling 1")
+    };
+    assert!(!polling().await, "idle: no polling");
     let mut listener = listen(&db).await;
 
     // About 200 single inserts a second for 2 s, then 2 s more, counting the
@@ -78,6 +88,7 @@ async fn above_the_rate_the_worker_polls_producers_stop_notifying_and_below_it_t
         )
         .await;
     assert!(lease_ahead > 0, "polling at about 200 a second, the worker holds a lease ({lease_ahead} ms ahead)");
+    assert!(polling().await, "/metrics says it polls");
     while tokio::time::timeout(Duration::from_millis(1), listener.recv()).await.is_ok() {}
     let mut notified = 0;
     for i in 400..800 {
@@ -103,6 +114,7 @@ async fn above_the_rate_the_worker_polls_producers_stop_notifying_and_below_it_t
     while tokio::time::timeout(Duration::from_millis(1), listener.recv()).await.is_ok() {}
     insert(800).await;
     assert_eq!(notifications(&mut listener, Duration::from_millis(500)).await, 1, "a trickle notifies again");
+    wait_for("/metrics says it stopped polling", Duration::from_secs(5), || async { !polling().await }).await;
     wait_for("the trickle applied", Duration::from_secs(10), || async {
         db.scalar("SELECT count(*) FROM transfers WHERE status = 'SUCCEEDED'").await == 801
     })

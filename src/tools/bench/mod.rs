@@ -176,6 +176,13 @@ pub struct BenchReport {
     /// steady: enqueue -> received by the consumer.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub received_latency_ms: Option<Dist>,
+    /// steady: the rate SQS accepted the events at (the relay's record of
+    /// each answer), to compare with the floors' send rates; and enqueue ->
+    /// accepted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accepted_per_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accepted_latency_ms: Option<Dist>,
     /// steady: SQS's own send -> receive, same consumer, same rate.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub floor_latency_ms: Option<Dist>,
@@ -291,6 +298,8 @@ async fn measure(pool: &PgPool, config: &BenchConfig) -> Result<BenchReport> {
         delivered_per_s: None,
         offered_per_s: None,
         received_latency_ms: None,
+        accepted_per_s: None,
+        accepted_latency_ms: None,
         floor_latency_ms: None,
         floor_sent_per_s: None,
         floor_alongside_latency_ms: None,
@@ -338,6 +347,8 @@ async fn measure(pool: &PgPool, config: &BenchConfig) -> Result<BenchReport> {
         report.latency_ms = steady.applied_latency_ms.latency();
         report.offered_per_s = Some(steady.offered_per_s);
         report.received_latency_ms = Some(steady.received_latency_ms);
+        report.accepted_per_s = Some(steady.accepted_per_s);
+        report.accepted_latency_ms = Some(steady.accepted_latency_ms);
         report.floor_latency_ms = Some(steady.floor_latency_ms);
         report.floor_sent_per_s = Some(steady.floor_sent_per_s);
         report.floor_alongside_latency_ms = steady.floor_alongside_latency_ms;

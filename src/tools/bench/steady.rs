@@ -72,7 +72,12 @@ pub struct SteadyReport {
     pub offered_per_s: f64,
     pub applied_per_s: f64,
     pub published_per_s: f64,
+    /// The rate SQS accepted the events at, by the relay's own record
+    /// (`first_published_at`): the send side, as the floors' "SQS took".
+    pub accepted_per_s: f64,
     pub applied_latency_ms: Dist,
+    /// Enqueue -> accepted by SQS (the relay's record of its answer).
+    pub accepted_latency_ms: Dist,
     pub received_latency_ms: Dist,
     pub floor_latency_ms: Dist,
     /// The rate SQS took the floor's messages at (below `offered_per_s`: SQS
@@ -206,10 +211,15 @@ pub async fn measure(pool: &PgPool, config: &SteadyConfig) -> Result<SteadyRepor
     }
 
     let received = first_receipt_per_transfer(&receipts);
+    let accepted = first_acceptance_per_transfer(pool).await?;
     let applied_at = applied_at.lock().expect("applied");
     let mut applied_ms = Vec::with_capacity(enqueued.len());
     let mut received_ms = Vec::with_capacity(enqueued.len());
+    let mut accepted_ms = Vec::with_capacity(enqueued.len());
     for (id, at) in &enqueued {
+        if let Some(sent) = accepted.get(id) {
+            accepted_ms.push(ms_between(*at, *sent));
+        }
         if let Some(done) = applied_at.get(id) {
             applied_ms.push(ms_between(*at, *done));
         }
@@ -226,6 +236,8 @@ pub async fn measure(pool: &PgPool, config: &SteadyConfig) -> Result<SteadyRepor
         offered_per_s: n / produce_s,
         applied_per_s: n / span(applied_at.values().max()),
         published_per_s: n / span(received.values().max()),
+        accepted_per_s: n / span(accepted.values().max()),
+        accepted_latency_ms: Dist::of(accepted_ms),
         applied_latency_ms: Dist::of(applied_ms),
         received_latency_ms: Dist::of(received_ms),
         floor_latency_ms: floor,
@@ -240,6 +252,18 @@ pub async fn measure(pool: &PgPool, config: &SteadyConfig) -> Result<SteadyRepor
         outbox_footprint,
         transfers: enqueued.len(),
     })
+}
+
+/// When SQS accepted each transfer's first event, as the relay recorded it
+/// (`first_published_at`, set when SQS's answer is recorded: never before).
+async fn first_acceptance_per_transfer(pool: &PgPool) -> Result<HashMap<i64, SystemTime>> {
+    let rows: Vec<(i64, f64)> = sqlx::query_as(
+        "SELECT transfer_id, extract(epoch FROM min(first_published_at))::float8
+           FROM outbox WHERE first_published_at IS NOT NULL GROUP BY transfer_id",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|(id, epoch)| (id, SystemTime::UNIX_EPOCH + Duration::from_secs_f64(epoch))).collect())
 }
 
 /// Runs the worker as `run` does, on a runtime of its own whose threads
