@@ -20,6 +20,10 @@ CREATE UNLOGGED TABLE apply_polling (
     only_row BOOLEAN PRIMARY KEY DEFAULT true CHECK (only_row),
     until    TIMESTAMPTZ NOT NULL
 );
+-- The trigger reads it as the producer's role: a producer granted only what
+-- it needed before this migration must not start failing its inserts. It
+-- holds one timestamp.
+GRANT SELECT ON apply_polling TO PUBLIC;
 
 -- clock_timestamp(), not now(): a producer's transaction may have started long
 -- before its INSERT.

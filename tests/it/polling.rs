@@ -159,3 +159,34 @@ async fn a_transaction_that_inserted_under_a_lease_and_committed_after_it_is_sti
     .await;
     assert_eq!(db.total_balance().await, 200);
 }
+
+#[tokio::test]
+async fn a_producer_role_with_only_the_grants_it_needed_before_still_inserts() {
+    let db = TestDb::new().await;
+    db.open_account(1, 100).await;
+    db.open_account(2, 100).await;
+    let role = format!("producer_{}", db.scalar("SELECT (random() * 1e9)::int8").await);
+    for sql in [
+        format!("CREATE ROLE {role}"),
+        format!("GRANT INSERT ON transfers TO {role}"),
+        format!("GRANT INSERT ON state_count_deltas TO {role}"),
+        format!("GRANT SELECT ON retired_keys TO {role}"),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&db.pool).await.unwrap();
+    }
+    let mut listener = listen(&db).await;
+    let mut conn = db.pool.acquire().await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("SET ROLE {role}"))).execute(&mut *conn).await.unwrap();
+    let inserted = sqlx::query(
+        "INSERT INTO transfers (idempotency_key, from_account, to_account, amount) VALUES ('least', 1, 2, 5)",
+    )
+    .execute(&mut *conn)
+    .await;
+    sqlx::query("RESET ROLE").execute(&mut *conn).await.unwrap();
+    drop(conn);
+    for sql in [format!("DROP OWNED BY {role}"), format!("DROP ROLE {role}")] {
+        sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&db.pool).await.unwrap();
+    }
+    inserted.expect("the insert trigger reads apply_polling, which every role may read");
+    assert_eq!(notifications(&mut listener, Duration::from_millis(500)).await, 1);
+}
