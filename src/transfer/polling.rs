@@ -22,7 +22,9 @@
 //! end and commits just after), then stops: producers notify again. A
 //! transaction that stays open longer than that is found by the apply tasks'
 //! poll (`poll_interval`), as a lost notification always was. A worker that
-//! dies stops renewing, and its lease ends within [`LEASE`].
+//! dies stops renewing, and its lease ends within [`LEASE`]; one that stops
+//! ends the lease it set at once (unless another worker has extended it
+//! since), so the other replicas are woken again during a rolling restart.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,6 +54,8 @@ pub async fn run(pool: PgPool, gather: Arc<Gather>, wake: Arc<Notify>, shutdown:
     }
     let mut poller = Poller::new(gather.above() as f64, Instant::now());
     let mut was_polling = false;
+    // The lease's end as this process last set it (the database's text).
+    let mut ours: Option<String> = None;
     loop {
         let plan = poller.plan(gather.rate(), Instant::now());
         if plan.renew {
@@ -61,7 +65,10 @@ pub async fn run(pool: PgPool, gather: Arc<Gather>, wake: Arc<Notify>, shutdown:
                 r = renew(&pool) => r,
             };
             match renewed {
-                Ok(left) => poller.renewed(Instant::now(), left),
+                Ok((left, until)) => {
+                    poller.renewed(Instant::now(), left);
+                    ours = Some(until);
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "could not renew the polling lease; polling on, producers may notify");
                     poller.renew_failed(asked);
@@ -87,20 +94,39 @@ pub async fn run(pool: PgPool, gather: Arc<Gather>, wake: Arc<Notify>, shutdown:
     }
     gather.set_polling(false);
     crate::metrics::metrics().set_apply_polling(false);
+    if let Some(until) = ours {
+        match tokio::time::timeout(Duration::from_secs(1), end_lease(&pool, &until)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not end the polling lease; it ends on its own"),
+            Err(_) => tracing::warn!("ending the polling lease timed out; it ends on its own"),
+        }
+    }
+}
+
+/// Ends the lease now if it is still the one this process set (another
+/// worker's later one is left alone).
+async fn end_lease(pool: &PgPool, until: &str) -> sqlx::Result<()> {
+    sqlx::query!(
+        "UPDATE apply_polling SET until = clock_timestamp() WHERE until = $1::text::timestamptz AND until > clock_timestamp()",
+        until
+    )
+    .execute(pool)
+    .await?;
+    Ok(())
 }
 
 /// Sets the lease [`LEASE`] ahead (never shortening another worker's);
-/// returns how long it now has to run, by the database's clock.
-async fn renew(pool: &PgPool) -> sqlx::Result<Duration> {
-    let left: f64 = sqlx::query_scalar!(
+/// returns how long it now has to run, by the database's clock, and its end.
+async fn renew(pool: &PgPool) -> sqlx::Result<(Duration, String)> {
+    let row = sqlx::query!(
         r#"INSERT INTO apply_polling (until) VALUES (clock_timestamp() + $1 * interval '1 millisecond')
            ON CONFLICT (only_row) DO UPDATE SET until = GREATEST(apply_polling.until, EXCLUDED.until)
-           RETURNING extract(epoch FROM until - clock_timestamp())::float8 AS "left!""#,
+           RETURNING extract(epoch FROM until - clock_timestamp())::float8 AS "left!", until::text AS "until!""#,
         LEASE.as_millis() as f64,
     )
     .fetch_one(pool)
     .await?;
-    Ok(Duration::from_secs_f64(left.max(0.0)))
+    Ok((Duration::from_secs_f64(row.left.max(0.0)), row.until))
 }
 
 /// The poller's decisions, apart from the clock and the database.

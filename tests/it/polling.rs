@@ -8,7 +8,7 @@ use std::time::Duration;
 use sqlx::postgres::PgListener;
 
 use crate::admin::{free_port, http};
-use crate::helpers::{wait_for, KillOnDrop, TestDb, TestQueue};
+use crate::helpers::{signal, wait_exit, wait_for, KillOnDrop, TestDb, TestQueue};
 
 /// Notifications on the worker's channel, counted as they come.
 async fn listen(db: &TestDb) -> PgListener {
@@ -189,4 +189,27 @@ async fn a_producer_role_with_only_the_grants_it_needed_before_still_inserts() {
     }
     inserted.expect("the insert trigger reads apply_polling, which every role may read");
     assert_eq!(notifications(&mut listener, Duration::from_millis(500)).await, 1);
+}
+
+#[tokio::test]
+async fn a_worker_that_stops_ends_its_lease_at_once() {
+    let db = TestDb::new().await;
+    for id in 1..=4 {
+        db.open_account(id, 1_000_000).await;
+    }
+    let queue = TestQueue::new(false).await;
+    let mut worker = KillOnDrop(db.spawn_worker(&queue.url, &["--gather-above", "50", "--gather-ms", "20"]));
+    let live = "SELECT count(*) FROM apply_polling WHERE until > clock_timestamp()";
+    for i in 0..300 {
+        db.enqueue_sql(&format!("s-{i}"), 1 + i % 4, 1 + (i + 1) % 4, 1).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(db.scalar(live).await, 1, "polling at about 200 a second");
+    signal(&worker.0, "TERM");
+    assert!(wait_exit(&mut worker.0, Duration::from_secs(20)).await.success());
+    // Its lease ran 2-3 s ahead: ended by the worker, not by the clock.
+    assert_eq!(db.scalar(live).await, 0, "the stopped worker handed its lease back");
+    let mut listener = listen(&db).await;
+    db.enqueue_sql("after", 1, 2, 1).await;
+    assert_eq!(notifications(&mut listener, Duration::from_millis(500)).await, 1, "inserts notify the other replicas");
 }
