@@ -43,7 +43,10 @@
 //! fuller one, and slow the destination for everyone (measured at 500/s
 //! with a free slot as the only condition: published 446-498/s against
 //! 493-496/s); so a relay with two sends in flight is offered nothing and
-//! gathers the events by its claims, as before.
+//! gathers the events by its claims, as before. A batch of ten events or
+//! more fills its own calls, as full as a claim's: it is offered any free
+//! slot (at a thousand a second, gathered batches are that size, and the
+//! claims that took their events were the busiest statement in PostgreSQL).
 
 use crate::outbox::courier::{Claim, ClaimedEvent};
 use crate::outbox::{EventBody, EventData, EventType, SCHEMA_VERSION};

@@ -58,7 +58,7 @@ use crate::outbox::courier::Courier;
 pub use crate::outbox::courier::{Claim, ClaimedEvent, RelayConfig, RelayCounts};
 use crate::outbox::handoff::{Handed, Offer, TRANSFER_BATCH_TYPES};
 use crate::outbox::inflight::InFlight;
-use crate::outbox::publisher::{Published, Publisher};
+use crate::outbox::publisher::{Published, Publisher, MAX_BATCH_ENTRIES};
 use crate::outbox::route::{Route, Routing, Scope};
 use crate::outbox::sqs::Delivery;
 use crate::outbox::telemetry;
@@ -224,13 +224,15 @@ impl Relay {
     /// this relay takes them now: its destination the only one for them,
     /// not paused, and at most one send in flight (see
     /// [`crate::outbox::handoff`]: with more, its next claim gathers the
-    /// events of several batches into fuller calls).
-    pub fn offer(&self) -> Option<Offer> {
+    /// events of several batches into fuller calls); a batch of `events` that
+    /// fills a call on its own, whenever a slot is free.
+    pub fn offer(&self, events: usize) -> Option<Offer> {
         if !self.takes_handoffs() || self.paused.as_ref().is_some_and(|p| p.is_paused(Part::Relay)) {
             return None;
         }
+        let below = if events >= MAX_BATCH_ENTRIES { usize::MAX } else { HANDOFF_BELOW };
         Some(Offer {
-            slot: self.in_flight.try_slot_below(HANDOFF_BELOW)?,
+            slot: self.in_flight.try_slot_below(below)?,
             destination: self.courier.publisher.destination().to_owned(),
             lease_ms: self.courier.config.lease.as_millis() as f64,
         })

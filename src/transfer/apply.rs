@@ -292,7 +292,7 @@ impl Applier {
             (None, _) => Locking::SkipLocked { must_wait: &must_wait },
         };
         let traced = TracedRows::open(step, &claimed);
-        let offer = self.relay.as_ref().filter(|_| step == Step::Transfer).and_then(|r| r.offer());
+        let offer = self.relay.as_ref().filter(|_| step == Step::Transfer).and_then(|r| r.offer(claimed.len()));
         match apply_claimed(&mut conn, step, &claimed, locking, Then::Commit(offer.as_ref())).await {
             Ok(mut applied) => {
                 conn.transaction_ended();

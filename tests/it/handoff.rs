@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Notify;
-use transfer_worker::outbox::publisher::Publisher;
+use transfer_worker::outbox::publisher::{Publisher, MAX_BATCH_ENTRIES};
 use transfer_worker::outbox::relay::{Relay, RelayConfig};
 use transfer_worker::outbox::route::Routing;
 use transfer_worker::service::Service;
@@ -109,16 +109,22 @@ async fn a_relay_with_two_sends_in_flight_is_handed_nothing_and_its_claim_gather
     let queue = TestQueue::new(true).await;
     three_transfers(&db).await;
     let relay = Arc::new(relay(&db, queue.publisher().await, Duration::from_secs(30), 4));
-    let first = relay.offer().expect("an idle relay offers a slot");
-    let second = relay.offer().expect("one send in flight: still keeping up");
-    assert!(relay.offer().is_none(), "with two sends in flight, two slots free, it offers none");
+    let first = relay.offer(1).expect("an idle relay offers a slot");
+    let second = relay.offer(1).expect("one send in flight: still keeping up");
+    assert!(relay.offer(1).is_none(), "with two sends in flight, two slots free, it offers none");
+    // A batch that fills a call on its own is as full as a claim would make
+    // it: it gets any free slot, and none once all four are taken.
+    let full = relay.offer(MAX_BATCH_ENTRIES).expect("ten events: a free slot is enough");
+    let fourth = relay.offer(MAX_BATCH_ENTRIES).expect("the last free slot");
+    assert!(relay.offer(MAX_BATCH_ENTRIES).is_none(), "every slot taken");
+    drop((full, fourth));
     let applier = Applier::new(db.pool.clone(), ApplyConfig::default()).handing_events_to(relay.clone());
     assert_eq!(applier.run_once().await.unwrap().claimed, 3);
     assert_eq!(db.scalar("SELECT count(*) FROM outbox WHERE destination IS NULL AND claimed_until IS NULL").await, 3);
     let sent = relay.run_once().await.unwrap();
     assert_eq!((sent.claimed, sent.published), (3, 3), "one claim takes them all, while the other send is in flight");
     drop((first, second));
-    assert!(relay.offer().is_some(), "idle again");
+    assert!(relay.offer(1).is_some(), "idle again");
     assert_eq!(queue.receive(3, Duration::from_secs(2)).await.len(), 3);
 }
 
