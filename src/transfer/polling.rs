@@ -57,7 +57,8 @@ pub async fn run(pool: PgPool, gather: Arc<Gather>, wake: Arc<Notify>, shutdown:
     // The lease's end as this process last set it (the database's text).
     let mut ours: Option<String> = None;
     loop {
-        let plan = poller.plan(gather.rate(), Instant::now());
+        let rate = gather.rate();
+        let plan = poller.plan(rate, Instant::now());
         if plan.renew {
             let asked = Instant::now();
             let renewed = tokio::select! {
@@ -79,7 +80,7 @@ pub async fn run(pool: PgPool, gather: Arc<Gather>, wake: Arc<Notify>, shutdown:
             was_polling = plan.polling;
             gather.set_polling(plan.polling);
             crate::metrics::metrics().set_apply_polling(plan.polling);
-            tracing::info!(polling = plan.polling, rate = gather.rate().round(), "polling for new transfers");
+            tracing::info!(polling = plan.polling, rate = rate.round(), "polling for new transfers");
         }
         let pause = if plan.polling {
             wake.notify_one();

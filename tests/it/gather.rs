@@ -22,10 +22,7 @@ async fn a_steady_stream_above_the_rate_is_applied_in_batches_of_several_each_on
 
     // One INSERT per transfer, as a producer inserting by SQL does, about
     // 200 a second (each wakes an apply task).
-    for i in 0..300 {
-        db.enqueue_sql(&format!("g-{i}"), 1 + i % 4, 1 + (i + 1) % 4, 1).await;
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    db.enqueue_steadily("g", 0..300).await;
     wait_for("every transfer applied and published", Duration::from_secs(30), || async {
         db.scalar("SELECT count(*) FROM outbox WHERE state = 'published'").await == 300
     })

@@ -86,6 +86,21 @@ impl TestDb {
         (1..=accounts).map(|id| (id, balance)).collect()
     }
 
+    /// Transfer `i` of a stream among accounts 1-4 (opened by the caller):
+    /// one plain SQL INSERT of 1, keyed `<prefix>-<i>`.
+    pub async fn enqueue_among_four(&self, prefix: &str, i: i64) -> i64 {
+        self.enqueue_sql(&format!("{prefix}-{i}"), 1 + i % 4, 1 + (i + 1) % 4, 1).await
+    }
+
+    /// [`TestDb::enqueue_among_four`] for each of `ids`, 5 ms apart: a
+    /// producer inserting one transfer per statement at about 200 a second.
+    pub async fn enqueue_steadily(&self, prefix: &str, ids: std::ops::Range<i64>) {
+        for i in ids {
+            self.enqueue_among_four(prefix, i).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Enqueues one transfer by plain SQL, as any producer may; its id.
     pub async fn enqueue_sql(&self, key: &str, from: i64, to: i64, amount: i64) -> i64 {
         sqlx::query_scalar(

@@ -17,6 +17,11 @@ async fn listen(db: &TestDb) -> PgListener {
     listener
 }
 
+/// Runs one statement on the test database.
+async fn execute(db: &TestDb, sql: &'static str) {
+    sqlx::query(sql).execute(&db.pool).await.unwrap();
+}
+
 /// How many notifications arrive within `within`.
 async fn notifications(listener: &mut PgListener, within: Duration) -> usize {
     let mut n = 0;
@@ -37,18 +42,12 @@ async fn an_insert_notifies_unless_a_polling_lease_holds() {
     db.enqueue_sql("no-lease", 1, 2, 1).await;
     assert_eq!(notifications(&mut listener, Duration::from_millis(500)).await, 1, "no lease: one NOTIFY");
 
-    sqlx::query("INSERT INTO apply_polling (until) VALUES (clock_timestamp() + interval '1 hour')")
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    execute(&db, "INSERT INTO apply_polling (until) VALUES (clock_timestamp() + interval '1 hour')").await;
     db.enqueue_sql("leased", 1, 2, 1).await;
     assert_eq!(notifications(&mut listener, Duration::from_millis(500)).await, 0, "a live lease: no NOTIFY");
 
     // A poller that died: its lease ends, and inserts notify again.
-    sqlx::query("UPDATE apply_polling SET until = clock_timestamp() - interval '1 second'")
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    execute(&db, "UPDATE apply_polling SET until = clock_timestamp() - interval '1 second'").await;
     db.enqueue_sql("ended", 1, 2, 1).await;
     assert_eq!(notifications(&mut listener, Duration::from_millis(500)).await, 1, "an ended lease: NOTIFY again");
 }
@@ -74,14 +73,7 @@ async fn above_the_rate_the_worker_polls_producers_stop_notifying_and_below_it_t
 
     // About 200 single inserts a second for 2 s, then 2 s more, counting the
     // NOTIFYs of the second part (the worker polls by then).
-    let insert = |i: i64| {
-        let db = &db;
-        async move { db.enqueue_sql(&format!("p-{i}"), 1 + i % 4, 1 + (i + 1) % 4, 1).await }
-    };
-    for i in 0..400 {
-        insert(i).await;
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    db.enqueue_steadily("p", 0..400).await;
     let lease_ahead = db
         .scalar(
             "SELECT COALESCE(extract(epoch FROM max(until) - clock_timestamp()) * 1000, 0)::bigint FROM apply_polling",
@@ -92,7 +84,7 @@ async fn above_the_rate_the_worker_polls_producers_stop_notifying_and_below_it_t
     while tokio::time::timeout(Duration::from_millis(1), listener.recv()).await.is_ok() {}
     let mut notified = 0;
     for i in 400..800 {
-        insert(i).await;
+        db.enqueue_among_four("p", i).await;
         notified += notifications(&mut listener, Duration::from_millis(5)).await;
     }
     assert!(notified < 40, "{notified} NOTIFYs for 400 inserts while the worker polls");
@@ -112,7 +104,7 @@ async fn above_the_rate_the_worker_polls_producers_stop_notifying_and_below_it_t
     })
     .await;
     while tokio::time::timeout(Duration::from_millis(1), listener.recv()).await.is_ok() {}
-    insert(800).await;
+    db.enqueue_among_four("p", 800).await;
     assert_eq!(notifications(&mut listener, Duration::from_millis(500)).await, 1, "a trickle notifies again");
     wait_for("/metrics says it stopped polling", Duration::from_secs(5), || async { !polling().await }).await;
     wait_for("the trickle applied", Duration::from_secs(10), || async {
@@ -136,10 +128,7 @@ async fn a_transaction_that_inserted_under_a_lease_and_committed_after_it_is_sti
     .await;
 
     // Another replica's lease, about to end; this worker itself is idle.
-    sqlx::query("INSERT INTO apply_polling (until) VALUES (clock_timestamp() + interval '300 milliseconds')")
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    execute(&db, "INSERT INTO apply_polling (until) VALUES (clock_timestamp() + interval '300 milliseconds')").await;
     let mut producer = db.pool.begin().await.unwrap();
     sqlx::query("INSERT INTO transfers (idempotency_key, from_account, to_account, amount) VALUES ('held', 1, 2, 7)")
         .execute(&mut *producer)
@@ -200,10 +189,7 @@ async fn a_worker_that_stops_ends_its_lease_at_once() {
     let queue = TestQueue::new(false).await;
     let mut worker = KillOnDrop(db.spawn_worker(&queue.url, &["--gather-above", "50", "--gather-ms", "20"]));
     let live = "SELECT count(*) FROM apply_polling WHERE until > clock_timestamp()";
-    for i in 0..300 {
-        db.enqueue_sql(&format!("s-{i}"), 1 + i % 4, 1 + (i + 1) % 4, 1).await;
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    db.enqueue_steadily("s", 0..300).await;
     assert_eq!(db.scalar(live).await, 1, "polling at about 200 a second");
     signal(&worker.0, "TERM");
     assert!(wait_exit(&mut worker.0, Duration::from_secs(20)).await.success());
