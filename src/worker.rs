@@ -175,12 +175,10 @@ pub async fn run(
     // `transfer::gather`), and above that rate the process polls instead of
     // asking producers for a NOTIFY per insert (see `transfer::polling`).
     let gather = config.apply.gather();
-    background.spawn(crate::transfer::polling::run(
-        pool.clone(),
-        gather.clone(),
-        wakers.work.clone(),
-        shutdown.clone(),
-    ));
+    // Its own set: at shutdown it is waited for (it hands its lease back),
+    // not aborted with the other background tasks.
+    let mut poller = JoinSet::new();
+    poller.spawn(crate::transfer::polling::run(pool.clone(), gather.clone(), wakers.work.clone(), shutdown.clone()));
     for _ in 0..config.workers.max(1) {
         let mut applier = Applier::new(pool.clone(), config.apply.clone())
             .with_timing(timing)
@@ -215,6 +213,7 @@ pub async fn run(
             ("an apply task", &mut appliers),
             ("a relay task", &mut relays),
             ("a background task (LISTEN, upkeep)", &mut background),
+            ("the poller", &mut poller),
         ],
     )
     .await;
@@ -225,6 +224,7 @@ pub async fn run(
         appliers.abort_all();
         relays.abort_all();
         background.abort_all();
+        poller.abort_all();
         for relay in &relays_of {
             let _ = tokio::time::timeout(Duration::from_secs(1), relay.release_open_leases()).await;
         }
@@ -233,6 +233,11 @@ pub async fn run(
 
     let deadline = Instant::now() + config.shutdown_timeout;
     let mut stopped = Stopped::default();
+    // The poller stops at the signal and ends its lease (bounded to 1 s),
+    // while the apply tasks finish their batches.
+    if !join_until(&mut poller, deadline.min(Instant::now() + Duration::from_millis(1_500)), "the poller").await {
+        poller.abort_all();
+    }
     if !join_until(&mut appliers, deadline, "apply task").await {
         stopped.abandoned_apply_tasks = appliers.len();
         tracing::warn!(
